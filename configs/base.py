@@ -1,0 +1,126 @@
+"""Base config: every field hierarchical_vit reads, with its default and meaning.
+
+Experiment configs start from `get_config()` here and change only what differs.
+Any field can be overridden on the command line, e.g.
+`--config.model.downsample=avg_pool --config.train.num_epochs=5`.
+"""
+
+import ml_collections
+
+
+def get_model_config() -> ml_collections.ConfigDict:
+  """The architecture: a Swin-style hierarchical ViT with pluggable resampling."""
+  m = ml_collections.ConfigDict()
+  # 'classifier' (encoder -> norm -> global average pool -> linear head) or
+  # 'unet' (encoder -> symmetric Swin decoder with skips -> per-pixel head).
+  m.name = 'classifier'
+  m.num_classes = 10
+  m.img_size = 32            # Input height = width in pixels (int) or (H, W).
+  m.in_chans = 3             # Input channels.
+  # Stem: 'patch' = non-overlapping conv patchify (kernel = stride = patch_size)
+  # + LayerNorm (Swin); 'conv' = overlapping 3x3 conv stack reaching stride
+  # patch_size (better for small images trained from scratch).
+  m.stem = 'patch'
+  m.patch_size = 4           # Stem stride: tokens are img_size / patch_size.
+  m.embed_dim = 96           # Channels of stage 0; each downsample doubles it.
+  m.depths = (2, 2, 6, 2)    # Swin blocks per stage.
+  m.num_heads = (3, 6, 12, 24)  # Attention heads per stage; must divide width.
+  m.window_size = 7          # Attention window (shrinks to the stage if larger).
+  m.global_attention = ()    # Stage indices that use global attention instead.
+  m.mlp_ratio = 4.0          # MLP hidden width / block width.
+  m.qkv_bias = True
+  m.gelu_approximate = False  # tanh GELU: ~2x cheaper on CPU; False = exact erf (Swin/timm).
+  m.drop_rate = 0.0          # Dropout after attention projection, MLP, head.
+  m.attn_drop_rate = 0.0     # Dropout on attention probabilities.
+  m.drop_path_rate = 0.1     # Stochastic depth, linearly increasing per block.
+  m.dtype = 'float32'        # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
+  # Downsampler between encoder stages: a name in
+  # hierarchical_vit.resampling.DOWNSAMPLERS: patch_merge | avg_pool | max_pool
+  # | conv | space_to_depth | depthwise_conv_pool. Width doubles per stage.
+  m.downsample = 'patch_merge'
+  # Options per downsampler name; only the selected name's dict is used.
+  m.downsample_options = ml_collections.ConfigDict({
+      'conv': {'kernel_size': 2},            # 2 (stride 2) or 3 (stride 2, pad 1).
+      'depthwise_conv_pool': {'kernel_size': 3},  # PiT: depthwise stride-2 conv.
+  })
+  # Upsampler between decoder stages (UNet only): a name in
+  # hierarchical_vit.resampling.UPSAMPLERS: patch_expand | interpolate |
+  # transposed_conv | pixel_shuffle. Width halves per stage.
+  m.upsample = 'patch_expand'
+  m.upsample_options = ml_collections.ConfigDict({
+      'interpolate': {'method': 'bilinear'},  # bilinear | nearest | bicubic.
+  })
+  m.decoder_depths = ()      # UNet decoder blocks per stage (deepest first); () mirrors depths.
+  return m
+
+
+def get_data_config() -> ml_collections.ConfigDict:
+  """Input pipeline: tfds array_record sources fed by grain."""
+  d = ml_collections.ConfigDict()
+  # tfds name: fashion_mnist | mnist | cifar10 | cifar100 | imagenet2012.
+  d.name = 'fashion_mnist'
+  d.data_dir = ''            # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+  d.train_split = 'train'
+  d.eval_split = 'test'
+  d.image_size = 32          # Images are brought to image_size x image_size ...
+  d.resize_mode = 'pad'      # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear).
+  d.num_workers = 0          # grain worker processes (0 = in the main process).
+  d.shuffle_buffer = 0       # unused by array_record (global shuffle); kept 0.
+  # Augmentation (training split only).
+  d.crop_padding = 4         # Random crop after padding each side by this (0 = off).
+  d.hflip = True             # Random horizontal flip (turn off for digits).
+  d.augment = ''             # '' | 'trivial_augment' | 'randaugment'.
+  d.randaugment_num_ops = 2
+  d.randaugment_magnitude = 9
+  d.mixup_alpha = 0.0        # Beta(alpha, alpha) mixup; 0 = off.
+  d.cutmix_alpha = 0.0       # Beta(alpha, alpha) cutmix; 0 = off.
+  d.mix_prob = 1.0           # Probability a batch is mixed at all (if enabled).
+  d.random_erasing = 0.0     # Probability of random erasing per image.
+  # Normalization: per-channel mean/std in [0, 1] units; () = data set default.
+  d.mean = ()
+  d.std = ()
+  return d
+
+
+def get_train_config() -> ml_collections.ConfigDict:
+  """Optimization and the loop."""
+  t = ml_collections.ConfigDict()
+  t.batch_size = 128         # Global batch (all devices, all processes).
+  t.num_epochs = 10.0        # Length of training in epochs (ignored if num_steps > 0).
+  t.num_steps = 0            # If > 0, train exactly this many optimizer steps.
+  t.learning_rate = 1e-3     # Peak AdamW learning rate (for batch_size, not rescaled).
+  t.min_learning_rate = 1e-5  # Cosine schedule floor.
+  t.warmup_epochs = 1.0      # Linear warmup length.
+  t.weight_decay = 0.05      # Decoupled; not applied to norms, biases, position tables.
+  t.b1 = 0.9
+  t.b2 = 0.999
+  t.grad_clip_norm = 5.0     # Global-norm clipping; 0 = off.
+  t.grad_accum_steps = 1     # Micro-batches per optimizer step.
+  t.label_smoothing = 0.1
+  t.ema_decay = 0.0          # EMA of weights (e.g. 0.9998); 0 = off.
+  t.log_every_steps = 50
+  t.eval_every_steps = 0     # 0 = evaluate at the end of each epoch.
+  t.checkpoint_every_steps = 500
+  t.keep_checkpoints = 2     # Last N checkpoints kept (plus the best by eval accuracy).
+  t.eval_batch_size = 256
+  t.init_from = ''           # Path to pretrained weights (see hierarchical_vit.interop).
+  return t
+
+
+def get_mesh_config() -> ml_collections.ConfigDict:
+  """Device mesh: axis names and sizes; -1 takes the remaining devices."""
+  mesh = ml_collections.ConfigDict()
+  mesh.axes = ('data', 'fsdp')
+  mesh.shape = (-1, 1)
+  return mesh
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.task = 'classification'  # 'classification' or 'segmentation'.
+  config.model = get_model_config()
+  config.data = get_data_config()
+  config.train = get_train_config()
+  config.mesh = get_mesh_config()
+  return config

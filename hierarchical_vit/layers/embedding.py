@@ -1,0 +1,61 @@
+"""Stems: image (B, H, W, C_in) -> tokens (B, ceil(H/p), ceil(W/p), embed_dim)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hierarchical_vit.layers.common import layer_norm, on_tokens
+
+
+def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
+  """Zero-pads x: (B, H, W, C) at the bottom/right to multiples of `multiple`."""
+  _, h, w, _ = x.shape
+  return jnp.pad(x, ((0, 0), (0, -h % multiple), (0, -w % multiple), (0, 0)))
+
+
+class PatchEmbed(nnx.Module):
+  """Swin's stem: non-overlapping p x p patches by a stride-p conv, then LayerNorm."""
+
+  def __init__(self, in_chans: int, embed_dim: int, patch_size: int, *, rngs: nnx.Rngs,
+               dtype=None):
+    self.patch_size = patch_size
+    self.proj = nnx.Conv(in_chans, embed_dim, (patch_size, patch_size), patch_size,
+                         padding='VALID', dtype=dtype, rngs=rngs)
+    self.norm = layer_norm(embed_dim, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C_in) -> (B, ceil(H/p), ceil(W/p), embed_dim)."""
+    return on_tokens(self.norm, self.proj(pad_to_multiple(x, self.patch_size)))
+
+
+class ConvStem(nnx.Module):
+  """Overlapping convolutional stem (as in "Early convolutions help
+  transformers see better"): a stride-1 3x3 conv, then log2(p) stride-2 3x3
+  convs, each followed by LayerNorm + GELU except the last, which ends in
+  LayerNorm. It sees across patch borders, which helps small images.
+  """
+
+  def __init__(self, in_chans: int, embed_dim: int, patch_size: int, *, rngs: nnx.Rngs,
+               dtype=None):
+    if patch_size < 1 or patch_size & (patch_size - 1):
+      raise ValueError(f'model.patch_size={patch_size}: the conv stem needs a power of 2')
+    num_down = patch_size.bit_length() - 1
+    chans = [in_chans] + [max(embed_dim // 2, 8)] * num_down + [embed_dim]
+    strides = [1] + [2] * num_down
+    self.convs = nnx.List([
+        nnx.Conv(c_in, c_out, (3, 3), s, padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
+        for c_in, c_out, s in zip(chans[:-1], chans[1:], strides)
+    ])
+    self.norms = nnx.List([layer_norm(c, rngs=rngs, dtype=dtype) for c in chans[1:]])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C_in) -> (B, ceil(H/p), ceil(W/p), embed_dim)."""
+    for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+      x = on_tokens(norm, conv(x))
+      if i < len(self.convs) - 1:
+        x = jax.nn.gelu(x, approximate=True)
+    return x
+
+
+# Stem registry, selected by config.model.stem.
+STEMS = {'patch': PatchEmbed, 'conv': ConvStem}

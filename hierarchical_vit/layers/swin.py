@@ -1,0 +1,83 @@
+"""Swin Transformer block and stage (a run of blocks at one resolution)."""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hierarchical_vit.layers import windows as win
+from hierarchical_vit.layers.attention import WindowAttention
+from hierarchical_vit.layers.common import DropPath, Mlp, layer_norm, on_tokens
+
+
+class SwinBlock(nnx.Module):
+  """Pre-norm block: x + DropPath(W-MSA(LN(x))), then x + DropPath(MLP(LN(x))).
+
+  W-MSA runs in windows cyclically shifted by `shift` (SW-MSA) when any shift is
+  non-zero, with Swin's mask. Maps that are not a multiple of the window are
+  zero-padded at the bottom/right after the shift and cropped back, as timm does.
+  """
+
+  def __init__(self, dim: int, num_heads: int, window: win.Window, shift: win.Window, *,
+               rngs: nnx.Rngs, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+               drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+               gelu_approximate: bool = False, dtype=None):
+    self.window = tuple(window)
+    self.shift = tuple(shift)
+    self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
+    self.attn = WindowAttention(dim, num_heads, self.window, rngs=rngs, qkv_bias=qkv_bias,
+                                attn_drop_rate=attn_drop_rate, proj_drop_rate=drop_rate,
+                                dtype=dtype)
+    self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, drop_rate=drop_rate,
+                   gelu_approximate=gelu_approximate, dtype=dtype)
+    self.drop_path = DropPath(drop_path_rate, rngs=rngs)
+
+  def _attention(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) -> (B, H, W, C), attention within (shifted) windows."""
+    _, h, w, _ = x.shape
+    shifted = any(self.shift)
+    if shifted:
+      x = jnp.roll(x, (-self.shift[0], -self.shift[1]), axis=(1, 2))
+    pad_h, pad_w = -h % self.window[0], -w % self.window[1]
+    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+    hp, wp = h + pad_h, w + pad_w
+    mask = win.shifted_window_mask(hp, wp, self.window, self.shift) if shifted else None
+    windows = self.attn(win.window_partition(x, self.window), mask)
+    x = win.window_reverse(windows, self.window, hp, wp)[:, :h, :w]
+    if shifted:
+      x = jnp.roll(x, self.shift, axis=(1, 2))
+    return x
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) -> (B, H, W, C)."""
+    x = x + self.drop_path(self._attention(on_tokens(self.norm1, x)))
+    return x + self.drop_path(self.mlp(on_tokens(self.norm2, x)))
+
+
+class SwinStage(nnx.Module):
+  """`depth` Swin blocks at one resolution; every second block is shifted.
+
+  The window is fixed here from the stage's nominal `resolution` (it sizes the
+  relative position tables); a stage marked global attends over the whole map.
+  """
+
+  def __init__(self, dim: int, depth: int, num_heads: int, resolution: tuple[int, int],
+               window_size: int, *, rngs: nnx.Rngs, drop_path_rates: Sequence[float],
+               global_attention: bool = False, **block_kwargs):
+    if global_attention:
+      window, shift = tuple(resolution), (0, 0)
+    else:
+      window, shift = win.stage_window(resolution, window_size, window_size // 2)
+    self.blocks = nnx.List([
+        SwinBlock(dim, num_heads, window, shift if i % 2 else (0, 0), rngs=rngs,
+                  drop_path_rate=drop_path_rates[i], **block_kwargs)
+        for i in range(depth)
+    ])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) -> (B, H, W, C)."""
+    for block in self.blocks:
+      x = block(x)
+    return x

@@ -1,0 +1,235 @@
+"""Hierarchical ViT models: Encoder, Decoder, Classifier, UNet, build_model.
+
+Config objects stop at `build_model`: it validates `config.model` once, naming
+the offending field, and passes plain arguments down, so every module below can
+be built and tested alone.
+"""
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from hierarchical_vit import resampling
+from hierarchical_vit.layers import STEMS, SwinStage, dense, layer_norm, on_tokens
+from hierarchical_vit.layers.common import resolve_dtype
+
+Resolution = tuple[int, int]
+
+
+def _pair(size: int | Sequence[int]) -> Resolution:
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _halve(res: Resolution) -> Resolution:
+  return (math.ceil(res[0] / 2), math.ceil(res[1] / 2))
+
+
+class Encoder(nnx.Module):
+  """Stem, then stages of Swin blocks joined by the configured downsampler.
+
+  Stage i runs at ceil(H / (p * 2^i)) x ceil(W / (p * 2^i)) tokens; its width is
+  embed_dim for stage 0 and whatever the downsampler produces after that
+  (2C by the registry's convention, 4C for space_to_depth).
+  """
+
+  def __init__(self, *, img_size: Resolution, in_chans: int, stem: str, patch_size: int,
+               embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
+               window_size: int, global_attention: Sequence[int], downsample: str,
+               downsample_options: dict, drop_path_rate: float, rngs: nnx.Rngs,
+               dtype=None, **block_kwargs):
+    self.stem = STEMS[stem](in_chans, embed_dim, patch_size, rngs=rngs, dtype=dtype)
+    rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
+    res = (math.ceil(img_size[0] / patch_size), math.ceil(img_size[1] / patch_size))
+    dim = embed_dim
+    self.resolutions, self.dims = [], []
+    stages, downsamplers = [], []
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+      if dim % heads:
+        raise ValueError(f'model.num_heads[{i}]={heads} does not divide stage {i} width {dim}')
+      if i > 0:
+        down = resampling.make_downsampler(downsample, dim, rngs=rngs, dtype=dtype,
+                                           **downsample_options)
+        dim = down.out_features
+        downsamplers.append(down)
+        res = _halve(res)
+      self.resolutions.append(res)
+      self.dims.append(dim)
+      stages.append(SwinStage(dim, depth, heads, res, window_size, rngs=rngs,
+                              drop_path_rates=rates[sum(depths[:i]):sum(depths[:i + 1])],
+                              global_attention=i in global_attention, dtype=dtype,
+                              **block_kwargs))
+    self.stages = nnx.List(stages)
+    self.downsamplers = nnx.List(downsamplers)
+
+  def __call__(self, x: jax.Array) -> list[jax.Array]:
+    """x: (B, H, W, C_in) -> per stage i: (B, H_i, W_i, C_i)."""
+    x = self.stem(x)
+    outputs = []
+    for i, stage in enumerate(self.stages):
+      if i > 0:
+        x = self.downsamplers[i - 1](x)
+      x = stage(x)
+      outputs.append(x)
+    return outputs
+
+
+class Decoder(nnx.Module):
+  """Swin-Unet-style decoder: from the deepest stage up, upsample, concatenate
+  the encoder's stage output at that level (skip), project 2C -> C, run Swin
+  blocks; finally upsample by the patch size back to input resolution.
+
+  Upsampled maps are cropped to the skip's size, so odd sizes (where the
+  encoder rounded up) line up.
+  """
+
+  def __init__(self, *, dims: Sequence[int], resolutions: Sequence[Resolution],
+               depths: Sequence[int], num_heads: Sequence[int], window_size: int,
+               patch_size: int, upsample: str, upsample_options: dict, drop_path_rate: float,
+               rngs: nnx.Rngs, dtype=None, **block_kwargs):
+    levels = len(dims) - 1  # Decoder levels n-2 .. 0, stored deepest first.
+    rates = np.linspace(0.0, drop_path_rate, max(sum(depths), 1)).tolist()
+    self.bottleneck_norm = layer_norm(dims[-1], rngs=rngs, dtype=dtype)
+    ups, projs, stages = [], [], []
+    for k in range(levels):
+      i = levels - 1 - k
+      ups.append(resampling.make_upsampler(upsample, dims[i + 1], dims[i], rngs=rngs,
+                                           dtype=dtype, **upsample_options))
+      projs.append(dense(2 * dims[i], dims[i], rngs=rngs, dtype=dtype))
+      stages.append(SwinStage(dims[i], depths[k], num_heads[i], resolutions[i], window_size,
+                              rngs=rngs, drop_path_rates=rates[sum(depths[:k]):],
+                              dtype=dtype, **block_kwargs))
+    self.upsamplers = nnx.List(ups)
+    self.skip_projections = nnx.List(projs)
+    self.stages = nnx.List(stages)
+    self.norm = layer_norm(dims[0], rngs=rngs, dtype=dtype)
+    self.final_upsampler = resampling.make_upsampler(
+        upsample, dims[0], dims[0], rngs=rngs, dtype=dtype,
+        **{**upsample_options, 'factor': patch_size})
+
+  def __call__(self, features: Sequence[jax.Array], size: Resolution) -> jax.Array:
+    """features: encoder outputs per stage, (B, H_i, W_i, C_i); -> (B, *size, C_0)."""
+    x = on_tokens(self.bottleneck_norm, features[-1])
+    for up, proj, stage, skip in zip(self.upsamplers, self.skip_projections, self.stages,
+                                     reversed(features[:-1])):
+      x = up(x)[:, :skip.shape[1], :skip.shape[2]]
+      x = stage(on_tokens(proj, jnp.concatenate([x, skip], axis=-1)))
+    x = self.final_upsampler(on_tokens(self.norm, x))
+    return x[:, :size[0], :size[1]]
+
+
+class Classifier(nnx.Module):
+  """Encoder -> LayerNorm -> global average pool -> dropout -> Linear head."""
+
+  def __init__(self, *, num_classes: int, drop_rate: float, rngs: nnx.Rngs, dtype=None,
+               **encoder_kwargs):
+    self.encoder = Encoder(drop_rate=drop_rate, rngs=rngs, dtype=dtype, **encoder_kwargs)
+    width = self.encoder.dims[-1]
+    self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
+    self.head_drop = nnx.Dropout(drop_rate, rngs=rngs)
+    self.head = dense(width, num_classes, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C_in) -> logits (B, num_classes) in float32."""
+    x = on_tokens(self.norm, self.encoder(x)[-1])
+    x = self.head_drop(jnp.mean(x, axis=(1, 2)))
+    return self.head(x).astype(jnp.float32)
+
+
+class UNet(nnx.Module):
+  """Encoder + Decoder with skips -> per-pixel Linear head."""
+
+  def __init__(self, *, num_classes: int, decoder_depths: Sequence[int], upsample: str,
+               upsample_options: dict, rngs: nnx.Rngs, dtype=None, **encoder_kwargs):
+    self.encoder = Encoder(rngs=rngs, dtype=dtype, **encoder_kwargs)
+    block_keys = ('mlp_ratio', 'qkv_bias', 'drop_rate', 'attn_drop_rate', 'gelu_approximate',
+                  'window_size', 'num_heads', 'patch_size', 'drop_path_rate')
+    self.decoder = Decoder(dims=self.encoder.dims, resolutions=self.encoder.resolutions,
+                           depths=decoder_depths, upsample=upsample,
+                           upsample_options=upsample_options, rngs=rngs, dtype=dtype,
+                           **{k: encoder_kwargs[k] for k in block_keys})
+    self.head = dense(self.encoder.dims[0], num_classes, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C_in) -> per-pixel logits (B, H, W, num_classes) in float32."""
+    y = self.decoder(self.encoder(x), x.shape[1:3])
+    return on_tokens(self.head, y).astype(jnp.float32)
+
+
+def _options(options: ml_collections.ConfigDict | dict, name: str) -> dict:
+  """The selected resampler's options from a per-name options dict."""
+  selected = dict(options or {}).get(name, {})
+  return selected.to_dict() if isinstance(selected, ml_collections.ConfigDict) else dict(selected)
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
+  """Validates config.model's encoder fields and returns Encoder's arguments."""
+  depths, heads = tuple(cfg.depths), tuple(cfg.num_heads)
+  n = len(depths)
+  _check(n >= 1 and all(d >= 1 for d in depths),
+         f'model.depths={depths} must be a non-empty tuple of positive ints')
+  _check(len(heads) == n, f'model.num_heads={heads} has {len(heads)} entries but '
+         f'model.depths={depths} has {n}')
+  _check(cfg.stem in STEMS, f'model.stem={cfg.stem!r} is not one of {sorted(STEMS)}')
+  _check(cfg.patch_size >= 1, f'model.patch_size={cfg.patch_size} must be >= 1')
+  _check(cfg.window_size >= 1, f'model.window_size={cfg.window_size} must be >= 1')
+  img_size = _pair(cfg.img_size)
+  _check(min(img_size) >= 1, f'model.img_size={cfg.img_size} must be positive')
+  global_attention = tuple(cfg.global_attention)
+  _check(all(0 <= i < n for i in global_attention),
+         f'model.global_attention={global_attention} names stages outside 0..{n - 1}')
+  for field in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+    _check(0.0 <= cfg[field] < 1.0, f'model.{field}={cfg[field]} must be in [0, 1)')
+  _check(cfg.mlp_ratio > 0, f'model.mlp_ratio={cfg.mlp_ratio} must be > 0')
+  if cfg.downsample not in resampling.DOWNSAMPLERS:
+    raise ValueError(f'model.downsample={cfg.downsample!r} is not a registered downsampler; '
+                     f'valid choices: {sorted(resampling.DOWNSAMPLERS)}')
+  return dict(
+      img_size=img_size, in_chans=cfg.in_chans, stem=cfg.stem, patch_size=cfg.patch_size,
+      embed_dim=cfg.embed_dim, depths=depths, num_heads=heads, window_size=cfg.window_size,
+      global_attention=global_attention, downsample=cfg.downsample,
+      downsample_options=_options(cfg.downsample_options, cfg.downsample),
+      drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate,
+      attn_drop_rate=cfg.attn_drop_rate, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+      gelu_approximate=cfg.gelu_approximate)
+
+
+def _build_classifier(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> Classifier:
+  return Classifier(num_classes=cfg.num_classes, rngs=rngs, dtype=dtype, **encoder_kwargs(cfg))
+
+
+def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> UNet:
+  kwargs = encoder_kwargs(cfg)
+  levels = len(kwargs['depths']) - 1
+  decoder_depths = tuple(cfg.decoder_depths) or tuple(reversed(kwargs['depths'][:-1]))
+  _check(levels >= 1, f'model.depths={kwargs["depths"]}: a UNet needs at least 2 stages')
+  _check(len(decoder_depths) == levels and all(d >= 1 for d in decoder_depths),
+         f'model.decoder_depths={tuple(cfg.decoder_depths)} must hold {levels} positive ints '
+         '(deepest level first)')
+  if cfg.upsample not in resampling.UPSAMPLERS:
+    raise ValueError(f'model.upsample={cfg.upsample!r} is not a registered upsampler; '
+                     f'valid choices: {sorted(resampling.UPSAMPLERS)}')
+  return UNet(num_classes=cfg.num_classes, decoder_depths=decoder_depths,
+              upsample=cfg.upsample, upsample_options=_options(cfg.upsample_options, cfg.upsample),
+              rngs=rngs, dtype=dtype, **kwargs)
+
+
+# Model registry, selected by config.model.name.
+MODELS = {'classifier': _build_classifier, 'unet': _build_unet}
+
+
+def build_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds the model `model_config.name` names; bad fields raise ValueError naming them."""
+  if model_config.name not in MODELS:
+    raise ValueError(f'model.name={model_config.name!r} is not a registered model; '
+                     f'valid choices: {sorted(MODELS)}')
+  return MODELS[model_config.name](model_config, rngs, resolve_dtype(model_config.dtype))

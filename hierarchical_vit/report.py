@@ -1,0 +1,71 @@
+"""Parameter and FLOP report of a model.
+
+FLOPs come from XLA's cost analysis of the compiled forward pass, so they count
+what actually runs (attention, masks, resampling), not a hand formula.
+
+Usage: python -m hierarchical_vit.report --config=configs/fashion_mnist.py
+"""
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from hierarchical_vit.models import build_model
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(int(p.size) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def params_by_module(model: nnx.Module) -> dict[str, int]:
+  """Parameter count per top-level child module (e.g. encoder, head)."""
+  counts: dict[str, int] = {}
+  for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    counts[str(path[0])] = counts.get(str(path[0]), 0) + int(leaf.get_value().size)
+  return counts
+
+
+def forward_flops(model: nnx.Module, input_shape: tuple[int, ...]) -> float:
+  """FLOPs of one eval-mode forward pass on an input of `input_shape` (B, H, W, C)."""
+  graphdef, state = nnx.split(model)
+
+  def forward(state, x):
+    return nnx.merge(graphdef, state)(x)
+
+  x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+  cost = jax.jit(forward).lower(state, x).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax returns one dict per device.
+    cost = cost[0]
+  return float(cost.get('flops', 0.0))
+
+
+def model_report(model: nnx.Module, input_shape: tuple[int, ...]) -> dict:
+  """{'params', 'params_by_module', 'gflops_per_image'} for an eval-mode model."""
+  model.eval()
+  return {
+      'params': count_params(model),
+      'params_by_module': params_by_module(model),
+      'gflops_per_image': forward_flops(model, input_shape) / input_shape[0] / 1e9,
+  }
+
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+_BATCH = flags.DEFINE_integer('batch', 8, 'Batch size to cost the forward pass at.')
+
+
+def main(argv):
+  del argv
+  m = _CONFIG.value.model
+  size = (m.img_size, m.img_size) if isinstance(m.img_size, int) else tuple(m.img_size)
+  model = build_model(m, rngs=nnx.Rngs(0))
+  report = model_report(model, (_BATCH.value, *size, m.in_chans))
+  print(f'params: {report["params"]:,}')
+  for name, n in report['params_by_module'].items():
+    print(f'  {name}: {n:,}')
+  print(f'forward GFLOPs/image: {report["gflops_per_image"]:.4f}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,137 @@
+"""Downsamplers: x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out).
+
+Odd H or W is zero-padded at the bottom/right first (pooling ignores the pad).
+Adding one: write a module with the registry's constructor signature, add a line
+to DOWNSAMPLERS; the shared shape/gradient tests pick it up.
+"""
+
+import flax.linen as nn
+import jax
+from flax import nnx
+
+from hierarchical_vit.layers.common import dense, layer_norm, on_tokens
+from hierarchical_vit.layers.embedding import pad_to_multiple
+from hierarchical_vit.resampling.rearrange import space_to_depth
+
+
+class PatchMerge(nnx.Module):
+  """Swin's 2x2 patch merging: space_to_depth (Swin's channel order),
+  LayerNorm(4C), Linear 4C -> C_out without bias. Names match Swin/timm
+  (`norm`, `reduction`)."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               dtype=None):
+    out_features = out_features or 2 * in_features
+    self.out_features = out_features
+    self.norm = layer_norm(4 * in_features, rngs=rngs, dtype=dtype)
+    self.reduction = dense(4 * in_features, out_features, use_bias=False, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = space_to_depth(pad_to_multiple(x, 2))
+    return on_tokens(self.reduction, on_tokens(self.norm, x))
+
+
+class SpaceToDepth(nnx.Module):
+  """The lossless 2x2 rearrangement alone (C_out = 4C): the reference point
+  that keeps every input value."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               dtype=None):
+    del rngs, dtype  # No parameters.
+    if out_features not in (None, 4 * in_features):
+      raise ValueError(f'space_to_depth outputs 4 * in_features = {4 * in_features} '
+                       f'channels, got out_features={out_features}')
+    self.out_features = 4 * in_features
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return space_to_depth(pad_to_multiple(x, 2))
+
+
+class _Pool(nnx.Module):
+  """2x2 stride-2 pooling, then LayerNorm(C) and Linear C -> C_out (no bias).
+
+  Subclasses supply `pool(x, padding)`, the pooling function itself.
+  """
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               dtype=None):
+    out_features = out_features or 2 * in_features
+    self.out_features = out_features
+    self.norm = layer_norm(in_features, rngs=rngs, dtype=dtype)
+    self.reduction = dense(in_features, out_features, use_bias=False, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _, h, w, _ = x.shape
+    x = self.pool(x, ((0, h % 2), (0, w % 2)))
+    return on_tokens(self.reduction, on_tokens(self.norm, x))
+
+
+class AvgPool(_Pool):
+  """Average over each 2x2 window (padding excluded from the mean)."""
+
+  @staticmethod
+  def pool(x: jax.Array, padding) -> jax.Array:
+    return nn.avg_pool(x, (2, 2), (2, 2), padding=padding, count_include_pad=False)
+
+
+class MaxPool(_Pool):
+  """Maximum over each 2x2 window (padding never wins)."""
+
+  @staticmethod
+  def pool(x: jax.Array, padding) -> jax.Array:
+    return nn.max_pool(x, (2, 2), (2, 2), padding=padding)
+
+
+class ConvDownsample(nnx.Module):
+  """Strided convolution C -> C_out, then LayerNorm. kernel_size 2 (stride 2,
+  odd sizes zero-padded) or 3 (stride 2, padding 1, overlapping)."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               kernel_size: int = 2, dtype=None):
+    if kernel_size not in (2, 3):
+      raise ValueError(f'model.downsample_options.conv.kernel_size={kernel_size} '
+                       'is not one of [2, 3]')
+    out_features = out_features or 2 * in_features
+    self.out_features = out_features
+    self.kernel_size = kernel_size
+    padding = 'VALID' if kernel_size == 2 else ((1, 1), (1, 1))
+    self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), 2,
+                         padding=padding, dtype=dtype, rngs=rngs)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.kernel_size == 2:
+      x = pad_to_multiple(x, 2)
+    return on_tokens(self.norm, self.conv(x))
+
+
+class DepthwiseConvPool(nnx.Module):
+  """PiT's pooling (Heo et al. 2021, "Rethinking spatial dimensions of ViTs"):
+  a depthwise stride-2 conv (kernel 3, padding 1) with channel multiplier
+  C_out / C, then LayerNorm. C_out must be a multiple of C."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               kernel_size: int = 3, dtype=None):
+    out_features = out_features or 2 * in_features
+    self.out_features = out_features
+    if out_features % in_features:
+      raise ValueError(f'depthwise_conv_pool needs out_features ({out_features}) to be a '
+                       f'multiple of in_features ({in_features})')
+    pad = kernel_size // 2
+    self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), 2,
+                         padding=((pad, pad), (pad, pad)), feature_group_count=in_features,
+                         dtype=dtype, rngs=rngs)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return on_tokens(self.norm, self.conv(x))
+
+
+DOWNSAMPLERS = {
+    'patch_merge': PatchMerge,
+    'space_to_depth': SpaceToDepth,
+    'avg_pool': AvgPool,
+    'max_pool': MaxPool,
+    'conv': ConvDownsample,
+    'depthwise_conv_pool': DepthwiseConvPool,
+}

@@ -1,0 +1,100 @@
+"""Upsamplers: x: (B, H, W, C) -> (B, f*H, f*W, C_out), f = `factor` (default 2).
+
+C_out defaults to C/2 (the decoder halves the width per stage). Every upsampler
+ends in LayerNorm(C_out) so that ablations differ only in how they resample.
+The decoder's final return to input resolution uses the same classes with
+factor = patch size (Swin-Unet's x4 expand is patch_expand with factor 4).
+"""
+
+import jax
+from flax import nnx
+
+from hierarchical_vit.layers.common import dense, layer_norm, on_tokens
+from hierarchical_vit.resampling.rearrange import expand_patches
+
+INTERPOLATION_METHODS = ('bilinear', 'nearest', 'bicubic')
+
+
+def _out(in_features: int, out_features: int | None) -> int:
+  return out_features or max(in_features // 2, 1)
+
+
+class PatchExpand(nnx.Module):
+  """Swin-Unet's patch expanding: Linear C -> f*f*C_out (no bias), rearrange
+  'b h w (p1 p2 c) -> b (h p1) (w p2) c', LayerNorm(C_out). With f = 2 and
+  C_out = C/2 the Linear is C -> 2C; with f = 4 and C_out = C it is Swin-Unet's
+  final x4 expand (C -> 16C)."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               factor: int = 2, dtype=None):
+    out_features = _out(in_features, out_features)
+    self.out_features = out_features
+    self.factor = factor
+    self.expand = dense(in_features, factor * factor * out_features, use_bias=False,
+                        rngs=rngs, dtype=dtype)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return on_tokens(self.norm, expand_patches(on_tokens(self.expand, x), self.factor))
+
+
+class Interpolate(nnx.Module):
+  """jax.image.resize by `factor` (method bilinear | nearest | bicubic), then
+  Linear C -> C_out and LayerNorm."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               factor: int = 2, method: str = 'bilinear', dtype=None):
+    if method not in INTERPOLATION_METHODS:
+      raise ValueError(f'model.upsample_options.interpolate.method={method!r} is not one of '
+                       f'{list(INTERPOLATION_METHODS)}')
+    out_features = _out(in_features, out_features)
+    self.out_features = out_features
+    self.factor = factor
+    self.method = method
+    self.proj = dense(in_features, out_features, use_bias=False, rngs=rngs, dtype=dtype)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = jax.image.resize(x, (b, h * self.factor, w * self.factor, c), self.method)
+    return on_tokens(self.norm, on_tokens(self.proj, x))
+
+
+class TransposedConv(nnx.Module):
+  """Transposed convolution, kernel = stride = factor, C -> C_out, then LayerNorm."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               factor: int = 2, dtype=None):
+    out_features = _out(in_features, out_features)
+    self.out_features = out_features
+    self.conv = nnx.ConvTranspose(in_features, out_features, (factor, factor), (factor, factor),
+                                  padding='VALID', dtype=dtype, rngs=rngs)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return on_tokens(self.norm, self.conv(x))
+
+
+class PixelShuffle(nnx.Module):
+  """Sub-pixel convolution (Shi et al. 2016): 3x3 conv C -> f*f*C_out, then
+  depth-to-space by f, then LayerNorm."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               factor: int = 2, dtype=None):
+    out_features = _out(in_features, out_features)
+    self.out_features = out_features
+    self.factor = factor
+    self.conv = nnx.Conv(in_features, factor * factor * out_features, (3, 3),
+                         padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return on_tokens(self.norm, expand_patches(self.conv(x), self.factor))
+
+
+UPSAMPLERS = {
+    'patch_expand': PatchExpand,
+    'interpolate': Interpolate,
+    'transposed_conv': TransposedConv,
+    'pixel_shuffle': PixelShuffle,
+}

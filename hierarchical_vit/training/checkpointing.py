@@ -1,0 +1,70 @@
+"""Checkpoints: the train state (orbax, async) and the data iterator (grain).
+
+A checkpoint `workdir/checkpoints/<step>/` holds two items:
+  state: {'step', 'params', 'opt_state', 'rng'[, 'ema_params']} as arrays
+         (tensorstore / OCDBT, no pickles), restored with the shardings of the
+         freshly initialized state;
+  data:  the grain iterator position (one small JSON file per process).
+Orbax writes each checkpoint into a temporary directory and renames it once
+complete, so a run killed mid-save leaves the previous checkpoint as latest.
+"""
+
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+# Metric (from the eval results passed to `save`) that picks the best checkpoint.
+BEST_METRIC = 'eval/accuracy'
+
+
+def create_checkpoint_manager(workdir: str, keep: int,
+                              read_only: bool = False) -> ocp.CheckpointManager:
+  """Keeps the latest `keep` checkpoints plus the best by eval accuracy."""
+  policy = preservation_policy.AnyPreservationPolicy([
+      preservation_policy.LatestN(n=keep),
+      # BestN sorts ascending and keeps the last n: the highest accuracy.
+      preservation_policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+                                keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, enable_async_checkpointing=True,
+      read_only=read_only, create=not read_only)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'),
+      item_names=('state', 'data'), options=options)
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: dict[str, Any],
+         data_iterator: grain.DatasetIterator,
+         metrics: dict[str, float] | None = None) -> None:
+  """Starts an async save; returns once arrays are copied off the device."""
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(data_iterator)),
+      metrics=metrics, force=True)
+
+
+def _abstract(state: dict[str, Any]) -> dict[str, Any]:
+  """Shapes, dtypes and shardings to restore into."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      state)
+
+
+def restore(manager: ocp.CheckpointManager, step: int,
+            state: dict[str, Any],
+            data_iterator: grain.DatasetIterator | None = None
+            ) -> dict[str, Any]:
+  """Restores checkpoint `step` into the structure/shardings of `state`.
+
+  The data iterator, if given, is moved to its saved position in place.
+  """
+  items = {'state': ocp.args.StandardRestore(_abstract(state))}
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored['state']

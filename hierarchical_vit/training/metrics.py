@@ -1,0 +1,71 @@
+"""Metric logging: TensorBoard (tensorboardX), metrics.jsonl and the console.
+
+Only process 0 writes; on the others every method is a no-op.
+"""
+
+import json
+import os
+import time
+
+import jax
+import tensorboardX
+from absl import logging
+
+
+class MetricWriter:
+  """Writes scalars to `workdir/tensorboard/` and `workdir/metrics.jsonl`."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if self._active:
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      # Line buffered, appended: a resumed run continues the same file.
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a',
+                         buffering=1, encoding='utf-8')
+
+  def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+
+  def flush(self) -> None:
+    if self._active:
+      self._tb.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._tb.close()
+      self._jsonl.close()
+
+
+class Progress:
+  """Throughput and ETA between calls to `update`, for the console line."""
+
+  def __init__(self, total_steps: int, start_step: int):
+    self.total_steps = total_steps
+    self._last_step = start_step
+    self._last_time = time.perf_counter()
+
+  def update(self, step: int, images_per_step: int) -> dict[str, float]:
+    """Returns img/s and ETA (s) since the previous call; restarts the clock."""
+    now = time.perf_counter()
+    seconds_per_step = (now - self._last_time) / max(step - self._last_step, 1)
+    self._last_step, self._last_time = step, now
+    return {'img_per_sec': images_per_step / seconds_per_step,
+            'eta_sec': seconds_per_step * (self.total_steps - step)}
+
+
+def log_progress(step: int, total_steps: int, scalars: dict[str, float]) -> None:
+  """One console line: step, loss, accuracy, learning rate, img/s, ETA."""
+  if jax.process_index() != 0:
+    return
+  eta = time.strftime('%H:%M:%S', time.gmtime(scalars.get('eta_sec', 0.0)))
+  logging.info(
+      'step %d/%d  loss %.4f  acc %.4f  lr %.2e  %.0f img/s  ETA %s',
+      step, total_steps, scalars['train/loss'], scalars['train/accuracy'],
+      scalars['train/learning_rate'], scalars.get('img_per_sec', 0.0), eta)
