@@ -1,0 +1,8 @@
+"""Input pipeline: tfds array_record sources, grain preprocessing, batch mixing."""
+
+from hierarchical_vit.data.mixing import mix_batch
+from hierarchical_vit.data.pipeline import DatasetInfo
+from hierarchical_vit.data.pipeline import create_eval_iterator
+from hierarchical_vit.data.pipeline import create_train_iterator
+from hierarchical_vit.data.pipeline import get_dataset_info
+from hierarchical_vit.data.sources import MissingDataError

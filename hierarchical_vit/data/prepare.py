@@ -48,6 +48,9 @@ class _LocalMnist(tfds_mnist.MNIST, skip_registration=True):
   """Upstream `mnist` (same info and version) generating from local files."""
 
   name = 'mnist'
+  # No code-side checksums file: nothing is downloaded. (Finding one would
+  # import importlib_resources, which tfds does not depend on.)
+  code_path = None
   source_dir: Path
   limit: int | None = None
 

@@ -1,0 +1,309 @@
+"""Per-example preprocessing as grain transforms (numpy + pillow).
+
+Examples are dicts {'image': (H, W, C), 'label': int}. Random transforms are
+`grain.transforms.RandomMap`s: grain hands them an `np.random.Generator` seeded
+from the pipeline seed and the example's position, so augmentation is
+reproducible and resumes exactly from a checkpointed iterator state.
+
+Order for training: to_size (or random_resized_crop for variable-size images)
+-> random crop + flip -> TrivialAugment / RandAugment (on uint8) -> normalize
+-> random erasing (on normalized floats, as timm does).
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import grain
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+# Per-channel mean / std in [0, 1] units.
+MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    'fashion_mnist': ((0.2860,), (0.3530,)),
+    'mnist': ((0.1307,), (0.3081,)),
+    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+# Eval resize: the shorter side goes to image_size / CROP_FRACTION, then the
+# centre image_size square is kept (the standard ImageNet protocol).
+CROP_FRACTION = 0.875
+
+
+# ---------------------------------------------------------------------------
+# Geometry (pure functions on arrays).
+
+
+def pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Centre zero-pads or centre-crops image: (H, W, C) -> (size, size, C)."""
+  out = np.zeros((size, size, image.shape[2]), image.dtype)
+  (src_y, dst_y), (src_x, dst_x) = (_centre_slices(n, size)
+                                    for n in image.shape[:2])
+  out[dst_y, dst_x] = image[src_y, src_x]
+  return out
+
+
+def _centre_slices(n: int, size: int) -> tuple[slice, slice]:
+  """(source, destination) slices centring a length-n axis in length size."""
+  if n >= size:
+    start = (n - size) // 2
+    return slice(start, start + size), slice(0, size)
+  start = (size - n) // 2
+  return slice(0, n), slice(start, start + n)
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Bilinear resize of a uint8 image: (H, W, C) -> (height, width, C)."""
+  if image.shape[:2] == (height, width):
+    return image
+  pil = _to_pil(image).resize((width, height), Image.BILINEAR)
+  return _from_pil(pil, image.shape[2])
+
+
+def random_crop(image: np.ndarray, padding: int,
+                rng: np.random.Generator) -> np.ndarray:
+  """Zero-pads each side by `padding`, then crops back to (H, W) at random."""
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  y, x = rng.integers(0, 2 * padding + 1, size=2)
+  return padded[y:y + h, x:x + w]
+
+
+def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)
+                        ) -> np.ndarray:
+  """Inception crop (torchvision's RandomResizedCrop): (H, W, C) -> (size, size, C)."""
+  h, w = image.shape[:2]
+  for _ in range(10):
+    area = h * w * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw = round(math.sqrt(area * aspect))
+    ch = round(math.sqrt(area / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      y = rng.integers(0, h - ch + 1)
+      x = rng.integers(0, w - cw + 1)
+      return resize(image[y:y + ch, x:x + cw], size, size)
+  # Rare fallback for extreme aspect ratios: the central crop.
+  return centre_crop(image, size, crop_fraction=1.0)
+
+
+def centre_crop(image: np.ndarray, size: int,
+                crop_fraction: float = CROP_FRACTION) -> np.ndarray:
+  """Resizes the shorter side to size / crop_fraction, keeps the centre square."""
+  h, w = image.shape[:2]
+  scale = size / crop_fraction / min(h, w)
+  image = resize(image, max(size, round(h * scale)), max(size, round(w * scale)))
+  return pad_or_crop(image, size)
+
+
+def normalize(image: np.ndarray, mean: Sequence[float],
+              std: Sequence[float]) -> np.ndarray:
+  """uint8 (H, W, C) -> float32 (x / 255 - mean) / std per channel."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  return (image.astype(np.float32) / 255.0 - mean) / std
+
+
+def random_erase(image: np.ndarray, rng: np.random.Generator,
+                 area: tuple[float, float] = (0.02, 1 / 3),
+                 log_ratio: tuple[float, float] = (math.log(0.3),
+                                                   math.log(1 / 0.3))
+                 ) -> np.ndarray:
+  """Replaces a random box of a normalized image with N(0, 1) noise.
+
+  timm's RandomErasing(mode='pixel'): noise in normalized units looks like
+  the data's own pixel statistics.
+  """
+  h, w, c = image.shape
+  for _ in range(10):
+    target = h * w * rng.uniform(*area)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    eh = round(math.sqrt(target * aspect))
+    ew = round(math.sqrt(target / aspect))
+    if 0 < eh < h and 0 < ew < w:
+      y = rng.integers(0, h - eh + 1)
+      x = rng.integers(0, w - ew + 1)
+      image = image.copy()
+      image[y:y + eh, x:x + ew] = rng.standard_normal((eh, ew, c))
+      return image
+  return image
+
+
+# ---------------------------------------------------------------------------
+# TrivialAugment / RandAugment.
+#
+# Ops (PIL, fill 0): Identity, AutoContrast, Equalize, Rotate (<=30 deg),
+# Solarize (threshold 256 -> 0), Posterize (8 -> 4 bits), Color, Contrast,
+# Brightness, Sharpness (factor 1 +- 0.9), ShearX/Y (<=0.3), TranslateX/Y
+# (<=45% of the side). Each op takes a strength level in [0, 1]; signed ops
+# pick the sign at random. RandAugment applies `num_ops` random ops at
+# level = magnitude / 10 (timm's scale, so the usual m9 is 0.9); TrivialAugment
+# applies one random op at a level drawn uniformly from 31 bins in [0, 1].
+
+
+def _signed(level: float, rng: np.random.Generator) -> float:
+  return level if rng.random() < 0.5 else -level
+
+
+def _affine(img: Image.Image, coeffs: tuple[float, ...]) -> Image.Image:
+  return img.transform(img.size, Image.AFFINE, coeffs, Image.BILINEAR,
+                       fillcolor=0)
+
+
+def _enhance(enhancer) -> Callable:
+  return lambda img, level, rng: enhancer(img).enhance(
+      1.0 + 0.9 * _signed(level, rng))
+
+
+_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator],
+                         Image.Image]] = {
+    'Identity': lambda img, level, rng: img,
+    'AutoContrast': lambda img, level, rng: ImageOps.autocontrast(img),
+    'Equalize': lambda img, level, rng: ImageOps.equalize(img),
+    'Rotate': lambda img, level, rng: img.rotate(
+        30.0 * _signed(level, rng), Image.BILINEAR, fillcolor=0),
+    'Solarize': lambda img, level, rng: ImageOps.solarize(
+        img, round(256 * (1.0 - level))),
+    'Posterize': lambda img, level, rng: ImageOps.posterize(
+        img, 8 - round(4 * level)),
+    'Color': _enhance(ImageEnhance.Color),
+    'Contrast': _enhance(ImageEnhance.Contrast),
+    'Brightness': _enhance(ImageEnhance.Brightness),
+    'Sharpness': _enhance(ImageEnhance.Sharpness),
+    'ShearX': lambda img, level, rng: _affine(
+        img, (1, 0.3 * _signed(level, rng), 0, 0, 1, 0)),
+    'ShearY': lambda img, level, rng: _affine(
+        img, (1, 0, 0, 0.3 * _signed(level, rng), 1, 0)),
+    'TranslateX': lambda img, level, rng: _affine(
+        img, (1, 0, 0.45 * img.size[0] * _signed(level, rng), 0, 1, 0)),
+    'TranslateY': lambda img, level, rng: _affine(
+        img, (1, 0, 0, 0, 1, 0.45 * img.size[1] * _signed(level, rng))),
+}
+OP_NAMES = tuple(_OPS)
+
+
+def apply_op(image: np.ndarray, name: str, level: float,
+             rng: np.random.Generator) -> np.ndarray:
+  """Applies augmentation op `name` at strength level in [0, 1] to uint8 (H, W, C)."""
+  return _from_pil(_OPS[name](_to_pil(image), level, rng), image.shape[2])
+
+
+def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int,
+                 magnitude: float) -> np.ndarray:
+  """RandAugment (Cubuk et al. 2020): num_ops random ops at a fixed magnitude."""
+  for name in rng.choice(OP_NAMES, size=num_ops):
+    image = apply_op(image, str(name), min(magnitude / 10.0, 1.0), rng)
+  return image
+
+
+def trivial_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """TrivialAugment (Mueller & Hutter 2021): one random op at a random level."""
+  name = str(rng.choice(OP_NAMES))
+  return apply_op(image, name, rng.integers(0, 31) / 30.0, rng)
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+  return Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+
+
+def _from_pil(pil: Image.Image, channels: int) -> np.ndarray:
+  array = np.asarray(pil)
+  return array[..., None] if channels == 1 else array
+
+
+# ---------------------------------------------------------------------------
+# grain transforms.
+
+
+@dataclasses.dataclass(frozen=True)
+class ToSize(grain.transforms.Map):
+  """Brings images to (size, size) by 'pad' (centre pad/crop) or 'resize'."""
+  size: int
+  mode: str = 'pad'
+
+  def map(self, example: dict) -> dict:
+    image = example['image']
+    if self.mode == 'pad':
+      image = pad_or_crop(image, self.size)
+    elif self.mode == 'resize':
+      image = resize(image, self.size, self.size)
+    else:
+      raise ValueError(f"resize_mode must be 'pad' or 'resize', got {self.mode!r}.")
+    return {**example, 'image': image}
+
+
+@dataclasses.dataclass(frozen=True)
+class CentreCrop(grain.transforms.Map):
+  """Eval view of variable-size images (ImageNet): resize + centre crop."""
+  size: int
+
+  def map(self, example: dict) -> dict:
+    return {**example, 'image': centre_crop(example['image'], self.size)}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """Train view of variable-size images (ImageNet): Inception crop."""
+  size: int
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    return {**example,
+            'image': random_resized_crop(example['image'], self.size, rng)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CropFlip(grain.transforms.RandomMap):
+  """Random crop with zero padding (0 = off) and random horizontal flip."""
+  padding: int
+  hflip: bool
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    image = example['image']
+    if self.padding:
+      image = random_crop(image, self.padding, rng)
+    if self.hflip and rng.random() < 0.5:
+      image = image[:, ::-1]
+    return {**example, 'image': image}
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoAugment(grain.transforms.RandomMap):
+  """'trivial_augment' or 'randaugment' on uint8 images."""
+  policy: str
+  num_ops: int = 2
+  magnitude: float = 9
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    image = example['image']
+    if self.policy == 'trivial_augment':
+      image = trivial_augment(image, rng)
+    elif self.policy == 'randaugment':
+      image = rand_augment(image, rng, self.num_ops, self.magnitude)
+    else:
+      raise ValueError(f"augment must be '', 'trivial_augment' or "
+                       f"'randaugment', got {self.policy!r}.")
+    return {**example, 'image': image}
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalize(grain.transforms.Map):
+  """uint8 image -> normalized float32; label -> int32."""
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+  def map(self, example: dict) -> dict:
+    return {**example, 'image': normalize(example['image'], self.mean, self.std),
+            'label': np.int32(example['label'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomErasing(grain.transforms.RandomMap):
+  """Random erasing (Zhong et al. 2020) with probability `prob` per image."""
+  prob: float
+
+  def random_map(self, example: dict, rng: np.random.Generator) -> dict:
+    if rng.random() >= self.prob:
+      return example
+    return {**example, 'image': random_erase(example['image'], rng)}

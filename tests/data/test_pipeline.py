@@ -1,0 +1,147 @@
+"""The public pipeline: shapes, determinism, checkpoints, sharding, eval masks."""
+
+import itertools
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import base
+from hierarchical_vit import data
+from hierarchical_vit.data import sources
+
+
+def _config(data_dir, name='fashion_mnist', **overrides):
+  config = base.get_data_config()
+  config.name = name
+  config.data_dir = str(data_dir)
+  config.update(overrides)
+  return config
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  for a, b in zip(batches_a, batches_b, strict=True):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_dataset_info(fashion_mnist_dir):
+  info = data.get_dataset_info(_config(fashion_mnist_dir))
+  assert info == data.DatasetInfo(
+      name='fashion_mnist', num_classes=10, num_train_examples=60000,
+      num_eval_examples=10000, image_shape=(32, 32, 1),
+      class_names=info.class_names)
+  assert info.class_names[-1] == 'Ankle boot'
+
+
+def test_fashion_mnist_train_batches(fashion_mnist_dir):
+  iterator = data.create_train_iterator(
+      _config(fashion_mnist_dir, augment='randaugment', random_erasing=0.5),
+      global_batch_size=32, seed=0)
+  batch = next(iterator)
+  assert batch['image'].shape == (32, 32, 32, 1)
+  assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
+  assert 0 <= batch['label'].min() and batch['label'].max() < 10
+  # Normalized: roughly zero mean, unit variance.
+  assert abs(batch['image'].mean()) < 0.5 and 0.5 < batch['image'].std() < 1.5
+
+
+def test_same_seed_same_batches_other_seed_differs(fashion_mnist_dir):
+  config = _config(fashion_mnist_dir, augment='trivial_augment')
+  first = _take(data.create_train_iterator(config, global_batch_size=16, seed=3), 3)
+  again = _take(data.create_train_iterator(config, global_batch_size=16, seed=3), 3)
+  other = _take(data.create_train_iterator(config, global_batch_size=16, seed=4), 1)
+  _assert_same(first, again)
+  assert not np.array_equal(first[0]['image'], other[0]['image'])
+
+
+def test_get_state_set_state_resumes_exactly(fake_data_dir):
+  config = _config(fake_data_dir, 'cifar10', augment='randaugment',
+                   random_erasing=0.5)
+  iterator = data.create_train_iterator(config, global_batch_size=8, seed=0)
+  _take(iterator, 5)  # Past the 64-example epoch boundary after 8 batches.
+  state = iterator.get_state()
+  expected = _take(iterator, 6)
+  restored = data.create_train_iterator(config, global_batch_size=8, seed=0)
+  restored.set_state(state)
+  _assert_same(_take(restored, 6), expected)
+
+
+def test_orbax_checkpoint_roundtrip(fake_data_dir, tmp_path):
+  config = _config(fake_data_dir, 'cifar10')
+  iterator = data.create_train_iterator(config, global_batch_size=8, seed=0)
+  _take(iterator, 3)
+  with ocp.CheckpointManager(
+      tmp_path / 'ckpt',
+      item_handlers={'data': grain.checkpoint.CheckpointHandler()}) as manager:
+    manager.save(3, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(iterator)))
+    manager.wait_until_finished()
+    expected = _take(iterator, 4)
+    restored = data.create_train_iterator(config, global_batch_size=8, seed=0)
+    manager.restore(3, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(restored)))
+  _assert_same(_take(restored, 4), expected)
+
+
+def _image_keys(batches):
+  return [b['image'][i].tobytes() for b in batches for i in range(len(b['label']))]
+
+
+def test_processes_read_disjoint_shards(fake_data_dir):
+  config = _config(fake_data_dir, 'cifar10', crop_padding=0, hflip=False)
+  shards = [_image_keys(_take(data.create_train_iterator(
+      config, global_batch_size=16, seed=0, process_index=i, process_count=2), 4))
+            for i in range(2)]
+  # 64 examples, 2 processes, 8 per batch: 4 batches are one epoch of a shard.
+  assert len(set(shards[0])) == len(set(shards[1])) == 32
+  assert not set(shards[0]) & set(shards[1])
+
+
+def test_batch_size_must_divide(fake_data_dir):
+  with pytest.raises(ValueError, match='divisible'):
+    data.create_train_iterator(_config(fake_data_dir, 'cifar10'),
+                               global_batch_size=10, seed=0, process_count=3)
+
+
+@pytest.mark.parametrize('process_count,batch_size', [(1, 8), (3, 8), (4, 50)])
+def test_eval_sees_every_example_once(fake_data_dir, process_count, batch_size):
+  config = _config(fake_data_dir, 'cifar10')
+  runs = [list(data.create_eval_iterator(config, batch_size=batch_size,
+                                         process_index=i,
+                                         process_count=process_count))
+          for i in range(process_count)]
+  assert len({len(batches) for batches in runs}) == 1  # Same step count.
+  masked = [b['image'][i].tobytes() for batches in runs for b in batches
+            for i in np.nonzero(b['mask'])[0]]
+  all_batches = list(itertools.chain(*runs))
+  assert all(b['image'].shape == (batch_size, 32, 32, 3) for b in all_batches)
+  assert all(b['mask'].dtype == np.bool_ for b in all_batches)
+  reference = list(data.create_eval_iterator(config, batch_size=50))[0]
+  assert sorted(masked) == sorted(_image_keys([reference]))
+
+
+def test_imagenet_train_and_eval(fake_data_dir):
+  config = _config(fake_data_dir, 'imagenet2012', image_size=24,
+                   eval_split='validation', augment='randaugment')
+  info = data.get_dataset_info(config)
+  assert info.num_classes == 1000 and info.image_shape == (24, 24, 3)
+  train = next(data.create_train_iterator(config, global_batch_size=4, seed=0))
+  assert train['image'].shape == (4, 24, 24, 3)
+  assert train['image'].dtype == np.float32
+  assert ((0 <= train['label']) & (train['label'] < 1000)).all()
+  batches = list(data.create_eval_iterator(config, batch_size=4))
+  assert [b['mask'].sum() for b in batches] == [4, 4, 2]
+  assert set(batches[0].keys()) == {'image', 'label', 'mask'}
+
+
+def test_pipeline_reports_missing_data(tmp_path):
+  with pytest.raises(data.MissingDataError, match='hierarchical_vit.data.prepare'):
+    data.create_train_iterator(_config(tmp_path), global_batch_size=8, seed=0)
+  assert issubclass(data.MissingDataError, FileNotFoundError)
+  assert sources.SUPPORTED_DATASETS[0] == 'fashion_mnist'

@@ -1,0 +1,74 @@
+"""prepare.py writes Fashion-MNIST as tfds does; sources.py opens or explains."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import FASHION_MNIST_SOURCE
+from hierarchical_vit.data import prepare
+from hierarchical_vit.data import sources
+
+
+def _rows(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
+  """Examples as sortable byte strings, to compare order-free."""
+  return sorted(image.tobytes() + bytes([label])
+                for image, label in zip(images, labels))
+
+
+@pytest.mark.parametrize('split,prefix,count', [('train', 'train', 60000),
+                                                ('test', 't10k', 10000)])
+def test_prepared_fashion_mnist_equals_idx(fashion_mnist_dir, split, prefix,
+                                           count):
+  source = tfds.data_source('fashion_mnist', split=split,
+                            data_dir=fashion_mnist_dir, download=False)
+  records = source.__getitems__(range(len(source)))
+  images = np.stack([r['image'] for r in records])
+  labels = np.array([r['label'] for r in records])
+  assert images.shape == (count, 28, 28, 1) and images.dtype == np.uint8
+  idx_images = prepare.read_idx(f'{FASHION_MNIST_SOURCE}/{prefix}-images-idx3-ubyte.gz')
+  idx_labels = prepare.read_idx(f'{FASHION_MNIST_SOURCE}/{prefix}-labels-idx1-ubyte.gz')
+  assert _rows(images[..., 0], labels) == _rows(idx_images, idx_labels)
+
+
+def test_prepared_layout_matches_upstream(fashion_mnist_dir):
+  version_dir = Path(fashion_mnist_dir) / 'fashion_mnist' / '3.0.1'
+  assert (version_dir / 'fashion_mnist-train.array_record-00000-of-00001').exists()
+  info = tfds.builder('fashion_mnist', data_dir=fashion_mnist_dir).info
+  assert info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+  assert {k: v.num_examples for k, v in info.splits.items()} == {
+      'train': 60000, 'test': 10000}
+  assert info.features['image'].shape == (28, 28, 1)
+  assert info.features['label'].names[:2] == ['T-shirt/top', 'Trouser']
+  assert info.supervised_keys == ('image', 'label')
+
+
+def test_read_idx_parses_header(tmp_path):
+  data = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+  header = bytes([0, 0, 8, 3]) + np.array([2, 3, 4], '>u4').tobytes()
+  (tmp_path / 'x-idx3-ubyte').write_bytes(header + data.tobytes())
+  np.testing.assert_array_equal(prepare.read_idx(tmp_path / 'x-idx3-ubyte'), data)
+
+
+@pytest.mark.parametrize('name', ['fashion_mnist', 'mnist', 'cifar10',
+                                  'imagenet2012'])
+def test_missing_data_error_is_fast_and_says_how_to_fix(tmp_path, name):
+  start = time.perf_counter()
+  with pytest.raises(sources.MissingDataError) as error:
+    sources.open_split(name, 'train', tmp_path)
+  assert time.perf_counter() - start < 1.0
+  assert isinstance(error.value, FileNotFoundError)
+  message = str(error.value)
+  assert repr(name) in message and str(tmp_path) in message
+  assert sources.prepare_command(name, tmp_path) in message
+  if name in ('fashion_mnist', 'mnist'):
+    assert f'hierarchical_vit.data.prepare --dataset={name}' in message
+  else:
+    assert f'tfds build {name}' in message
+
+
+def test_unknown_dataset_lists_supported(tmp_path):
+  with pytest.raises(ValueError, match='cifar100.*imagenet2012'):
+    sources.open_split('svhn', 'train', tmp_path)

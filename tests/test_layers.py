@@ -1,0 +1,142 @@
+"""Window attention and Swin blocks against step-by-step references."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
+from hierarchical_vit.layers import windows as win
+
+
+def test_relative_position_index_brute_force():
+  wh, ww = 3, 4
+  index = win.relative_position_index((wh, ww))
+  coords = [(y, x) for y in range(wh) for x in range(ww)]
+  for i, (yi, xi) in enumerate(coords):
+    for j, (yj, xj) in enumerate(coords):
+      assert index[i, j] == (yi - yj + wh - 1) * (2 * ww - 1) + (xi - xj + ww - 1)
+  assert index.max() == (2 * wh - 1) * (2 * ww - 1) - 1
+
+
+def test_shift_mask_matches_swin_slice_construction():
+  """Swin's published construction: label 3x3 slices, partition, compare labels."""
+  h, w, ws, s = 12, 8, 4, 2
+  img = np.zeros((h, w))
+  cnt = 0
+  for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+    for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+      img[hs, wsl] = cnt
+      cnt += 1
+  labels = img.reshape(h // ws, ws, w // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
+  ref = np.where(labels[:, None, :] - labels[:, :, None] != 0, -100.0, 0.0)
+  np.testing.assert_array_equal(win.shifted_window_mask(h, w, (ws, ws), (s, s)), ref)
+
+
+def test_window_partition_roundtrip():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 12, 3))
+  parts = win.window_partition(x, (4, 3))
+  assert parts.shape == (2 * 2 * 4, 12, 3)
+  np.testing.assert_array_equal(parts[0].reshape(4, 3, 3), x[0, :4, :3])
+  np.testing.assert_array_equal(win.window_reverse(parts, (4, 3), 8, 12), x)
+
+
+def test_stage_window_shrinks_and_stops_shifting():
+  assert win.stage_window((8, 8), 7, 3) == ((7, 7), (3, 3))
+  assert win.stage_window((7, 7), 7, 3) == ((7, 7), (0, 0))
+  assert win.stage_window((4, 14), 7, 3) == ((4, 7), (0, 3))
+
+
+def _numpy_window_attention(module: WindowAttention, x: np.ndarray, mask) -> np.ndarray:
+  """Window attention of Swin written out in numpy from the module's weights."""
+  bw, n, c = x.shape
+  heads = module.num_heads
+  hd = c // heads
+  qkv = x @ np.asarray(module.qkv.kernel[...]) + np.asarray(module.qkv.bias[...])
+  qkv = qkv.reshape(bw, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
+  q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
+  attn = q @ k.transpose(0, 1, 3, 2)
+  table = np.asarray(module.relative_position_bias_table[...])
+  idx = win.relative_position_index(module.window)
+  attn = attn + table[idx.reshape(-1)].reshape(n, n, heads).transpose(2, 0, 1)[None]
+  if mask is not None:
+    nw = mask.shape[0]
+    attn = (attn.reshape(bw // nw, nw, heads, n, n) + mask[None, :, None]).reshape(bw, heads, n, n)
+  attn = np.exp(attn - attn.max(-1, keepdims=True))
+  attn /= attn.sum(-1, keepdims=True)
+  out = (attn @ v).transpose(0, 2, 1, 3).reshape(bw, n, c)
+  return out @ np.asarray(module.proj.kernel[...]) + np.asarray(module.proj.bias[...])
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_window_attention_matches_numpy(masked):
+  module = WindowAttention(16, 4, (2, 3), rngs=nnx.Rngs(0))
+  module.qkv.bias[...] = jax.random.normal(jax.random.key(5), (48,)) * 0.1
+  x = np.random.default_rng(0).normal(size=(4, 6, 16)).astype(np.float32)
+  mask = win.shifted_window_mask(4, 3, (2, 3), (1, 0)) if masked else None
+  if masked:
+    assert mask.shape == (2, 6, 6) and (mask != 0).any()
+  np.testing.assert_allclose(module(jnp.asarray(x), mask), _numpy_window_attention(module, x, mask),
+                             rtol=1e-4, atol=1e-5)
+
+
+def _affected_tokens(block: SwinBlock, size: int, token: tuple[int, int]) -> set:
+  x = jax.random.normal(jax.random.key(0), (1, size, size, 8))
+  y = block(x)
+  # A non-constant perturbation: LayerNorm would erase a constant shift.
+  y2 = block(x.at[0, token[0], token[1]].add(jnp.arange(8.0)))
+  changed = np.abs(np.asarray(y2 - y))[0].max(-1) > 1e-5
+  return {tuple(p) for p in np.argwhere(changed)}
+
+
+@pytest.mark.parametrize('shift', [0, 2])
+@pytest.mark.parametrize('token', [(0, 0), (1, 6), (5, 3), (7, 7)])
+def test_perturbing_one_token_changes_exactly_its_window_region(shift, token):
+  """A token may only influence tokens that share its (shifted) window and,
+  when shifted, that were its neighbours before the cyclic shift (no wrap-around)."""
+  size, ws = 8, 4
+  block = SwinBlock(8, 2, (ws, ws), (shift, shift), rngs=nnx.Rngs(1))
+  block.eval()
+
+  def key(p):  # (window in shifted frame, wrapped-around rows?, wrapped cols?)
+    r, c = (p[0] - shift) % size, (p[1] - shift) % size
+    return (r // ws, c // ws, shift > 0 and r >= size - shift, shift > 0 and c >= size - shift)
+
+  expected = {p for p in itertools.product(range(size), repeat=2) if key(p) == key(token)}
+  assert _affected_tokens(block, size, token) == expected
+
+
+def test_block_pads_non_multiple_resolution():
+  block = SwinBlock(8, 2, (4, 4), (2, 2), rngs=nnx.Rngs(0))
+  block.eval()
+  x = jax.random.normal(jax.random.key(0), (2, 6, 7, 8))
+  y = block(x)
+  assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_drop_path_drops_whole_samples_in_train_mode_only():
+  dp = DropPath(0.5, rngs=nnx.Rngs(dropout=0))
+  x = jnp.ones((64, 3, 3, 4))
+  y = np.asarray(dp(x))
+  per_sample = y.reshape(64, -1)
+  assert set(np.unique(per_sample)) <= {0.0, 2.0}
+  assert (per_sample.min(1) == per_sample.max(1)).all()  # Whole sample kept or dropped.
+  assert 10 < (per_sample[:, 0] == 0).sum() < 54
+  dp.eval()
+  np.testing.assert_array_equal(dp(x), x)
+
+
+@pytest.mark.parametrize('stem', [PatchEmbed, ConvStem])
+@pytest.mark.parametrize('patch', [1, 2, 4])
+def test_stems_reduce_by_patch_size_with_ceil(stem, patch):
+  module = stem(3, 16, patch, rngs=nnx.Rngs(0))
+  y = module(jnp.ones((2, 13, 16, 3)))
+  assert y.shape == (2, -(-13 // patch), 16 // patch, 16)
+
+
+def test_conv_stem_rejects_non_power_of_two():
+  with pytest.raises(ValueError, match='model.patch_size=3'):
+    ConvStem(3, 16, 3, rngs=nnx.Rngs(0))

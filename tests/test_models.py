@@ -1,0 +1,139 @@
+"""Models, presets, configs and the report."""
+
+import importlib
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base
+from hierarchical_vit import presets
+from hierarchical_vit.models import build_model
+from hierarchical_vit.report import count_params, model_report
+
+CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
+
+
+def tiny_model_config(**overrides):
+  m = base.get_model_config()
+  m.update(dict(img_size=16, in_chans=1, patch_size=2, embed_dim=16, depths=(1, 1, 1),
+                num_heads=(2, 2, 4), window_size=4, num_classes=5))
+  m.update(overrides)
+  return m
+
+
+def test_swin_t_has_official_parameter_count():
+  m = presets.apply_preset(base.get_model_config(), 'swin_t')
+  model = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
+  assert count_params(model) == 28_288_354
+
+
+def test_swin_t_swin_b_shapes_without_allocating():
+  for name, expected in [('swin_s', 49_606_258), ('swin_b', 87_768_224)]:
+    m = presets.apply_preset(base.get_model_config(), name)
+    model = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
+    assert count_params(model) == expected
+
+
+@pytest.mark.parametrize('size', [(16, 16), (15, 17), (13, 9)])
+def test_classifier_forward_any_size(size):
+  model = build_model(tiny_model_config(), rngs=nnx.Rngs(0))
+  model.eval()
+  logits = model(jnp.ones((2, *size, 1)))
+  assert logits.shape == (2, 5) and logits.dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+@pytest.mark.parametrize('upsample', ['patch_expand', 'interpolate'])
+@pytest.mark.parametrize('size', [(16, 16), (15, 17)])
+def test_unet_forward_any_size(upsample, size):
+  model = build_model(tiny_model_config(name='unet', upsample=upsample), rngs=nnx.Rngs(0))
+  model.eval()
+  y = model(jax.random.normal(jax.random.key(0), (2, *size, 1)))
+  assert y.shape == (2, *size, 5) and bool(jnp.all(jnp.isfinite(y)))
+
+
+def test_unet_decoder_mirrors_encoder():
+  model = build_model(tiny_model_config(name='unet', decoder_depths=(2, 1)), rngs=nnx.Rngs(0))
+  assert [len(s.blocks) for s in model.decoder.stages] == [2, 1]
+  assert [u.out_features for u in model.decoder.upsamplers] == [32, 16]
+
+
+def test_dropout_and_drop_path_follow_train_eval():
+  model = build_model(tiny_model_config(drop_rate=0.3, drop_path_rate=0.3), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+  model.train()
+  assert not np.allclose(model(x), model(x))
+  model.eval()
+  np.testing.assert_array_equal(model(x), model(x))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = build_model(tiny_model_config(dtype='bfloat16'), rngs=nnx.Rngs(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert model(jnp.ones((1, 16, 16, 1))).dtype == jnp.float32
+
+
+def test_global_attention_stage_uses_whole_map_as_window():
+  model = build_model(tiny_model_config(global_attention=(1,)), rngs=nnx.Rngs(0))
+  assert model.encoder.stages[1].blocks[0].window == (4, 4)
+  assert model.encoder.stages[0].blocks[0].window == (4, 4)
+  model = build_model(tiny_model_config(img_size=32, depths=(2, 1, 1), global_attention=(0,)),
+                      rngs=nnx.Rngs(0))
+  assert model.encoder.stages[0].blocks[0].window == (16, 16)
+  assert model.encoder.stages[0].blocks[1].shift == (0, 0)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(name='vit'), r"model.name='vit'.*'classifier', 'unet'"),
+    (dict(downsample='strided'), r"model.downsample='strided'.*avg_pool.*patch_merge"),
+    (dict(name='unet', upsample='deconv'), r"model.upsample='deconv'.*patch_expand"),
+    (dict(num_heads=(3, 2, 4)), r'model.num_heads\[0\]=3 does not divide stage 0 width 16'),
+    (dict(num_heads=(2, 2)), r'model.num_heads=\(2, 2\) has 2 entries'),
+    (dict(window_size=0), r'model.window_size=0'),
+    (dict(stem='hybrid'), r"model.stem='hybrid'.*'conv', 'patch'"),
+    (dict(global_attention=(3,)), r'model.global_attention=\(3,\)'),
+    (dict(drop_path_rate=1.0), r'model.drop_path_rate=1.0'),
+    (dict(dtype='float16'), r"model.dtype='float16'.*bfloat16"),
+    (dict(name='unet', decoder_depths=(1,)), r'model.decoder_depths=\(1,\)'),
+    (dict(downsample='conv', downsample_options={'conv': {'kernel_size': 4}}),
+     r'model.downsample_options.conv.kernel_size=4'),
+])
+def test_config_errors_name_the_field(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    build_model(tiny_model_config(**overrides), rngs=nnx.Rngs(0))
+
+
+def test_unknown_preset_lists_choices():
+  with pytest.raises(ValueError, match=r"'swin_xl'.*swin_b.*swin_t"):
+    presets.apply_preset(base.get_model_config(), 'swin_xl')
+
+
+def test_resampler_options_reach_the_module():
+  model = build_model(tiny_model_config(
+      downsample='conv', downsample_options={'conv': {'kernel_size': 3}}), rngs=nnx.Rngs(0))
+  assert model.encoder.downsamplers[0].conv.kernel.shape[:2] == (3, 3)
+
+
+@pytest.mark.parametrize('path', sorted(CONFIG_DIR.glob('*.py')), ids=lambda p: p.stem)
+def test_every_config_builds(path):
+  if path.stem == '__init__':
+    return
+  module = importlib.import_module(f'configs.{path.stem}')
+  config = module.get_config()
+  model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
+  assert count_params(model) > 0
+
+
+def test_report_counts_params_and_flops():
+  m = tiny_model_config()
+  model = build_model(m, rngs=nnx.Rngs(0))
+  report = model_report(model, (2, 16, 16, 1))
+  assert report['params'] == sum(report['params_by_module'].values()) == count_params(model)
+  # Lower bound: the MLPs alone do 2 * 2 * C * 4C FLOPs per token in each block.
+  mlp_flops = sum(2 * 2 * 4 * d * d * r[0] * r[1]
+                  for d, r in zip(model.encoder.dims, model.encoder.resolutions))
+  assert report['gflops_per_image'] * 1e9 > mlp_flops

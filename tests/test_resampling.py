@@ -1,0 +1,163 @@
+"""Resampler registries: shared contract for every entry, plus numpy references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from hierarchical_vit import resampling
+from hierarchical_vit.resampling import DOWNSAMPLERS, UPSAMPLERS, depth_to_space, space_to_depth
+
+SIZES = [(8, 8), (7, 9)]  # even and odd
+
+
+def _ln(x, scale, bias, eps=1e-5):
+  mean = x.mean(-1, keepdims=True)
+  var = x.var(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _finite_grads(module, x):
+  def loss(m):
+    return jnp.sum(m(x) ** 2)
+  grads = nnx.grad(loss)(module)
+  leaves = jax.tree.leaves(grads)
+  return all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), len(leaves)
+
+
+@pytest.mark.parametrize('name', sorted(DOWNSAMPLERS))
+@pytest.mark.parametrize('size', SIZES)
+def test_downsampler_contract(name, size):
+  c = 8
+  module = DOWNSAMPLERS[name](c, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, *size, c))
+  y = module(x)
+  expected_c = 4 * c if name == 'space_to_depth' else 2 * c
+  assert y.shape == (2, -(-size[0] // 2), -(-size[1] // 2), expected_c)
+  assert module.out_features == expected_c
+  assert bool(jnp.all(jnp.isfinite(y)))
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(module, x), y, rtol=1e-5, atol=1e-5)
+  if name != 'space_to_depth':  # The only parameter-free entry.
+    finite, n = _finite_grads(module, x)
+    assert finite and n > 0
+
+
+@pytest.mark.parametrize('name', sorted(DOWNSAMPLERS))
+def test_downsampler_out_features(name):
+  if name == 'space_to_depth':
+    with pytest.raises(ValueError, match='space_to_depth'):
+      DOWNSAMPLERS[name](8, 12, rngs=nnx.Rngs(0))
+    return
+  assert DOWNSAMPLERS[name](8, 24, rngs=nnx.Rngs(0))(jnp.ones((1, 4, 4, 8))).shape[-1] == 24
+
+
+@pytest.mark.parametrize('name', sorted(UPSAMPLERS))
+@pytest.mark.parametrize('size', SIZES)
+def test_upsampler_contract(name, size):
+  c = 8
+  module = UPSAMPLERS[name](c, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, *size, c))
+  y = module(x)
+  assert y.shape == (2, 2 * size[0], 2 * size[1], c // 2)
+  assert module.out_features == c // 2
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(module, x), y, rtol=1e-5, atol=1e-5)
+  finite, n = _finite_grads(module, x)
+  assert finite and n > 0
+  # factor and out_features are part of every upsampler's contract (the
+  # decoder's final x4 step uses them).
+  y4 = UPSAMPLERS[name](c, 5, factor=4, rngs=nnx.Rngs(0))(x)
+  assert y4.shape == (2, 4 * size[0], 4 * size[1], 5)
+
+
+def test_patch_merge_matches_numpy_swin_order():
+  c, out = 3, 5
+  module = DOWNSAMPLERS['patch_merge'](c, out, rngs=nnx.Rngs(0))
+  module.norm.scale[...] = jax.random.normal(jax.random.key(2), (4 * c,))
+  module.norm.bias[...] = jax.random.normal(jax.random.key(3), (4 * c,))
+  for h, w in [(6, 4), (5, 7)]:
+    x = np.random.default_rng(0).normal(size=(2, h, w, c)).astype(np.float32)
+    xp = np.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    merged = np.concatenate(
+        [xp[:, 0::2, 0::2], xp[:, 1::2, 0::2], xp[:, 0::2, 1::2], xp[:, 1::2, 1::2]], axis=-1)
+    ref = _ln(merged, np.asarray(module.norm.scale[...]), np.asarray(module.norm.bias[...]))
+    ref = ref @ np.asarray(module.reduction.kernel[...])
+    np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_space_to_depth_is_inverted_by_depth_to_space():
+  x = jax.random.normal(jax.random.key(0), (2, 6, 10, 3))
+  np.testing.assert_array_equal(depth_to_space(space_to_depth(x)), x)
+  x9 = x[:, :, :9]
+  np.testing.assert_array_equal(depth_to_space(space_to_depth(x9, 3), 3), x9)
+  y = jax.random.normal(jax.random.key(1), (2, 3, 5, 12))
+  np.testing.assert_array_equal(space_to_depth(depth_to_space(y)), y)
+
+
+def test_space_to_depth_module_keeps_every_value():
+  x = jax.random.normal(jax.random.key(0), (1, 5, 5, 2))
+  y = DOWNSAMPLERS['space_to_depth'](2, rngs=nnx.Rngs(0))(x)
+  # Padded to 6x6 with zeros: the 25 * 2 inputs plus 11 * 2 zeros.
+  assert sorted(np.asarray(y).ravel().tolist()) == sorted(
+      np.asarray(x).ravel().tolist() + [0.0] * 22)
+
+
+def test_pooling_matches_numpy():
+  x = np.random.default_rng(0).normal(size=(1, 5, 4, 2)).astype(np.float32)
+  for name, reduce in [('avg_pool', np.mean), ('max_pool', np.max)]:
+    module = DOWNSAMPLERS[name](2, 3, rngs=nnx.Rngs(0))
+    pooled = np.zeros((1, 3, 2, 2), np.float32)
+    for i in range(3):
+      for j in range(2):
+        pooled[0, i, j] = reduce(x[0, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(-1, 2), axis=0)
+    ref = _ln(pooled, 1.0, 0.0) @ np.asarray(module.reduction.kernel[...])
+    np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_expand_matches_numpy_rearrange():
+  c = 8
+  for factor, out in [(2, 4), (4, 8)]:
+    module = UPSAMPLERS['patch_expand'](c, out, factor=factor, rngs=nnx.Rngs(0))
+    assert module.expand.kernel.shape == (c, factor * factor * out)
+    x = np.random.default_rng(1).normal(size=(2, 3, 5, c)).astype(np.float32)
+    y = x @ np.asarray(module.expand.kernel[...])
+    b, h, w, _ = y.shape
+    ref = np.zeros((b, h * factor, w * factor, out), np.float32)
+    for p1 in range(factor):
+      for p2 in range(factor):
+        block = y[..., (p1 * factor + p2) * out:(p1 * factor + p2 + 1) * out]
+        ref[:, p1::factor, p2::factor] = block
+    np.testing.assert_allclose(module(jnp.asarray(x)), _ln(ref, 1.0, 0.0), rtol=1e-4, atol=1e-4)
+
+
+def _pil_resize(x: np.ndarray, factor: int, method: str) -> np.ndarray:
+  """Reference resize of x: (B, H, W, C) with Pillow, channel by channel."""
+  resample = {'bilinear': Image.BILINEAR, 'nearest': Image.NEAREST, 'bicubic': Image.BICUBIC}
+  b, h, w, c = x.shape
+  out = np.zeros((b, h * factor, w * factor, c), np.float32)
+  for i in range(b):
+    for k in range(c):
+      img = Image.fromarray(x[i, :, :, k], mode='F')
+      out[i, :, :, k] = np.asarray(img.resize((w * factor, h * factor), resample[method]))
+  return out
+
+
+@pytest.mark.parametrize('method', ['bilinear', 'nearest', 'bicubic'])
+def test_interpolate_matches_reference_resize(method):
+  c, out = 3, 2
+  module = UPSAMPLERS['interpolate'](c, out, method=method, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(2).normal(size=(2, 5, 6, c)).astype(np.float32)
+  ref = _pil_resize(x, 2, method) @ np.asarray(module.proj.kernel[...])
+  np.testing.assert_allclose(module(jnp.asarray(x)), _ln(ref, 1.0, 0.0), rtol=2e-3, atol=2e-3)
+
+
+def test_unknown_names_list_choices():
+  with pytest.raises(ValueError, match=r"model.downsample='bogus'.*avg_pool.*patch_merge"):
+    resampling.make_downsampler('bogus', 8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"model.upsample='bogus'.*interpolate.*patch_expand"):
+    resampling.make_upsampler('bogus', 8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"method='cubic'.*bilinear"):
+    UPSAMPLERS['interpolate'](8, method='cubic', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'kernel_size=5'):
+    DOWNSAMPLERS['conv'](8, kernel_size=5, rngs=nnx.Rngs(0))
