@@ -75,8 +75,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def fsdp_spec(shape: tuple[int, ...], fsdp_size: int,
-              min_size: int = FSDP_MIN_SIZE) -> P:
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   """Shards the largest dim divisible by fsdp_size; small arrays replicated."""
   if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
     return P()
@@ -95,7 +94,8 @@ def state_shardings(mesh: Mesh, state, fsdp_axis: str = 'fsdp'):
   """
   fsdp_size = mesh.shape.get(fsdp_axis, 1)
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size)), state)
+      lambda x: NamedSharding(
+          mesh, fsdp_spec(np.shape(x), fsdp_size, FSDP_MIN_SIZE)), state)
 
 
 def shard_batch(batch: dict[str, np.ndarray],

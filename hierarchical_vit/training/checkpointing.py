@@ -21,17 +21,23 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy
 BEST_METRIC = 'eval/accuracy'
 
 
+def _best_metric(metrics: dict[str, float]) -> float:
+  return metrics[BEST_METRIC]
+
+
 def create_checkpoint_manager(workdir: str, keep: int,
                               read_only: bool = False) -> ocp.CheckpointManager:
   """Keeps the latest `keep` checkpoints plus the best by eval accuracy."""
   policy = preservation_policy.AnyPreservationPolicy([
       preservation_policy.LatestN(n=keep),
       # BestN sorts ascending and keeps the last n: the highest accuracy.
-      preservation_policy.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1,
+      preservation_policy.BestN(get_metric_fn=_best_metric, n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, enable_async_checkpointing=True,
+      # best_fn makes the manager write the metrics and answer best_step().
+      best_fn=_best_metric,
       read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'),
@@ -67,4 +73,19 @@ def restore(manager: ocp.CheckpointManager, step: int,
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored['state']
+
+
+def restore_weights(manager: ocp.CheckpointManager, step: int,
+                    weights: dict[str, Any]) -> dict[str, Any]:
+  """Restores only some entries of the state (e.g. {'params', 'ema_params'}).
+
+  For evaluation: no optimizer state or data iterator is needed or read.
+  """
+  abstract = _abstract(weights)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=abstract,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+          partial_restore=True)))
   return restored['state']

@@ -1,0 +1,1 @@
+"""Training: optimizer, checkpointing, metrics and the train/eval loop."""

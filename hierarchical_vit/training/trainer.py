@@ -1,0 +1,351 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Performance: the NNX model is split once into (graphdef, params, rest) and the
+hot path is a plain `jax.jit` of a pure function on pytrees of arrays (no
+nnx.jit graph traversal per step), with the train state donated so XLA updates
+it in place. The train state is a dict of arrays:
+
+  step:       int32, micro-batches seen (= optimizer steps * grad_accum_steps);
+  params:     the model's nnx.Param values as a nested dict;
+  opt_state:  optax state of AdamW (and MultiSteps accumulators);
+  ema_params: exponential moving average of params (only if ema_decay > 0);
+  rng:        uint32 key data of the base key; step keys are folded in from it,
+              so resuming at step s reproduces dropout and mixing exactly.
+"""
+
+import functools
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from hierarchical_vit import data
+from hierarchical_vit import parallel
+from hierarchical_vit.models import build_model
+from hierarchical_vit.training import checkpointing
+from hierarchical_vit.training import metrics as metrics_lib
+from hierarchical_vit.training import optimizer as optimizer_lib
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def compute_steps(train_config: ml_collections.ConfigDict,
+                  num_train_examples: int) -> tuple[int, int]:
+  """Returns (optimizer steps per epoch, total optimizer steps)."""
+  steps_per_epoch = num_train_examples // train_config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size={train_config.batch_size} exceeds the '
+                     f'{num_train_examples} training examples.')
+  if train_config.num_steps > 0:
+    return steps_per_epoch, train_config.num_steps
+  return steps_per_epoch, max(1, int(train_config.num_epochs * steps_per_epoch))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
+                       label_smoothing: float) -> jax.Array:
+  """Mean softmax cross-entropy. logits, labels (one-hot/mixed): (B, K)."""
+  labels = optax.smooth_labels(labels, label_smoothing)
+  return optax.softmax_cross_entropy(logits, labels).mean()
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule,
+                    config: ml_collections.ConfigDict
+                    ) -> Callable[[State, Batch, nnx.State], tuple[State, dict]]:
+  """Builds the pure train step on one (micro-)batch.
+
+  Returned fn: (state, batch {'image': (B,H,W,C), 'label': (B,)}, rest) ->
+  (new state, metrics of this batch). `rest` is the model's non-Param state
+  (its RNG streams, reseeded here from the step key every step).
+  """
+  tc, dc = config.train, config.data
+  num_classes = config.model.num_classes
+  mixing = dc.mixup_alpha > 0 or dc.cutmix_alpha > 0
+
+  def train_step(state: State, batch: Batch, rest: nnx.State):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
+                             state['step'])
+    dropout_rng, mix_rng = jax.random.split(rng)
+    images = batch['image']
+    labels = jax.nn.one_hot(batch['label'], num_classes)
+    if mixing:
+      images, labels = data.mixing.mix_batch(
+          mix_rng, images, labels, mixup_alpha=dc.mixup_alpha,
+          cutmix_alpha=dc.cutmix_alpha, mix_prob=dc.mix_prob)
+
+    # Reseed the model's dropout stream with this step's key (outside of
+    # value_and_grad: NNX variables may only be mutated at their trace level).
+    model = nnx.merge(graphdef, state['params'], rest)
+    nnx.reseed(model, dropout=dropout_rng)
+    step_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+
+    def loss_fn(params):
+      logits = nnx.merge(graphdef, params, step_rest)(images)
+      return cross_entropy_loss(logits, labels, tc.label_smoothing), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    new_state = {**state, 'step': state['step'] + 1, 'params': params,
+                 'opt_state': opt_state}
+    if 'ema_params' in state:
+      # With accumulation, params only change on the last micro-batch.
+      updated = (state['step'] + 1) % tc.grad_accum_steps == 0
+      decay = jnp.where(updated, tc.ema_decay, 1.0)
+      new_state['ema_params'] = optax.incremental_update(
+          params, state['ema_params'], step_size=1.0 - decay)
+    metrics = {
+        'train/loss': loss,
+        'train/accuracy': jnp.mean(
+            jnp.argmax(logits, -1) == jnp.argmax(labels, -1)),
+        'train/learning_rate': schedule(state['step'] // tc.grad_accum_steps),
+        'train/grad_norm': optax.tree.norm(grads),
+        # Of the updated params: the finiteness check before a save needs it.
+        'train/param_norm': optax.tree.norm(params),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, num_classes: int,
+                   confusion: bool = False
+                   ) -> Callable[[Any, Batch, nnx.State], dict[str, jax.Array]]:
+  """Builds the pure eval step: sums over the unmasked examples of a batch.
+
+  Returned fn: (params, batch {'image', 'label', 'mask': (B,) bool}, rest) ->
+  {'loss', 'top1', 'top5', 'count'} sums (+ 'confusion' (K, K), rows = true
+  class, if asked). Sums, not means, so batches (and padding) add up exactly.
+  """
+  k = min(5, num_classes)
+
+  def eval_step(params, batch: Batch, rest: nnx.State):
+    logits = nnx.merge(graphdef, params, rest)(batch['image'])
+    labels = jax.nn.one_hot(batch['label'], num_classes)
+    mask = batch['mask'].astype(jnp.float32)
+    top_k = jax.lax.top_k(logits, k)[1]
+    in_top_k = jnp.any(top_k == batch['label'][:, None], axis=-1)
+    sums = {
+        'loss': jnp.sum(optax.softmax_cross_entropy(logits, labels) * mask),
+        'top1': jnp.sum((top_k[:, 0] == batch['label']) * mask),
+        'top5': jnp.sum(in_top_k * mask),
+        'count': jnp.sum(mask),
+    }
+    if confusion:
+      predicted = jax.nn.one_hot(top_k[:, 0], num_classes)
+      sums['confusion'] = jnp.einsum('bi,bj->ij', labels * mask[:, None],
+                                     predicted)
+    return sums
+
+  return eval_step
+
+
+def evaluate(eval_step: Callable, params, rest: nnx.State,
+             batches: Iterable[dict[str, np.ndarray]],
+             sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
+  """Runs eval_step over all batches; returns eval/{loss,accuracy,top5} (+ confusion)."""
+  totals = None
+  for batch in batches:
+    sums = eval_step(params, parallel.shard_batch(batch, sharding), rest)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = max(float(totals['count']), 1.0)
+  results = {'eval/loss': float(totals['loss']) / count,
+             'eval/accuracy': float(totals['top1']) / count,
+             'eval/top5_accuracy': float(totals['top5']) / count,
+             'eval/num_examples': float(totals['count'])}
+  if 'confusion' in totals:
+    results['confusion'] = np.asarray(totals['confusion'])
+  return results
+
+
+def init_model(config: ml_collections.ConfigDict
+               ) -> tuple[nnx.GraphDef, nnx.GraphDef, dict, dict]:
+  """Builds the model; returns (train graphdef, eval graphdef, params, rest).
+
+  Train and eval graphdefs differ only in the static `deterministic`
+  attributes. params (nnx.Param) and rest (RNG streams) are pure dicts of
+  arrays: NNX Variables must not cross jit/grad boundaries.
+  """
+  model = build_model(config.model, rngs=nnx.Rngs(params=config.seed,
+                                                  dropout=config.seed + 1))
+  model.eval()
+  eval_graphdef = nnx.graphdef(model)
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return (graphdef, eval_graphdef, nnx.to_pure_dict(params),
+          nnx.to_pure_dict(rest))
+
+
+def create_train_state(config: ml_collections.ConfigDict, params,
+                       tx: optax.GradientTransformation) -> State:
+  """The initial train state (host-agnostic; shard it with device_put)."""
+  state = {
+      'step': jnp.zeros((), jnp.int32),
+      'params': params,
+      'opt_state': tx.init(params),
+      'rng': jax.random.key_data(jax.random.key(config.seed)),
+  }
+  if config.train.ema_decay > 0:
+    state['ema_params'] = jax.tree.map(jnp.copy, params)
+  return state
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self._event = threading.Event()
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    logging.warning('Received signal %d: checkpointing at the next step.', signum)
+    self._event.set()
+
+  def is_set(self) -> bool:
+    # All processes must agree, or some would wait forever in a collective.
+    if jax.process_count() > 1:
+      return bool(multihost_utils.process_allgather(
+          np.array(self._event.is_set())).any())
+    return self._event.is_set()
+
+  def restore(self) -> None:
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_finite(step: int, scalars: dict[str, float], last_saved: int | None):
+  """Raises (before any save) if loss, gradients or params are non-finite.
+
+  Checked at log and save steps only (fetching blocks the pipeline). NaNs
+  never disappear from the params once there, so checking the param norm
+  after the latest step guarantees that no non-finite state is saved.
+  """
+  bad = {k: v for k, v in scalars.items()
+         if k in ('train/loss', 'train/grad_norm', 'train/param_norm')
+         and not np.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f'Non-finite training metrics at step {step}: {bad}. Stopping; the last '
+        f'good checkpoint (step {last_saved}) is kept. Lower the learning rate, '
+        'enable grad_clip_norm or use float32.')
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, float]:
+  """Trains (resuming from workdir's latest checkpoint) and evaluates.
+
+  Returns the final train and eval metrics (plus 'step').
+  """
+  tc = config.train
+  os.makedirs(workdir, exist_ok=True)
+  save_config(config, workdir)
+  mesh = parallel.create_mesh(config.mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  info = data.get_dataset_info(config.data)
+  steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
+  if tc.batch_size % tc.grad_accum_steps:
+    raise ValueError('batch_size must be divisible by grad_accum_steps.')
+  micro_batch_size = tc.batch_size // tc.grad_accum_steps
+
+  graphdef, eval_graphdef, params, rest = init_model(config)
+
+  schedule = optimizer_lib.create_learning_rate_schedule(
+      tc, steps_per_epoch, total_steps)
+  tx = optimizer_lib.create_optimizer(tc, schedule)
+  state = create_train_state(config, params, tx)
+  state_shardings = parallel.state_shardings(mesh, state)
+  state = jax.device_put(state, state_shardings)
+  rest = jax.device_put(rest, parallel.replicated(mesh))
+
+  train_iter = data.create_train_iterator(
+      config.data, global_batch_size=micro_batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  manager = checkpointing.create_checkpoint_manager(workdir, tc.keep_checkpoints)
+  last_saved = manager.latest_step()
+  if last_saved is not None:
+    logging.info('Resuming from checkpoint at step %d.', last_saved)
+    state = checkpointing.restore(manager, last_saved, state, train_iter)
+  start_step = int(state['step']) // tc.grad_accum_steps
+
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, schedule, config), donate_argnums=0,
+      out_shardings=(state_shardings, parallel.replicated(mesh)))
+  eval_step = jax.jit(make_eval_step(eval_graphdef, config.model.num_classes))
+  eval_every = tc.eval_every_steps or steps_per_epoch
+  ema = 'ema_params' in state
+
+  def run_eval() -> dict[str, float]:
+    batches = data.create_eval_iterator(
+        config.data, batch_size=tc.eval_batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return evaluate(eval_step, state['ema_params' if ema else 'params'], rest,
+                    batches, batch_sharding)
+
+  writer = metrics_lib.MetricWriter(workdir)
+  progress = metrics_lib.Progress(total_steps, start_step)
+  preemption = _PreemptionFlag()
+  train_scalars, eval_scalars = {}, {}
+  step = start_step
+  logging.info('Training %d steps (%d per epoch) from step %d on %s.',
+               total_steps, steps_per_epoch, start_step, mesh)
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        for _ in range(tc.grad_accum_steps):
+          batch = parallel.shard_batch(next(train_iter), batch_sharding)
+          state, train_metrics = train_step(state, batch, rest)
+      preempted = preemption.is_set()
+      is_last = step == total_steps
+      is_eval = step % eval_every == 0 or is_last
+      is_save = (is_eval or preempted or is_last
+                 or step % tc.checkpoint_every_steps == 0)
+
+      # Fetching metrics blocks on the step, so only at log/save steps; the
+      # logged values are those of the step's last micro-batch.
+      if step % tc.log_every_steps == 0 or is_save:
+        train_scalars = {k: float(v) for k, v in
+                         jax.device_get(train_metrics).items()}
+        _check_finite(step, train_scalars, last_saved)
+        train_scalars.update(progress.update(step, tc.batch_size))
+        train_scalars['train/epoch'] = step / steps_per_epoch
+        writer.write_scalars(step, train_scalars)
+        metrics_lib.log_progress(step, total_steps, train_scalars)
+      eval_metrics = None
+      if is_eval:
+        eval_scalars = run_eval()
+        writer.write_scalars(step, eval_scalars)
+        logging.info('step %d eval: %s', step, eval_scalars)
+        eval_metrics = {checkpointing.BEST_METRIC:
+                        eval_scalars[checkpointing.BEST_METRIC]}
+      if is_save:
+        checkpointing.save(manager, step, state, train_iter, eval_metrics)
+        last_saved = step
+      if preempted:
+        logging.warning('Preempted: saved step %d, exiting.', step)
+        break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    preemption.restore()
+  return {'step': step, **train_scalars, **eval_scalars}

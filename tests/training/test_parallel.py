@@ -1,0 +1,28 @@
+"""Mesh construction and the FSDP sharding rule."""
+
+import ml_collections
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from hierarchical_vit import parallel
+
+
+def test_create_mesh_fills_minus_one():
+  mesh = parallel.create_mesh(ml_collections.ConfigDict(
+      {'axes': ('data', 'fsdp'), 'shape': (-1, 1)}))
+  assert mesh.axis_names == ('data', 'fsdp')
+  assert mesh.devices.size == mesh.shape['data']
+
+
+def test_create_mesh_rejects_bad_shape():
+  with pytest.raises(ValueError, match='does not use all'):
+    parallel.create_mesh(ml_collections.ConfigDict(
+        {'axes': ('data', 'fsdp'), 'shape': (1, 1000)}))
+
+
+def test_fsdp_spec_shards_largest_divisible_dim():
+  assert parallel.fsdp_spec((96, 384), 4, min_size=1) == P(None, 'fsdp')
+  assert parallel.fsdp_spec((384, 6), 4, min_size=1) == P('fsdp', None)
+  assert parallel.fsdp_spec((7, 5), 4, min_size=1) == P()  # Nothing divides.
+  assert parallel.fsdp_spec((96, 384), 4, min_size=10**6) == P()  # Small.
+  assert parallel.fsdp_spec((96, 384), 1, min_size=1) == P()  # No fsdp axis.

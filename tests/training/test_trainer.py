@@ -1,0 +1,163 @@
+"""The training loop on a tiny Swin and a 256-example Fashion-MNIST slice."""
+
+import json
+import os
+import shutil
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import read_metrics, run_script, tiny_config, write_config_file
+from hierarchical_vit.training import checkpointing
+from hierarchical_vit.training import trainer
+
+
+def _train_losses(workdir: str) -> dict[int, float]:
+  return {m['step']: m['train/loss'] for m in read_metrics(workdir)
+          if 'train/loss' in m}
+
+
+def _restore_params(workdir: str, config, step: int):
+  _, _, params, _ = trainer.init_model(config)
+  manager = checkpointing.create_checkpoint_manager(workdir, 3, read_only=True)
+  return checkpointing.restore_weights(
+      manager, step, jax.device_put({'params': params}))['params']
+
+
+def test_train_step_decreases_loss(data_dir):
+  config = tiny_config(data_dir, grad_clip_norm=1.0)
+  config.model.drop_path_rate = 0.0
+  graphdef, _, params, rest = trainer.init_model(config)
+  schedule = optax.constant_schedule(3e-3)
+  tx = optax.adamw(schedule)
+  state = trainer.create_train_state(config, params, tx)
+  step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config),
+                 donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(16, 32, 32, 1)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+  losses = []
+  for _ in range(10):
+    state, metrics = step(state, batch, rest)
+    losses.append(float(metrics['train/loss']))
+  assert all(b < a for a, b in zip(losses, losses[1:])), losses
+  assert losses[-1] < 0.8 * losses[0], losses
+  assert int(state['step']) == 10
+
+
+@pytest.fixture(scope='module')
+def trained(data_dir, tmp_path_factory):
+  """A finished 6-step run (checkpoints at 3 and 6, eval at 6)."""
+  workdir = str(tmp_path_factory.mktemp('trained'))
+  config = tiny_config(data_dir)
+  final = trainer.train_and_evaluate(config, workdir)
+  return config, workdir, final
+
+
+def test_train_and_evaluate_outputs(trained):
+  config, workdir, final = trained
+  assert final['step'] == 6
+  assert 0.0 <= final['eval/accuracy'] <= 1.0
+  assert final['eval/num_examples'] == 256  # Padding masked out.
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if s.isdigit())
+  assert steps == [3, 6]
+  assert [m['step'] for m in read_metrics(workdir) if 'train/loss' in m] == list(
+      range(1, 7))
+  assert os.listdir(os.path.join(workdir, 'tensorboard'))
+  assert json.load(open(os.path.join(workdir, 'config.json')))['seed'] == 0
+
+
+def test_resume_after_kill_mid_save_is_exact(trained, tmp_path):
+  """Kill while saving step 6 -> restart resumes at 3 and reproduces step 6."""
+  config, workdir, _ = trained
+  resumed = str(tmp_path / 'resumed')
+  shutil.copytree(workdir, resumed)
+  # What orbax leaves when killed before its final rename: a tmp directory.
+  checkpoints = os.path.join(resumed, 'checkpoints')
+  os.rename(os.path.join(checkpoints, '6'),
+            os.path.join(checkpoints, '6.orbax-checkpoint-tmp'))
+  os.remove(os.path.join(checkpoints, '6.orbax-checkpoint-tmp',
+                         'commit_success.txt'))
+  os.remove(os.path.join(resumed, 'metrics.jsonl'))
+
+  trainer.train_and_evaluate(config, resumed)
+
+  # Same batches (data order) and dropout: identical losses and params.
+  straight, again = _train_losses(workdir), _train_losses(resumed)
+  assert sorted(again) == [4, 5, 6]
+  for step in again:
+    assert again[step] == straight[step], step
+  jax.tree.map(np.testing.assert_array_equal,
+               _restore_params(workdir, config, 6),
+               _restore_params(resumed, config, 6))
+  data_state = lambda d: open(os.path.join(
+      d, 'checkpoints', '6', 'data', 'process_0-of-1.json')).read()
+  assert data_state(workdir) == data_state(resumed)
+
+
+def test_non_finite_loss_stops_without_saving(trained, tmp_path):
+  config, workdir, _ = trained
+  resumed = str(tmp_path / 'nan')
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  config = tiny_config(config.data.data_dir, learning_rate=float('nan'))
+  with pytest.raises(FloatingPointError,
+                     match=r'Non-finite .* step 4.*checkpoint \(step 3\)'):
+    trainer.train_and_evaluate(config, resumed)
+  assert sorted(os.listdir(os.path.join(resumed, 'checkpoints'))) == ['3']
+
+
+def test_eval_script_writes_json_and_png(trained):
+  _, workdir, final = trained
+  proc = run_script(['eval.py', f'--workdir={workdir}'])
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  report = json.load(open(os.path.join(workdir, 'eval_test_6.json')))
+  assert report['num_examples'] == 256
+  np.testing.assert_allclose(report['accuracy'], final['eval/accuracy'])
+  assert len(report['per_class_accuracy']) == 10
+  assert os.path.getsize(os.path.join(workdir, 'confusion_test_6.png')) > 0
+  assert 'test accuracy (step 6)' in out
+
+
+def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+  workdir = str(tmp_path / 'preempted')
+  config_file = write_config_file(tmp_path, data_dir, num_steps=10_000,
+                                  checkpoint_every_steps=10_000)
+  proc = run_script(['train.py', f'--config={config_file}',
+                     f'--workdir={workdir}'])
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = time.time() + 120
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'Preempted' in out
+  # Epoch-end evals also save; the preemption save is the latest.
+  latest = max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert latest < 10_000 and f'Preempted: saved step {latest},' in out
+
+
+def test_one_vs_eight_devices_agree(data_dir, trained, tmp_path):
+  """Same global batch on 8 fake CPU devices: same loss trajectory."""
+  _, workdir, _ = trained
+  workdir8 = str(tmp_path / 'eight')
+  config_file = write_config_file(tmp_path, data_dir)
+  proc = run_script(
+      ['train.py', f'--config={config_file}', f'--workdir={workdir8}'],
+      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  out, _ = proc.communicate(timeout=180)
+  assert proc.returncode == 0, out
+  assert 'devices=8' in out or "'data': 8" in out, out[-3000:]
+  one, eight = _train_losses(workdir), _train_losses(workdir8)
+  assert sorted(one) == sorted(eight)
+  np.testing.assert_allclose([eight[s] for s in sorted(eight)],
+                             [one[s] for s in sorted(one)], rtol=2e-4)
