@@ -1,0 +1,71 @@
+r"""Converts Swin weights between timm, the official Swin-Transformer and ours.
+
+The model a preset (plus overrides) describes checks the conversion: every
+parameter must be present with its shape. The input format follows its
+suffix (.npz ours; .pth/.pt/.bin/.safetensors timm or official, told apart by
+their keys), and so does the output's (.npz ours; .pth/.safetensors timm).
+
+  # timm / official checkpoint -> ours (for config.train.init_from):
+  python -m hierarchical_vit.convert --input=swin_tiny_patch4_window7_224.pth \
+      --output=swin_t.npz --preset=swin_t
+  # ours -> timm (loads with timm.create_model(...).load_state_dict(strict=True)):
+  python -m hierarchical_vit.convert --input=swin_t.npz --output=swin_t.safetensors \
+      --preset=swin_t
+  # a CIFAR-scale model: override the preset's fields.
+  python -m hierarchical_vit.convert --input=ours.npz --output=timm.pth \
+      --preset=cifar_small --num_classes=100
+"""
+
+from collections.abc import Sequence
+
+import ml_collections
+from absl import app, flags, logging
+from flax import nnx
+
+from configs import base
+from hierarchical_vit import interop
+from hierarchical_vit.models import build_model
+from hierarchical_vit.presets import PRESETS, apply_preset
+
+_INPUT = flags.DEFINE_string('input', None, 'Weights to read.', required=True)
+_OUTPUT = flags.DEFINE_string('output', None, 'Weights to write.', required=True)
+_PRESET = flags.DEFINE_enum('preset', 'swin_t', sorted(PRESETS), 'Architecture.')
+# Overrides of the preset's config.model fields; None keeps the preset's value.
+_OVERRIDES = {
+    'num_classes': flags.DEFINE_integer('num_classes', None, 'Classes of the head.'),
+    'img_size': flags.DEFINE_integer('img_size', None, 'Input height = width.'),
+    'window_size': flags.DEFINE_integer('window_size', None, 'Attention window.'),
+    'patch_size': flags.DEFINE_integer('patch_size', None, 'Stem stride.'),
+    'embed_dim': flags.DEFINE_integer('embed_dim', None, 'Width of stage 0.'),
+    'depths': flags.DEFINE_list('depths', None, 'Blocks per stage, e.g. 2,2,6,2.'),
+    'num_heads': flags.DEFINE_list('num_heads', None, 'Heads per stage, e.g. 3,6,12,24.'),
+}
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """config.model for a preset with overridden fields (None = keep the preset's)."""
+  config = apply_preset(base.get_model_config(), preset)
+  config.update({k: v for k, v in overrides.items() if v is not None})
+  return config
+
+
+def convert(input_path: str, output_path: str, config: ml_collections.ConfigDict) -> None:
+  """Reads input_path strictly into the model config describes; writes output_path."""
+  model = build_model(config, rngs=nnx.Rngs(0))
+  interop.load_weights(model, input_path)
+  interop.save_weights(model, output_path)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  overrides = {name: flag.value for name, flag in _OVERRIDES.items()}
+  for name in ('depths', 'num_heads'):
+    if overrides[name] is not None:
+      overrides[name] = tuple(int(v) for v in overrides[name])
+  convert(_INPUT.value, _OUTPUT.value, model_config(_PRESET.value, **overrides))
+  logging.info('Wrote %s.', _OUTPUT.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

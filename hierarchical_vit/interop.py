@@ -1,0 +1,320 @@
+"""Swin weights in and out: timm, official microsoft/Swin-Transformer, ours.
+
+One Swin classifier's weights exist in three layouts:
+
+  ours      flat nnx.Param paths of `build_model`'s Classifier, e.g.
+            'encoder.stages.0.blocks.1.attn.qkv.kernel' (in, out), saved as a
+            .npz of float arrays (numpy only, read with allow_pickle=False);
+  timm 1.x  'layers.0.blocks.1.attn.qkv.weight' (out, in); stage i > 0 starts
+            with its downsample 'layers.i.downsample.*'; head 'head.fc.*';
+  official  the 'model' entry of a microsoft/Swin-Transformer checkpoint: as
+            timm but the downsample ends stage i ('layers.i.downsample.*', i < last)
+            and the head is 'head.*'.
+
+Conversion: Linear weight (out, in) <-> kernel (in, out); conv weight
+(O, I, kh, kw) <-> kernel (kh, kw, I, O); LayerNorm weight <-> scale. The qkv
+output axis is packed (3, heads, head_dim) on both sides, and patch merging
+concatenates in Swin's order, so nothing else is permuted. Derived buffers
+(relative_position_index, attn_mask) are recomputed by either side: skipped on
+import, never exported (timm 1.x registers them non-persistent).
+
+Entry points: `load_weights(model, path)` reads any of the three formats
+(.npz = ours; .pth/.pt/.bin/.safetensors = timm or official, told apart by
+their keys) and `save_weights(model, path)` writes ours (.npz) or timm's
+(.pth/.safetensors). `load_weights(..., finetune=True)` is `train.init_from`.
+"""
+
+import math
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from hierarchical_vit.layers.attention import WindowAttention
+
+Weights = dict[str, np.ndarray]
+
+# Buffers both sides derive from the window geometry.
+_DERIVED = ('relative_position_index', 'attn_mask')
+_TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+
+
+# ----------------------------------------------------------------------------
+# Key and layout mapping.
+# ----------------------------------------------------------------------------
+
+
+def _timm_module_to_ours(module: str) -> str | None:
+  """'layers.2.downsample.norm' -> 'encoder.downsamplers.1.norm' etc.; None if unknown."""
+  if m := re.fullmatch(r'layers\.(\d+)\.downsample\.(norm|reduction)', module):
+    return f'encoder.downsamplers.{int(m[1]) - 1}.{m[2]}'
+  rules = ((r'layers\.(\d+)\.blocks\.(.+)', r'encoder.stages.\1.blocks.\2'),
+           (r'patch_embed\.(proj|norm)', r'encoder.stem.\1'),
+           (r'head\.fc', 'head'), (r'norm', 'norm'))
+  for pattern, replacement in rules:
+    if re.fullmatch(pattern, module):
+      return re.sub(pattern, replacement, module)
+  return None
+
+
+def _our_module_to_timm(module: str) -> str | None:
+  """Inverse of _timm_module_to_ours; None for modules timm's Swin lacks."""
+  if m := re.fullmatch(r'encoder\.downsamplers\.(\d+)\.(norm|reduction)', module):
+    return f'layers.{int(m[1]) + 1}.downsample.{m[2]}'
+  rules = ((r'encoder\.stages\.(\d+)\.blocks\.(.+)', r'layers.\1.blocks.\2'),
+           (r'encoder\.stem\.(proj|norm)', r'patch_embed.\1'),
+           (r'head', 'head.fc'), (r'norm', 'norm'))
+  for pattern, replacement in rules:
+    if re.fullmatch(pattern, module):
+      return re.sub(pattern, replacement, module)
+  return None
+
+
+def official_to_timm(state_dict: Weights) -> Weights:
+  """Renames official Swin keys to timm's: downsample moves to the next stage."""
+  out = {}
+  for key, value in state_dict.items():
+    key = re.sub(r'^layers\.(\d+)\.downsample\.',
+                 lambda m: f'layers.{int(m[1]) + 1}.downsample.', key)
+    out[re.sub(r'^head\.', 'head.fc.', key)] = value
+  return out
+
+
+def _is_official(state_dict: Weights) -> bool:
+  # Official checkpoints downsample at the end of stage 0 and name the head
+  # 'head'; timm has neither (its stage 0 starts without a downsample).
+  return any(k.startswith('layers.0.downsample.') or k == 'head.weight'
+             for k in state_dict)
+
+
+def from_timm(state_dict: Weights) -> Weights:
+  """timm (or official) state dict -> our flat weights; derived buffers dropped.
+
+  Keys of no Swin module are kept as they are, for `assign` to report.
+  """
+  if _is_official(state_dict):
+    state_dict = official_to_timm(state_dict)
+  out = {}
+  for key, value in state_dict.items():
+    module, _, leaf = key.rpartition('.')
+    if leaf in _DERIVED:
+      continue
+    ours = _timm_module_to_ours(module)
+    if ours is None:
+      out[key] = value
+      continue
+    if leaf == 'weight' and value.ndim == 4:  # Conv (O, I, kh, kw) -> (kh, kw, I, O).
+      leaf, value = 'kernel', value.transpose(2, 3, 1, 0)
+    elif leaf == 'weight' and value.ndim == 2:  # Linear (out, in) -> (in, out).
+      leaf, value = 'kernel', value.T
+    elif leaf == 'weight':  # LayerNorm.
+      leaf = 'scale'
+    out[f'{ours}.{leaf}'] = value
+  return out
+
+
+def to_timm(weights: Weights) -> Weights:
+  """Our flat weights -> a state dict timm's SwinTransformer loads with strict=True.
+
+  Raises ValueError listing every parameter timm's Swin has no place for
+  (e.g. a UNet decoder, a conv stem or a conv downsampler).
+  """
+  out, unmapped = {}, []
+  for key, value in weights.items():
+    module, leaf = key.rsplit('.', 1)
+    timm_module = _our_module_to_timm(module)
+    if timm_module is None:
+      unmapped.append(key)
+      continue
+    if leaf == 'kernel':
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    out[f'{timm_module}.{"weight" if leaf in ("kernel", "scale") else leaf}'] = value
+  if unmapped:
+    raise ValueError(f'{len(unmapped)} parameters have no timm Swin counterpart (only the '
+                     "classifier with stem='patch' and downsample='patch_merge' converts): "
+                     + ', '.join(sorted(unmapped)))
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------
+# Model state.
+# ----------------------------------------------------------------------------
+
+
+def _key(path: tuple) -> str:
+  return '.'.join(map(str, path))
+
+
+def get_weights(model: nnx.Module) -> Weights:
+  """The model's nnx.Params as flat numpy arrays keyed by their dotted paths."""
+  return {_key(path): np.asarray(var.get_value())
+          for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def assign(model: nnx.Module, weights: Weights) -> None:
+  """Sets every nnx.Param of model from weights (cast to the param's dtype).
+
+  Raises one ValueError listing all missing keys, unexpected keys and shape
+  mismatches, and then changes nothing.
+  """
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  expected = {_key(path): var.get_value().shape for path, var in flat}
+  missing = sorted(expected.keys() - weights.keys())
+  unexpected = sorted(weights.keys() - expected.keys())
+  mismatched = [f'{k}: checkpoint {tuple(weights[k].shape)} vs model {expected[k]}'
+                for k in sorted(expected.keys() & weights.keys())
+                if tuple(weights[k].shape) != expected[k]]
+  if missing or unexpected or mismatched:
+    problems = [(f'{len(missing)} missing', missing),
+                (f'{len(unexpected)} unexpected', unexpected),
+                (f'{len(mismatched)} with mismatched shapes', mismatched)]
+    raise ValueError('Checkpoint does not fit the model (keys after conversion to ours):\n'
+                     + '\n'.join(f'  {title}: {", ".join(keys)}'
+                                 for title, keys in problems if keys))
+  nnx.update(model, nnx.from_flat_state([
+      (path, var.replace(jnp.asarray(weights[_key(path)], var.get_value().dtype)))
+      for path, var in flat]))
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning: new window size, new head.
+# ----------------------------------------------------------------------------
+
+
+def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) weights of a 1-D bicubic resize.
+
+  Matches torch.nn.functional.interpolate(mode='bicubic', align_corners=False),
+  which Swin uses for window size changes: Keys' cubic with a = -0.75,
+  half-pixel centres, edge taps clamped. (jax.image.resize uses a = -0.5 and
+  antialiases when shrinking, so it differs.)
+  """
+  a = -0.75
+  src = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+  left = np.floor(src)
+  t = src - left
+
+  def near(x):  # |x| <= 1.
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2.
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  taps = np.clip(left[:, None].astype(int) + np.arange(-1, 3), 0, in_size - 1)
+  coeffs = np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=1)
+  matrix = np.zeros((out_size, in_size))
+  np.add.at(matrix, (np.repeat(np.arange(out_size), 4), taps.ravel()), coeffs.ravel())
+  return matrix
+
+
+def resize_bias_table(table: np.ndarray, window: tuple[int, int]) -> np.ndarray:
+  """Bicubically resizes a square-window table (L, heads) to `window`.
+
+  table: ((2s - 1)^2, heads) -> ((2wh - 1) * (2ww - 1), heads).
+  """
+  side = math.isqrt(table.shape[0])
+  if side * side != table.shape[0]:
+    raise ValueError(f'relative position bias table of shape {table.shape} is not from a '
+                     'square window; cannot resize it')
+  out_h, out_w = 2 * window[0] - 1, 2 * window[1] - 1
+  grid = table.reshape(side, side, -1).astype(np.float64)
+  resized = np.einsum('ij,jkh,lk->ilh', _bicubic_matrix(side, out_h), grid,
+                      _bicubic_matrix(side, out_w))
+  return resized.reshape(out_h * out_w, -1).astype(table.dtype)
+
+
+def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
+  """Fits pretrained weights to model where fine-tuning changes shapes.
+
+  Relative position bias tables are resized to the model's windows (window
+  size or resolution changed); a head for another number of classes gives way
+  to the model's own freshly initialized one. Anything else that does not fit
+  is left for `assign` to report.
+  """
+  weights = dict(weights)
+  for path, module in nnx.iter_graph(model):
+    key = f'{_key(path)}.relative_position_bias_table'
+    if not isinstance(module, WindowAttention) or key not in weights:
+      continue
+    table = weights[key]
+    target = module.relative_position_bias_table.get_value().shape
+    if table.shape != target and table.shape[1] == target[1]:
+      weights[key] = resize_bias_table(table, module.window)
+      logging.info('Resized %s from %s to %s.', key, table.shape, target)
+  head = getattr(model, 'head', None)
+  if (isinstance(head, nnx.Linear) and 'head.kernel' in weights
+      and weights['head.kernel'].shape[-1] != head.out_features):
+    logging.info('Re-initializing the head: %d classes in the checkpoint, %d in the model.',
+                 weights['head.kernel'].shape[-1], head.out_features)
+    weights.update({k: v for k, v in get_weights(model).items() if k.startswith('head.')})
+  return weights
+
+
+# ----------------------------------------------------------------------------
+# Files.
+# ----------------------------------------------------------------------------
+
+
+def _suffix(path: str) -> str:
+  return os.path.splitext(path)[1].lower()
+
+
+def _read_torch(path: str) -> Weights:
+  import torch  # Only needed for .pth files.
+
+  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  # Official checkpoints keep the weights under 'model', trainers under 'state_dict'.
+  state_dict = state_dict.get('model', state_dict)
+  state_dict = state_dict.get('state_dict', state_dict)
+  return {k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state_dict.items()}
+
+
+def read_weights(path: str) -> Weights:
+  """Reads a checkpoint in any supported format as our flat weights (unchecked)."""
+  suffix = _suffix(path)
+  if suffix == '.npz':
+    with np.load(path, allow_pickle=False) as data:
+      return dict(data)
+  if suffix == '.safetensors':
+    from safetensors.numpy import load_file
+    return from_timm(load_file(path))
+  if suffix in _TORCH_SUFFIXES:
+    return from_timm(_read_torch(path))
+  raise ValueError(f'{path}: unknown weights format {suffix!r}; expected .npz (ours) or '
+                   f'.safetensors / {" / ".join(_TORCH_SUFFIXES)} (timm or official Swin)')
+
+
+def load_weights(model: nnx.Module, path: str, *, finetune: bool = False) -> None:
+  """Loads weights from path (.npz ours; timm/official .pth/.safetensors) into model.
+
+  Strict: every parameter must be present with its shape, or one ValueError
+  lists all that differ. With finetune=True, bias tables are first resized
+  to the model's windows and a head of another class count is re-initialized
+  (see adapt_for_finetuning).
+  """
+  weights = read_weights(path)
+  if finetune:
+    weights = adapt_for_finetuning(model, weights)
+  assign(model, weights)
+  logging.info('Loaded %d arrays from %s.', len(weights), path)
+
+
+def save_weights(model: nnx.Module, path: str) -> None:
+  """Writes model's params as ours (.npz) or as a timm state dict (.pth/.safetensors)."""
+  weights = get_weights(model)
+  suffix = _suffix(path)
+  if suffix == '.npz':
+    np.savez(path, **weights)
+  elif suffix == '.safetensors':
+    from safetensors.numpy import save_file
+    save_file(to_timm(weights), path)
+  elif suffix in _TORCH_SUFFIXES:
+    import torch
+
+    torch.save({k: torch.tensor(v) for k, v in to_timm(weights).items()}, path)
+  else:
+    raise ValueError(f'{path}: unknown weights format {suffix!r}; expected .npz (ours) or '
+                     f'.safetensors / {" / ".join(_TORCH_SUFFIXES)} (timm)')

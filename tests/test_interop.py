@@ -1,0 +1,187 @@
+"""Weights from and to timm / the official Swin: same logits, round trips, errors.
+
+timm is the independent reference: its randomly initialized Swin models, with
+every parameter perturbed (so that LayerNorm scales and biases are not their
+trivial 1 / 0 init), must give our converted model's logits.
+"""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+torch = pytest.importorskip('torch')
+timm = pytest.importorskip('timm')
+safetensors_torch = pytest.importorskip('safetensors.torch')
+
+from configs import base  # noqa: E402
+from hierarchical_vit import convert, interop  # noqa: E402
+from hierarchical_vit.models import build_model  # noqa: E402
+from hierarchical_vit.training import trainer  # noqa: E402
+
+# timm's Swin-T with the fields of our 'cifar_small' preset.
+SMALL = dict(patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12))
+
+
+def timm_swin(**kwargs) -> torch.nn.Module:
+  """A timm Swin (Swin-T unless kwargs say otherwise) in eval mode, params perturbed."""
+  torch.manual_seed(0)
+  model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, **kwargs).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  return model
+
+
+def our_swin(preset: str, seed: int = 0, **overrides) -> nnx.Module:
+  """Our classifier for a preset (exact GELU, as timm), in eval mode."""
+  model = build_model(convert.model_config(preset, **overrides), rngs=nnx.Rngs(seed))
+  model.eval()
+  return model
+
+
+def numpy_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def assert_same_logits(timm_model: torch.nn.Module, model: nnx.Module, img_size: int,
+                       batch: int = 2) -> None:
+  """Logits of both models on the same random NCHW / NHWC images agree to 1e-4."""
+  x = np.random.RandomState(0).randn(batch, 3, img_size, img_size).astype(np.float32)
+  with torch.no_grad():
+    expected = timm_model(torch.from_numpy(x)).numpy()
+  logits = nnx.jit(lambda m, images: m(images))(model, jnp.asarray(x.transpose(0, 2, 3, 1)))
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4, atol=1e-4)
+
+
+def assert_same_weights(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_swin_t_224_matches_timm():
+  timm_model = timm_swin()
+  model = our_swin('swin_t')
+  interop.assign(model, interop.from_timm(numpy_state_dict(timm_model)))
+  assert_same_logits(timm_model, model, 224, batch=1)
+
+
+@pytest.mark.parametrize('img_size,num_classes', [
+    (32, 1000),  # 16 -> 8 -> 4 tokens, window 4.
+    # 18 -> 9 -> 5 tokens: windows pad 18 -> 20, 9 -> 12, 5 -> 8 (after the
+    # shift) and the second merge pads 9 -> 10.
+    (36, 1000),
+    (32, 7),  # A non-default head.
+], ids=['patch2_window4', 'padding', 'head7'])
+def test_small_swin_matches_timm(img_size, num_classes):
+  timm_model = timm_swin(img_size=img_size, num_classes=num_classes, **SMALL)
+  model = our_swin('cifar_small', img_size=img_size, num_classes=num_classes)
+  interop.assign(model, interop.from_timm(numpy_state_dict(timm_model)))
+  assert_same_logits(timm_model, model, img_size)
+
+
+@pytest.mark.parametrize('suffix', ['.npz', '.pth', '.safetensors'])
+def test_save_then_load_is_identity(tmp_path, suffix):
+  path = str(tmp_path / f'weights{suffix}')
+  source = our_swin('cifar_small', seed=1)
+  interop.save_weights(source, path)
+  model = our_swin('cifar_small', seed=2)
+  interop.load_weights(model, path)
+  assert_same_weights(interop.get_weights(model), interop.get_weights(source))
+
+
+def test_export_loads_into_timm_strictly(tmp_path):
+  # Import perturbed timm weights (non-trivial norms), export, load back into
+  # a fresh timm model with strict=True: it must compute the same function.
+  source = timm_swin(img_size=32, num_classes=10, **SMALL)
+  model = our_swin('cifar_small')
+  interop.assign(model, interop.from_timm(numpy_state_dict(source)))
+  path = str(tmp_path / 'timm.safetensors')
+  interop.save_weights(model, path)
+  target = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, img_size=32,
+                             num_classes=10, **SMALL).eval()
+  target.load_state_dict(safetensors_torch.load_file(path), strict=True)
+  assert_same_weights(numpy_state_dict(target), numpy_state_dict(source))
+
+
+def timm_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+  """microsoft/Swin-Transformer's layout: downsample at the END of stage i - 1,
+  head 'head.*', and the persistent index / mask buffers it saves."""
+  out = {}
+  for key, value in state_dict.items():
+    key = re.sub(r'^layers\.(\d+)\.downsample\.',
+                 lambda m: f'layers.{int(m[1]) - 1}.downsample.', key)
+    out[key.replace('head.fc.', 'head.')] = value
+  out['layers.0.blocks.0.attn.relative_position_index'] = torch.zeros(16, 16, dtype=torch.long)
+  out['layers.0.blocks.1.attn_mask'] = torch.zeros(16, 16, 16)
+  return out
+
+
+def test_official_checkpoint_imports(tmp_path):
+  timm_model = timm_swin(img_size=32, num_classes=10, **SMALL)
+  official = timm_to_official(timm_model.state_dict())
+  assert 'layers.0.downsample.reduction.weight' in official and 'head.weight' in official
+  path = str(tmp_path / 'swin_official.pth')
+  torch.save({'model': official, 'epoch': 300}, path)
+  model = our_swin('cifar_small')
+  interop.load_weights(model, path)
+  assert_same_weights(interop.get_weights(model),
+                      interop.from_timm(numpy_state_dict(timm_model)))
+
+
+def test_misfit_checkpoint_raises_one_error_listing_all():
+  state_dict = numpy_state_dict(timm_swin(img_size=32, num_classes=10, **SMALL))
+  del state_dict['norm.weight']
+  state_dict['layers.1.blocks.0.attn.proj.weight'] = np.zeros((5, 96), np.float32)
+  state_dict['head.fc.weight'] = np.zeros((3, 192), np.float32)
+  state_dict['pre_logits.fc.weight'] = np.zeros((192, 192), np.float32)
+  model = our_swin('cifar_small')
+  before = interop.get_weights(model)
+  with pytest.raises(ValueError) as error:
+    interop.assign(model, interop.from_timm(state_dict))
+  message = str(error.value)
+  assert '1 missing: norm.scale' in message
+  assert '1 unexpected: pre_logits.fc.weight' in message
+  assert '2 with mismatched shapes' in message
+  assert 'encoder.stages.1.blocks.0.attn.proj.kernel: checkpoint (96, 5) vs model (96, 96)' in message
+  assert 'head.kernel: checkpoint (192, 3) vs model (192, 10)' in message
+  assert_same_weights(interop.get_weights(model), before)  # Nothing was changed.
+
+
+def flat(params: dict) -> dict[str, np.ndarray]:
+  """A nested pure dict of params -> {'encoder.stem.proj.kernel': array, ...}."""
+  return {'.'.join(map(str, path)): np.asarray(value)
+          for path, value in traverse_util.flatten_dict(params).items()}
+
+
+def test_init_from_resizes_bias_tables_and_reinitializes_head(tmp_path):
+  # timm at 56 px, patch 2: 28 -> 14 -> 7 tokens, all in windows of 7, 7
+  # classes; ours: window 4, so (2 * 4 - 1)^2 = 49-entry tables instead of
+  # 13^2 = 169, and 10 classes. Loaded as config.train.init_from.
+  source = timm_swin(img_size=56, num_classes=7, **{**SMALL, 'window_size': 7})
+  path = str(tmp_path / 'swin_w7.pth')
+  torch.save(source.state_dict(), path)
+  config = base.get_config()
+  config.model = convert.model_config('cifar_small', img_size=56, num_classes=10)
+  fresh = flat(trainer.init_model(config)[2])
+  loaded = flat(trainer.init_model(config, init_from=path)[2])
+
+  converted = interop.from_timm(numpy_state_dict(source))
+  tables = [k for k in loaded if k.endswith('relative_position_bias_table')]
+  assert len(tables) == 6
+  for key in tables:
+    heads = loaded[key].shape[1]
+    assert converted[key].shape == (13 * 13, heads) and loaded[key].shape == (7 * 7, heads)
+    grid = torch.from_numpy(converted[key]).T.reshape(1, heads, 13, 13)
+    expected = torch.nn.functional.interpolate(grid, size=(7, 7), mode='bicubic',
+                                               align_corners=False)
+    np.testing.assert_allclose(loaded[key], expected.reshape(heads, 49).T.numpy(),
+                               rtol=1e-5, atol=1e-6, err_msg=key)
+  for key, value in loaded.items():
+    if key.startswith('head.'):
+      np.testing.assert_array_equal(value, fresh[key], err_msg=key)
+    elif key not in tables:
+      np.testing.assert_array_equal(value, converted[key], err_msg=key)
