@@ -51,16 +51,12 @@ def model_report(model: nnx.Module, input_shape: tuple[int, ...]) -> dict:
   }
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
-_BATCH = flags.DEFINE_integer('batch', 8, 'Batch size to cost the forward pass at.')
-
-
 def main(argv):
   del argv
-  m = _CONFIG.value.model
+  m = flags.FLAGS.config.model
   size = (m.img_size, m.img_size) if isinstance(m.img_size, int) else tuple(m.img_size)
   model = build_model(m, rngs=nnx.Rngs(0))
-  report = model_report(model, (_BATCH.value, *size, m.in_chans))
+  report = model_report(model, (flags.FLAGS.batch, *size, m.in_chans))
   print(f'params: {report["params"]:,}')
   for name, n in report['params_by_module'].items():
     print(f'  {name}: {n:,}')
@@ -68,4 +64,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: importers (e.g. ablate) have flags of their own.
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+  flags.DEFINE_integer('batch', 8, 'Batch size to cost the forward pass at.')
   app.run(main)

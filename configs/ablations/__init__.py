@@ -1,0 +1,1 @@
+"""Sweep configs for hierarchical_vit.ablate: an experiment config plus `sweep`."""

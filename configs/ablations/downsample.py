@@ -1,0 +1,51 @@
+"""Downsampler ablation: how should a hierarchical ViT halve its resolution?
+
+Usage (see hierarchical_vit/ablate.py):
+  python -m hierarchical_vit.ablate \
+      --config=configs/ablations/downsample.py:fashion_mnist --workdir=workdirs/downsample
+  (data set: fashion_mnist (offline default) | cifar10 | cifar100 | imagenet2012)
+
+Every variant changes only config.model.downsample; the rest is the data set's
+experiment config. patch_merge is the reference the others are compared with.
+space_to_depth (the lossless rearrangement alone, 4x the width per stage) is
+the upper reference where affordable: not for imagenet2012, where Swin-T's
+widths would grow 96 -> 6144 and the parameters ~30x.
+"""
+
+import ml_collections
+
+from configs import cifar, fashion_mnist, swin_imagenet
+
+DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')
+DOWNSAMPLERS = ('patch_merge', 'avg_pool', 'max_pool', 'conv', 'depthwise_conv_pool')
+
+
+def _experiment(dataset: str) -> ml_collections.ConfigDict:
+  if dataset == 'fashion_mnist':
+    config = fashion_mnist.get_config()
+    # 5 downsamplers x 3 seeds in < 2 h on 2 CPU cores (~6-8 min a run; the
+    # measurement is in docs/results/README.md). Two evaluations per epoch give
+    # the learning curves a second point.
+    config.train.num_epochs = 1.0
+    config.train.warmup_epochs = 0.1
+    config.train.eval_every_steps = 234
+    return config
+  if dataset in ('cifar10', 'cifar100'):
+    return cifar.get_config(f'{dataset},cifar_small')
+  return swin_imagenet.get_config('swin_t')
+
+
+def get_config(arg: str = 'fashion_mnist') -> ml_collections.ConfigDict:
+  if arg not in DATASETS:
+    raise ValueError(f'config arg data set {arg!r} is not one of {list(DATASETS)}')
+  config = _experiment(arg)
+  names = DOWNSAMPLERS + (() if arg == 'imagenet2012' else ('space_to_depth',))
+  config.sweep = ml_collections.ConfigDict({
+      'name': f'downsample_{arg}',
+      'seeds': (0, 1, 2),
+      'variants': tuple({'name': n, 'overrides': {'model.downsample': n}} for n in names),
+      # Merging vs every alternative: a - b > 0 means patch merging is better.
+      'comparisons': tuple(('patch_merge', n) for n in names[1:]),
+      'metric': 'eval/accuracy',
+  })
+  return config

@@ -1,0 +1,39 @@
+"""Upsampler x downsampler ablation for segmentation (configs/segmentation.py).
+
+Usage:
+  python -m hierarchical_vit.ablate --config=configs/ablations/upsample.py \
+      --workdir=workdirs/upsample
+
+Each decoder upsampler (patch_expand, interpolate bilinear / nearest,
+transposed_conv, pixel_shuffle) is crossed with the encoder's patch_merge and
+avg_pool; comparisons pair merging and pooling under the same upsampler.
+"""
+
+import ml_collections
+
+from configs import segmentation
+
+UPSAMPLERS = {
+    'patch_expand': {'model.upsample': 'patch_expand'},
+    'bilinear': {'model.upsample': 'interpolate',
+                 'model.upsample_options.interpolate.method': 'bilinear'},
+    'nearest': {'model.upsample': 'interpolate',
+                'model.upsample_options.interpolate.method': 'nearest'},
+    'transposed_conv': {'model.upsample': 'transposed_conv'},
+    'pixel_shuffle': {'model.upsample': 'pixel_shuffle'},
+}
+DOWNSAMPLERS = ('patch_merge', 'avg_pool')
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = segmentation.get_config()
+  config.sweep = ml_collections.ConfigDict({
+      'name': 'upsample_segmentation',
+      'seeds': (0, 1, 2),
+      'variants': tuple(
+          {'name': f'{down}+{up}', 'overrides': {'model.downsample': down, **overrides}}
+          for up, overrides in UPSAMPLERS.items() for down in DOWNSAMPLERS),
+      'comparisons': tuple((f'patch_merge+{up}', f'avg_pool+{up}') for up in UPSAMPLERS),
+      'metric': 'eval/miou',  # Mean IoU over the classes (the trainer's eval).
+  })
+  return config

@@ -1,0 +1,377 @@
+r"""Ablation sweeps: every (variant, seed) of a sweep config, resumable, aggregated.
+
+A sweep config is an experiment config plus a `sweep` section (see
+configs/ablations/downsample.py):
+
+  sweep.name         results go to RESULTS_DIR/<name>/
+  sweep.seeds        e.g. (0, 1, 2); each run sets config.seed
+  sweep.variants     ({'name': 'avg_pool', 'overrides': {'model.downsample': 'avg_pool'}}, ...)
+  sweep.comparisons  (('patch_merge', 'avg_pool'), ...): differences a - b to report
+  sweep.metric       final eval metric to compare, e.g. 'eval/accuracy'
+
+Run `<variant>-seed<seed>` trains in WORKDIR/runs/<name> with train.py in a
+child process: each run gets fresh memory, and an interrupted run resumes
+exactly as train.py does (from its latest checkpoint). A finished run leaves
+`result.json` in its workdir and a copy in RESULTS_DIR/<sweep>/runs/<name>.json
+(meant to be committed); a run with either is skipped, so a sweep interrupted
+on one machine continues on another from the committed results.
+
+  python -m hierarchical_vit.ablate \
+      --config=configs/ablations/downsample.py:fashion_mnist \
+      --workdir=workdirs/downsample --config.data.data_dir=data
+  # One train.py command per unfinished run, e.g. for a cluster; afterwards
+  # the same command without --print_commands collects the finished runs.
+  ... --print_commands
+  # Only some runs (variant or run names, comma-separated):
+  ... --only=patch_merge,avg_pool-seed0
+
+Any --config.x=y flag applies to every run (and appears in the commands).
+After the runs, every result of the sweep is aggregated into
+RESULTS_DIR/<sweep>/{results.csv,results.md,*.png} (hierarchical_vit.analysis).
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from hierarchical_vit import data, report
+from hierarchical_vit.analysis import aggregate
+from hierarchical_vit.models import build_model
+from hierarchical_vit.training import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_NAME_PATTERN = re.compile(r'^[A-Za-z0-9_.+-]+$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a sweep."""
+  name: str                  # '<variant>-seed<seed>', also its directory name.
+  variant: str
+  seed: int
+  overrides: dict[str, Any]  # Dotted config fields set for this run (incl. 'seed').
+  config: ml_collections.ConfigDict  # The experiment config with overrides applied.
+
+
+# (run, workdir) -> None; trains (or resumes) the run to completion in workdir.
+TrainFn = Callable[[Run, str], None]
+# model config -> {'params': int, 'gflops': float}.
+CostFn = Callable[[ml_collections.ConfigDict], dict[str, float]]
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of config with dotted fields set, e.g. {'model.downsample': 'avg_pool'}.
+
+  Only existing fields can be set, so a typo fails here, not after training.
+  """
+  config = config.copy_and_resolve_references()
+  for key, value in overrides.items():
+    *sections, field = key.split('.')
+    node = config
+    for section in sections:
+      if section not in node or not isinstance(node[section], ml_collections.ConfigDict):
+        raise ValueError(f'override {key}={value!r}: config has no section {section!r}')
+      node = node[section]
+    if field not in node:
+      raise ValueError(f'override {key}={value!r}: config has no field {key!r}')
+    try:
+      node[field] = value
+    except TypeError as e:  # ConfigDict refuses to change a field's type.
+      raise ValueError(f'override {key}={value!r}: {e}') from e
+  return config
+
+
+def expand_sweep(config: ml_collections.ConfigDict) -> list[Run]:
+  """All (variant, seed) runs of config.sweep, variant-major, in config order."""
+  if 'sweep' not in config:
+    raise ValueError('config has no field sweep: not a sweep config '
+                     '(see configs/ablations/)')
+  sweep = config.sweep
+  if not sweep.seeds:
+    raise ValueError(f'sweep.seeds={sweep.seeds!r} is empty')
+  names = [v['name'] for v in sweep.variants]
+  for name in names:
+    if not _NAME_PATTERN.match(name):
+      raise ValueError(f'sweep.variants name={name!r} must match {_NAME_PATTERN.pattern}')
+  if len(set(names)) != len(names):
+    raise ValueError(f'sweep.variants names={names} are not unique')
+  for a, b in sweep.comparisons:
+    if a not in names or b not in names:
+      raise ValueError(f'sweep.comparisons ({a!r}, {b!r}) names a variant not in {names}')
+  runs = []
+  for variant in sweep.variants:
+    for seed in sweep.seeds:
+      overrides = {**variant['overrides'], 'seed': int(seed)}
+      runs.append(Run(name=f'{variant["name"]}-seed{seed}', variant=variant['name'],
+                      seed=int(seed), overrides=overrides,
+                      config=apply_overrides(config, overrides)))
+  return runs
+
+
+def select_runs(runs: Sequence[Run], only: Sequence[str]) -> list[Run]:
+  """The runs whose variant or run name is in `only` (all if `only` is empty)."""
+  if not only:
+    return list(runs)
+  known = {r.variant for r in runs} | {r.name for r in runs}
+  unknown = sorted(set(only) - known)
+  if unknown:
+    raise ValueError(f'--only={",".join(only)}: {unknown} name no variant or run; '
+                     f'choices: {sorted(known)}')
+  return [r for r in runs if r.variant in only or r.name in only]
+
+
+def flag_value(value: Any) -> str:
+  """A config value as config_flags parses it back from --config.x=VALUE."""
+  if isinstance(value, (tuple, list)):
+    return '(' + ''.join(f'{flag_value(v)},' for v in value) + ')'
+  return str(value)
+
+
+def train_command(run: Run, config_spec: str, workdir: str,
+                  base_overrides: dict[str, Any], python: str = 'python',
+                  train_py: str = 'train.py') -> list[str]:
+  """train.py argv for a run: the sweep's config file, the command line's
+  overrides, then the run's (which win, as in the sweep's own config)."""
+  overrides = {**base_overrides, **run.overrides}
+  return [python, train_py, f'--config={config_spec}',
+          *(f'--config.{k}={flag_value(v)}' for k, v in overrides.items()),
+          f'--workdir={workdir}']
+
+
+def subprocess_train_fn(config_spec: str, base_overrides: dict[str, Any]) -> TrainFn:
+  """Trains each run with train.py in a child process.
+
+  A child per run bounds memory (jit caches and buffers die with it) and
+  resumes exactly as train.py does. SIGTERM is forwarded, so the child
+  checkpoints before the sweep stops.
+  """
+
+  def train(run: Run, workdir: str) -> None:
+    command = train_command(run, config_spec, workdir, base_overrides,
+                            python=sys.executable, train_py=os.path.join(REPO, 'train.py'))
+    logging.info('Run %s: %s', run.name, shlex.join(command))
+    child = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+    try:
+      status = child.wait()
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+    if status:
+      raise RuntimeError(f'run {run.name} failed with exit status {status}: '
+                         f'{shlex.join(command)}')
+
+  return train
+
+
+def model_cost(model_config: ml_collections.ConfigDict) -> dict[str, float]:
+  """Parameters and forward GFLOPs per image (hierarchical_vit.report)."""
+  size = model_config.img_size
+  size = (size, size) if isinstance(size, int) else tuple(size)
+  model = build_model(model_config, rngs=nnx.Rngs(0))
+  cost = report.model_report(model, (1, *size, model_config.in_chans))
+  return {'params': cost['params'], 'gflops': cost['gflops_per_image']}
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """Optimizer steps the run trains for (reads the data set's size if needed)."""
+  if config.train.num_steps > 0:
+    return int(config.train.num_steps)
+  info = data.get_dataset_info(config.data)
+  return trainer.compute_steps(config.train, info.num_train_examples)[1]
+
+
+def read_metrics(workdir: str) -> list[dict[str, float]]:
+  """The trainer's metrics.jsonl records; [] if none yet.
+
+  A resumed run re-logs the steps after its checkpoint, so a step can appear
+  twice; the later record wins.
+  """
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  merged: dict[tuple[int, bool], dict] = {}
+  with open(path, encoding='utf-8') as f:
+    for line in f:
+      record = json.loads(line)
+      merged[record['step'], any(k.startswith('eval/') for k in record)] = record
+  return [merged[k] for k in sorted(merged)]
+
+
+def eval_curve(records: Sequence[dict], metric: str) -> list[dict[str, float]]:
+  """[{'step', 'epoch', 'value' (of metric), 'loss'}] of every evaluation, by step.
+
+  The trainer logs train scalars (with train/epoch) at every eval step.
+  """
+  epochs = {r['step']: r['train/epoch'] for r in records if 'train/epoch' in r}
+  return [{'step': r['step'], 'epoch': epochs.get(r['step']),
+           'value': r.get(metric), 'loss': r.get('eval/loss')}
+          for r in records if 'eval/loss' in r]
+
+
+def finished_step(records: Sequence[dict]) -> int | None:
+  """Step of the last evaluation (the trainer always evaluates its last step)."""
+  steps = [r['step'] for r in records if 'eval/loss' in r]
+  return steps[-1] if steps else None
+
+
+def summarize(sweep: str, run: Run, records: Sequence[dict], cost: dict[str, float],
+              wall_time_s: float, resumed: bool) -> dict[str, Any]:
+  """The result.json of a finished run."""
+  evals = [r for r in records if 'eval/loss' in r]
+  final = {k: v for k, v in evals[-1].items() if k.startswith('eval/')}
+  # Median: robust to the intervals that include compilation or evaluation.
+  speeds = [r['img_per_sec'] for r in records if 'img_per_sec' in r]
+  return {
+      'sweep': sweep, 'run': run.name, 'variant': run.variant, 'seed': run.seed,
+      'overrides': run.overrides,
+      'test_top1': final.get('eval/accuracy'), 'test_loss': final.get('eval/loss'),
+      'eval': final, 'steps': evals[-1]['step'],
+      'params': cost['params'], 'gflops': cost['gflops'],
+      'train_img_per_sec': float(np.median(speeds)) if speeds else None,
+      # Of this invocation only: small when it merely collected a run that
+      # trained elsewhere or resumed from a late checkpoint.
+      'wall_time_s': wall_time_s, 'resumed': resumed,
+      'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'curve': eval_curve(records, run.config.sweep.metric),
+  }
+
+
+def _write_json(path: str, value: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(value, f, indent=1)
+  os.replace(path + '.tmp', path)  # Atomic: a killed sweep leaves no half file.
+
+
+class Sweep:
+  """Where a sweep's runs and results live.
+
+  Args:
+    config: the sweep config (with its `sweep` section).
+    workdir: runs train in workdir/runs/<run name>.
+    results_dir: committed results go to results_dir/<sweep name>/; '' keeps
+      them in workdir/results.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, results_dir: str = ''):
+    self.name = config.sweep.name
+    if not _NAME_PATTERN.match(self.name):
+      raise ValueError(f'sweep.name={self.name!r} must match {_NAME_PATTERN.pattern}')
+    self.config = config
+    self.runs = expand_sweep(config)
+    self.workdir = workdir
+    self.output_dir = (os.path.join(results_dir, self.name) if results_dir
+                       else os.path.join(workdir, 'results'))
+
+  def run_dir(self, run: Run) -> str:
+    return os.path.join(self.workdir, 'runs', run.name)
+
+  def local_result(self, run: Run) -> str:
+    return os.path.join(self.run_dir(run), 'result.json')
+
+  def committed_result(self, run: Run) -> str:
+    return os.path.join(self.output_dir, 'runs', f'{run.name}.json')
+
+  def is_finished(self, run: Run) -> bool:
+    return os.path.exists(self.local_result(run)) or os.path.exists(self.committed_result(run))
+
+  def results(self) -> list[dict[str, Any]]:
+    """Every finished run's result, in sweep order (local copy preferred)."""
+    results = []
+    for run in self.runs:
+      for path in (self.local_result(run), self.committed_result(run)):
+        if os.path.exists(path):
+          with open(path, encoding='utf-8') as f:
+            results.append(json.load(f))
+          break
+    return results
+
+  def train(self, run: Run, train_fn: TrainFn) -> tuple[list[dict], float, bool]:
+    """Trains or resumes `run` to its last step unless its metrics show it
+    finished already (e.g. launched from --print_commands elsewhere).
+
+    Returns its metrics records, the seconds this took and whether it resumed.
+    """
+    run_dir = self.run_dir(run)
+    expected = total_steps(run.config)
+    records = read_metrics(run_dir)
+    resumed = bool(records)
+    start = time.perf_counter()
+    if finished_step(records) != expected:
+      logging.info('%s: training%s.', run.name, ' (resuming)' if resumed else '')
+      train_fn(run, run_dir)
+      records = read_metrics(run_dir)
+    if finished_step(records) != expected:
+      raise RuntimeError(
+          f'run {run.name} stopped at step {finished_step(records)} of {expected} '
+          '(preempted?); re-run the sweep to resume it from its checkpoint.')
+    return records, time.perf_counter() - start, resumed
+
+  def execute(self, runs: Sequence[Run], train_fn: TrainFn,
+              cost_fn: CostFn = model_cost) -> None:
+    """Trains every unfinished run in turn and records its result."""
+    costs: dict[str, dict[str, float]] = {}  # Per model config: seeds share it.
+    for i, run in enumerate(runs):
+      logging.info('Run %d/%d: %s', i + 1, len(runs), run.name)
+      if self.is_finished(run):
+        logging.info('%s: finished, skipped.', run.name)
+        continue
+      records, wall_time, resumed = self.train(run, train_fn)
+      key = run.config.model.to_json()
+      if key not in costs:
+        costs[key] = cost_fn(run.config.model)
+      result = summarize(self.name, run, records, costs[key], wall_time, resumed)
+      _write_json(self.local_result(run), result)
+      _write_json(self.committed_result(run), result)
+      logging.info('%s: %s = %s.', run.name, self.config.sweep.metric,
+                   result['eval'].get(self.config.sweep.metric))
+
+
+def main(argv):
+  del argv
+  config_flag = flags.FLAGS['config']
+  if config_flag.value is None:
+    raise app.UsageError('--config is required.')
+  config_spec = config_flags.get_config_filename(config_flag)
+  base_overrides = config_flags.get_override_values(config_flag)
+  sweep = Sweep(config_flag.value, _WORKDIR.value, _RESULTS_DIR.value)
+  runs = [r for r in select_runs(sweep.runs, _ONLY.value) if not sweep.is_finished(r)]
+  if _PRINT_COMMANDS.value:
+    for run in runs:
+      print(shlex.join(train_command(run, config_spec, sweep.run_dir(run), base_overrides)))
+    return
+  sweep.execute(runs, subprocess_train_fn(config_spec, base_overrides))
+  written = aggregate.write_all(sweep.results(), sweep.config.sweep, sweep.output_dir)
+  print('\n'.join(['Wrote:', *written]))
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, so that the library functions above can be
+  # imported next to other modules' flags.
+  config_flags.DEFINE_config_file('config', None, 'Sweep config file.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Runs train in WORKDIR/runs/<name>.',
+                                 required=True)
+  _RESULTS_DIR = flags.DEFINE_string(
+      'results_dir', 'docs/results',
+      'Committed results: RESULTS_DIR/<sweep>/runs/<name>.json and the aggregates; '
+      "'' keeps them in WORKDIR/results.")
+  _PRINT_COMMANDS = flags.DEFINE_bool(
+      'print_commands', False, 'Print one train.py command per unfinished run; train nothing.')
+  _ONLY = flags.DEFINE_list('only', [], 'Variant or run names to run (default: all).')
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Analysis of sweep results: small-sample statistics, tables and plots."""

@@ -1,0 +1,193 @@
+"""Aggregates a sweep's run results (result.json dicts) into tables and plots.
+
+  results.csv                 one row per run
+  results.md                  per variant: metric mean ± std over seeds, n,
+                              params, GFLOPs, train img/s (and the information
+                              loss of its resampling if information.json is
+                              there); the sweep's comparisons a - b with
+                              Welch 95% confidence intervals
+  accuracy_vs_params.png      metric vs parameters, ±1 std error bars
+  accuracy_vs_gflops.png      metric vs forward GFLOPs per image
+  learning_curves.png         eval metric per epoch, mean ± std over seeds
+"""
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use('Agg')  # Headless: no display on training machines.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import ml_collections
+import numpy as np
+
+from hierarchical_vit.analysis import stats
+
+Result = dict[str, Any]
+CSV_COLUMNS = ('run', 'variant', 'seed', 'test_top1', 'test_loss', 'params', 'gflops',
+               'train_img_per_sec', 'wall_time_s', 'steps', 'date', 'overrides')
+
+
+def metric_of(result: Result, metric: str) -> float:
+  if metric not in result['eval']:
+    raise ValueError(f'sweep.metric={metric!r} is not among run {result["run"]}\'s '
+                     f'final eval metrics {sorted(result["eval"])}')
+  return float(result['eval'][metric])
+
+
+def by_variant(results: Sequence[Result]) -> dict[str, list[Result]]:
+  """Results grouped by variant, in order of first appearance."""
+  groups: dict[str, list[Result]] = {}
+  for result in results:
+    groups.setdefault(result['variant'], []).append(result)
+  return groups
+
+
+def variant_table(results: Sequence[Result], metric: str) -> list[dict[str, Any]]:
+  """Per variant: n, mean and std of the metric, params, GFLOPs, mean img/s."""
+  rows = []
+  for variant, group in by_variant(results).items():
+    mean, std = stats.mean_std([metric_of(r, metric) for r in group])
+    speeds = [r['train_img_per_sec'] for r in group if r['train_img_per_sec'] is not None]
+    rows.append({'variant': variant, 'n': len(group), 'mean': mean, 'std': std,
+                 'params': group[0]['params'], 'gflops': group[0]['gflops'],
+                 'train_img_per_sec': float(np.mean(speeds)) if speeds else None})
+  return rows
+
+
+def comparison_table(results: Sequence[Result], metric: str,
+                     comparisons: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
+  """Per (a, b) with >= 2 runs each: mean(a) - mean(b), its std error and 95% CI."""
+  groups = by_variant(results)
+  rows = []
+  for a, b in comparisons:
+    values_a = [metric_of(r, metric) for r in groups.get(a, [])]
+    values_b = [metric_of(r, metric) for r in groups.get(b, [])]
+    if len(values_a) < 2 or len(values_b) < 2:
+      continue  # Not enough seeds finished yet for an interval.
+    diff = stats.welch_difference(values_a, values_b)
+    rows.append({'a': a, 'b': b, 'n_a': len(values_a), 'n_b': len(values_b),
+                 **vars(diff)})
+  return rows
+
+
+def write_csv(results: Sequence[Result], path: str) -> None:
+  with open(path, 'w', newline='', encoding='utf-8') as f:
+    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer.writeheader()
+    for r in results:
+      writer.writerow({**{k: r.get(k) for k in CSV_COLUMNS},
+                       'overrides': json.dumps(r['overrides'], sort_keys=True)})
+
+
+def _percent(x: float) -> str:
+  return f'{100 * x:.2f}'
+
+
+def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
+             information: dict[str, float] | None = None) -> str:
+  """results.md: the variant table, the comparisons and what they mean."""
+  metric = sweep.metric
+  info_header = ' recon. error |' if information else ''
+  lines = [f'# Sweep `{sweep.name}`', '',
+           f'Metric: final `{metric}` (in %), mean ± sample std over seeds '
+           f'{tuple(sweep.seeds)}; n = finished runs.', '',
+           f'| variant | n | {metric} (%) | params | GFLOPs/img | train img/s |{info_header}',
+           '|---|---|---|---|---|---|' + ('---|' if information else '')]
+  overrides = {v['name']: v['overrides'] for v in sweep.variants}
+  for row in variant_table(results, metric):
+    speed = '' if row['train_img_per_sec'] is None else f'{row["train_img_per_sec"]:.0f}'
+    info = ''
+    if information:
+      error = information.get(overrides[row['variant']].get('model.downsample', ''))
+      info = ' – |' if error is None else f' {error:.3f} |'
+    lines.append(f'| {row["variant"]} | {row["n"]} | {_percent(row["mean"])} ± '
+                 f'{_percent(row["std"])} | {row["params"]:,} | {row["gflops"]:.4f} | '
+                 f'{speed} |{info}')
+  if information:
+    lines += ['', 'recon. error: ‖x − x̂‖ / ‖x − mean(x)‖ of the best affine inverse (least '
+              'squares) from each output token to its 2x2 input block, on held-out images, '
+              "for the variant's downsampler: its parameter-free resampling, or the best any "
+              'learned map of its shape can do (hierarchical_vit/information.py; '
+              'information.json).']
+  rows = comparison_table(results, metric, sweep.comparisons)
+  if rows:
+    lines += ['', f'## Differences a − b of {metric} (percentage points)', '',
+              'Δ ± standard error, Welch t 95% confidence interval (df = Welch–Satterthwaite). '
+              'An interval containing 0 means the seeds cannot tell a from b.', '',
+              '| a − b | n | Δ ± s.e. | 95% CI | df |', '|---|---|---|---|---|']
+    for r in rows:
+      lines.append(f'| {r["a"]} − {r["b"]} | {r["n_a"]}, {r["n_b"]} | '
+                   f'{_percent(r["mean"])} ± {_percent(r["std_error"])} | '
+                   f'[{_percent(r["ci_low"])}, {_percent(r["ci_high"])}] | {r["df"]:.1f} |')
+  return '\n'.join(lines) + '\n'
+
+
+def plot_cost(results: Sequence[Result], metric: str, cost: str, path: str) -> None:
+  """Metric (mean ± std over seeds) against a cost column, one point per variant."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for row in variant_table(results, metric):
+    ax.errorbar(row[cost], 100 * row['mean'], yerr=100 * row['std'], fmt='o', capsize=3)
+    ax.annotate(row['variant'], (row[cost], 100 * row['mean']), textcoords='offset points',
+                xytext=(5, 5), fontsize=8)
+  ax.set_xlabel({'params': 'parameters', 'gflops': 'forward GFLOPs per image'}[cost])
+  ax.set_ylabel(f'{metric} (%)')
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> None:
+  """The eval metric per epoch: mean over a variant's seeds, shaded ± std.
+
+  Seeds share the eval schedule (same config but for the seed), so curves are
+  averaged point by point over the steps all of them have.
+  """
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for variant, group in by_variant(results).items():
+    length = min(len(r['curve']) for r in group)
+    values = 100 * np.array([[p['value'] for p in r['curve'][:length]] for r in group])
+    curve = group[0]['curve'][:length]
+    x = [p['epoch'] if p['epoch'] is not None else p['step'] for p in curve]
+    mean, std = values.mean(0), values.std(0, ddof=1) if len(group) > 1 else 0
+    ax.plot(x, mean, marker='.', label=f'{variant} (n={len(group)})')
+    ax.fill_between(x, mean - std, mean + std, alpha=0.2)
+  uses_epochs = all(p['epoch'] is not None for r in results for p in r['curve'])
+  ax.set_xlabel('epoch' if uses_epochs else 'step')
+  ax.set_ylabel(f'{metric} (%)')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def write_all(results: Sequence[Result], sweep: ml_collections.ConfigDict,
+              output_dir: str) -> list[str]:
+  """Writes every aggregate of `results` into output_dir; returns the paths.
+
+  Reads output_dir/information.json ({'errors': {downsampler: error}}, from
+  hierarchical_vit.information) if present, for the results.md column.
+  """
+  if not results:
+    return []
+  os.makedirs(output_dir, exist_ok=True)
+  info_path = os.path.join(output_dir, 'information.json')
+  information = None
+  if os.path.exists(info_path):
+    with open(info_path, encoding='utf-8') as f:
+      information = json.load(f)['errors']
+  paths = {name: os.path.join(output_dir, name) for name in (
+      'results.csv', 'results.md', 'accuracy_vs_params.png', 'accuracy_vs_gflops.png',
+      'learning_curves.png')}
+  write_csv(results, paths['results.csv'])
+  with open(paths['results.md'], 'w', encoding='utf-8') as f:
+    f.write(markdown(results, sweep, information))
+  plot_cost(results, sweep.metric, 'params', paths['accuracy_vs_params.png'])
+  plot_cost(results, sweep.metric, 'gflops', paths['accuracy_vs_gflops.png'])
+  plot_learning_curves(results, sweep.metric, paths['learning_curves.png'])
+  return list(paths.values())

@@ -1,0 +1,228 @@
+r"""Does pooling lose information that patch merging keeps? A linear-inverse test.
+
+A 2x2 stride-2 downsampler maps each input block x[2i:2i+2, 2j:2j+2] (4C
+values) to one output token (i, j). We fit, by least squares on training
+images, the best affine map from output tokens back to their input blocks and
+report on held-out images the relative reconstruction error
+
+    ||X - X_hat||_F / ||X - mean(X)||_F
+
+(0: the output determines the input; 1: no better than the mean block).
+Centring makes the number independent of the data's normalization.
+
+Each downsampler is represented by its parameter-free resampling, or, where
+its reduction is learned, by the best any learned map of its shape can do:
+
+  space_to_depth       the 2x2 rearrangement alone (4C): lossless.
+  patch_merge, conv    rearrangement + linear 4C -> 2C (Swin's reduction; a
+                       kernel-2 conv is the same map): the best such map keeps
+                       the top 2C principal components of the blocks, so PCA
+                       bounds what any trained weights keep. Full rank 4C -> 2C
+                       still drops half of the dimensions: not lossless.
+                       (Their LayerNorm, which removes each token's mean and
+                       scale, is left out: it acts on the 4C or 2C features,
+                       where it costs 2 of 4C dimensions.)
+  avg_pool, max_pool   the 2x2 mean / maximum per channel (C).
+  depthwise_conv_pool  PiT: per channel, 2 learned linear maps of the 3x3
+                       window around the block; bounded by reduced-rank
+                       regression (rank 2 per channel).
+
+  python -m hierarchical_vit.information \
+      --config=configs/ablations/downsample.py:fashion_mnist \
+      --config.data.data_dir=data \
+      --output=docs/results/downsample_fashion_mnist/information.json
+
+With the output next to a sweep's results, `hierarchical_vit.ablate` adds the
+pixel errors to results.md beside accuracy. `--run_dirs=WORKDIR/runs/NAME,...`
+also measures trained models: the same on their stage-0 features (the first
+downsampler's real input) and their own trained first downsampler.
+"""
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from hierarchical_vit import data
+from hierarchical_vit.training import checkpointing, trainer
+
+Array = np.ndarray
+
+
+def blocks(x: Array) -> Array:
+  """(N, H, W, C), H and W even -> (N, H/2, W/2, 4C) 2x2 blocks: numpy's
+  resampling.space_to_depth (Swin's channel order)."""
+  n, h, w, c = x.shape
+  if h % 2 or w % 2:
+    raise ValueError(f'blocks needs even height and width, got shape {x.shape}')
+  x = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  return x.transpose(0, 1, 3, 4, 2, 5).reshape(n, h // 2, w // 2, 4 * c)
+
+
+def pool(x: Array, reduce: Callable[..., Array]) -> Array:
+  """2x2 stride-2 pooling of (N, H, W, C) with reduce = np.mean or np.max."""
+  n, h, w, c = x.shape
+  return reduce(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+def _windows3(x: Array) -> Array:
+  """(N, H, W, C) -> (N, H/2, W/2, 9, C): 3x3 windows at stride 2, zero padding 1
+  (the receptive field of a kernel-3, stride-2, padding-1 convolution)."""
+  n, h, w, c = x.shape
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return np.stack([padded[:, dy:dy + h:2, dx:dx + w:2] for dy in range(3) for dx in range(3)],
+                  axis=3)
+
+
+def _tokens(x: Array) -> Array:
+  """(..., D) -> (rows, D) float64."""
+  return x.reshape(-1, x.shape[-1]).astype(np.float64)
+
+
+def fit_linear_inverse(outputs: Array, targets: Array) -> Array:
+  """Least-squares affine map (rows, D) -> (rows, T): (D + 1, T), bias last."""
+  design = np.concatenate([outputs, np.ones((len(outputs), 1))], axis=1)
+  return np.linalg.lstsq(design, targets, rcond=None)[0]
+
+
+def apply_linear(weights: Array, outputs: Array) -> Array:
+  return outputs @ weights[:-1] + weights[-1]
+
+
+def relative_error(targets: Array, predictions: Array) -> float:
+  """||targets - predictions||_F / ||targets - column means||_F."""
+  return float(np.linalg.norm(targets - predictions)
+               / np.linalg.norm(targets - targets.mean(0)))
+
+
+def reconstruction_error(down: Callable[[Array], Array], train: Array, test: Array) -> float:
+  """Relative error of the best affine inverse of a parameter-free `down`
+  ((N, H, W, C) -> (N, H/2, W/2, D)), fitted on train, measured on test."""
+  weights = fit_linear_inverse(_tokens(down(train)), _tokens(blocks(train)))
+  return relative_error(_tokens(blocks(test)), apply_linear(weights, _tokens(down(test))))
+
+
+def pca_error(train: Array, test: Array, rank_per_channel: int = 2) -> float:
+  """Best linear 4C -> rank*C reduction (top principal components of the
+  blocks), then its best inverse (the same components)."""
+  x_train, x_test = _tokens(blocks(train)), _tokens(blocks(test))
+  mean = x_train.mean(0)
+  components = np.linalg.svd(x_train - mean, full_matrices=False)[2]
+  basis = components[:rank_per_channel * train.shape[-1]]
+  reconstruction = (x_test - mean) @ basis.T @ basis + mean
+  return relative_error(x_test, reconstruction)
+
+
+def reduced_rank_error(train: Array, test: Array, rank: int = 2) -> float:
+  """Per channel: the best rank-`rank` linear map of the 3x3 window, then its
+  best inverse to the channel's 2x2 block (reduced-rank regression: the OLS
+  fit projected onto the top `rank` principal directions of its predictions)."""
+  squared, total = 0.0, 0.0
+  for c in range(train.shape[-1]):
+    x_train = _tokens(_windows3(train[..., c:c + 1])[..., 0])
+    y_train = _tokens(blocks(train[..., c:c + 1]))
+    x_test = _tokens(_windows3(test[..., c:c + 1])[..., 0])
+    y_test = _tokens(blocks(test[..., c:c + 1]))
+    weights = fit_linear_inverse(x_train, y_train)
+    fitted = apply_linear(weights, x_train)
+    directions = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)[2][:rank]
+    projection = directions.T @ directions
+    prediction = (apply_linear(weights, x_test) - fitted.mean(0)) @ projection + fitted.mean(0)
+    squared += np.sum((y_test - prediction) ** 2)
+    total += np.sum((y_test - y_test.mean(0)) ** 2)
+  return float(np.sqrt(squared / total))
+
+
+def downsampler_errors(train: Array, test: Array) -> dict[str, float]:
+  """Relative reconstruction error per DOWNSAMPLERS name (see module docstring)."""
+  merge = pca_error(train, test)
+  return {
+      'space_to_depth': reconstruction_error(blocks, train, test),
+      'patch_merge': merge,
+      'conv': merge,
+      'avg_pool': reconstruction_error(lambda x: pool(x, np.mean), train, test),
+      'max_pool': reconstruction_error(lambda x: pool(x, np.max), train, test),
+      'depthwise_conv_pool': reduced_rank_error(train, test),
+  }
+
+
+def load_trained_model(run_dir: str) -> tuple[nnx.Module, ml_collections.ConfigDict]:
+  """The eval-mode model of a finished run (its config.json, latest checkpoint)."""
+  with open(os.path.join(run_dir, 'config.json'), encoding='utf-8') as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  _, eval_graphdef, params, rest = trainer.init_model(config)
+  manager = checkpointing.create_checkpoint_manager(run_dir, config.train.keep_checkpoints,
+                                                    read_only=True)
+  params = checkpointing.restore_weights(manager, manager.latest_step(),
+                                         {'params': params})['params']
+  return nnx.merge(eval_graphdef, params, rest), config
+
+
+def trained_errors(run_dir: str, train: Array, test: Array) -> dict[str, float]:
+  """The measure on a trained model's stage-0 features (the first downsampler's
+  real input) instead of pixels: every parameter-free downsampler, plus
+  'trained' = the run's own first downsampler module with its learned weights."""
+  model, _ = load_trained_model(run_dir)
+  encoder = model.encoder
+  features = jax.jit(lambda x: encoder.stages[0](encoder.stem(x)))
+  down = jax.jit(lambda x: encoder.downsamplers[0](x))
+  f_train, f_test = np.asarray(features(train)), np.asarray(features(test))
+  errors = downsampler_errors(f_train, f_test)
+  errors['trained'] = reconstruction_error(lambda x: np.asarray(down(x)), f_train, f_test)
+  return errors
+
+
+def load_images(config, split: str, count: int) -> Array:
+  """The first `count` eval-preprocessed images of a split: (count, H, W, C)."""
+  images = []
+  for batch in data.create_eval_iterator(config.data, batch_size=min(count, 500), split=split):
+    images.append(batch['image'][batch['mask']])
+    if sum(len(i) for i in images) >= count:
+      break
+  return np.concatenate(images)[:count]
+
+
+def _print_table(title: str, errors: dict[str, float]) -> None:
+  print(title)
+  for name, error in errors.items():
+    print(f'  {name:>20}: {error:.4f}')
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  train = load_images(config, config.data.train_split, _NUM_TRAIN.value)
+  test = load_images(config, config.data.eval_split, _NUM_TEST.value)
+  result = {'data': config.data.name, 'input_shape': train.shape[1:],
+            'num_train': len(train), 'num_test': len(test),
+            'measure': 'relative error of the best affine inverse on held-out images '
+                       '(see hierarchical_vit/information.py)',
+            'errors': downsampler_errors(train, test), 'trained': {}}
+  _print_table('Pixels:', result['errors'])
+  for run_dir in _RUN_DIRS.value:
+    name = os.path.basename(os.path.normpath(run_dir))
+    result['trained'][name] = trained_errors(run_dir, train, test)
+    _print_table(f'Stage-0 features of {name}:', result['trained'][name])
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
+    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+    print(f'Wrote {_OUTPUT.value}')
+
+if __name__ == '__main__':
+  # Defined here, not at import, so that the library functions above can be
+  # imported next to other modules' flags.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment (or sweep) config.')
+  _OUTPUT = flags.DEFINE_string('output', '', 'Where to write the JSON result (optional).')
+  _NUM_TRAIN = flags.DEFINE_integer('num_train', 2000, 'Training-split images to fit on.')
+  _NUM_TEST = flags.DEFINE_integer('num_test', 1000, 'Held-out eval-split images to measure on.')
+  _RUN_DIRS = flags.DEFINE_list(
+      'run_dirs', [], 'Finished runs (e.g. WORKDIR/runs/avg_pool-seed0) whose stage-0 '
+      'features and trained first downsampler to measure too.')
+  app.run(main)

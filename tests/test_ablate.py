@@ -1,0 +1,289 @@
+"""The ablation runner: sweep expansion, skip/resume, aggregation, one real run."""
+
+import json
+import math
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import base
+from configs.ablations import downsample, upsample
+from hierarchical_vit import ablate, information
+from hierarchical_vit.analysis import aggregate, stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+NUM_STEPS = 4
+
+
+def sweep_config(seeds=(0, 1, 2)) -> ml_collections.ConfigDict:
+  config = base.get_config()
+  config.train.num_steps = NUM_STEPS
+  config.sweep = ml_collections.ConfigDict({
+      'name': 'toy', 'seeds': seeds, 'metric': 'eval/accuracy',
+      'variants': ({'name': 'patch_merge', 'overrides': {'model.downsample': 'patch_merge'}},
+                   {'name': 'avg_pool', 'overrides': {'model.downsample': 'avg_pool',
+                                                      'train.learning_rate': 3e-4}}),
+      'comparisons': (('patch_merge', 'avg_pool'),),
+  })
+  return config
+
+
+class FakeTrainer:
+  """Writes a metrics.jsonl like the trainer's, up to `stop_at`; records calls."""
+
+  def __init__(self, stop_at: int = NUM_STEPS):
+    self.stop_at = stop_at
+    self.calls = []
+
+  def __call__(self, run: ablate.Run, workdir: str) -> None:
+    self.calls.append(run.name)
+    os.makedirs(workdir, exist_ok=True)
+    accuracy = 0.9 if run.variant == 'patch_merge' else 0.8
+    with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+      for step in range(2, self.stop_at + 1, 2):
+        f.write(json.dumps({'step': step, 'train/loss': 1.0, 'img_per_sec': 100.0 * step,
+                            'train/epoch': step / 4}) + '\n')
+        f.write(json.dumps({'step': step, 'eval/loss': 0.5,
+                            'eval/accuracy': accuracy + 0.01 * run.seed * step / 4}) + '\n')
+
+
+def fake_cost(model_config) -> dict[str, float]:
+  return {'params': 1000 if model_config.downsample == 'patch_merge' else 500, 'gflops': 0.01}
+
+
+def test_expand_sweep_names_and_overrides():
+  runs = ablate.expand_sweep(sweep_config())
+  assert [r.name for r in runs] == [f'{v}-seed{s}' for v in ('patch_merge', 'avg_pool')
+                                    for s in (0, 1, 2)]
+  run = runs[4]
+  assert (run.variant, run.seed) == ('avg_pool', 1)
+  assert run.overrides == {'model.downsample': 'avg_pool', 'train.learning_rate': 3e-4,
+                           'seed': 1}
+  assert run.config.model.downsample == 'avg_pool'
+  assert run.config.train.learning_rate == 3e-4
+  assert run.config.seed == 1
+  assert runs[0].config.model.downsample == 'patch_merge'
+
+
+def test_shipped_sweeps_expand():
+  assert len(ablate.expand_sweep(downsample.get_config())) == 6 * 3
+  assert len(ablate.expand_sweep(downsample.get_config('imagenet2012'))) == 5 * 3
+  runs = ablate.expand_sweep(upsample.get_config())
+  assert len(runs) == 10 * 3
+  nearest = next(r for r in runs if r.name == 'avg_pool+nearest-seed2')
+  assert nearest.config.model.upsample == 'interpolate'
+  assert nearest.config.model.upsample_options.interpolate.method == 'nearest'
+  with pytest.raises(ValueError, match="'svhn'"):
+    downsample.get_config('svhn')
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'model.downsampel': 'avg_pool'}, "model.downsampel='avg_pool'.*no field"),
+    ({'modle.downsample': 'avg_pool'}, "no section 'modle'"),
+    ({'model.depths': 'deep'}, "model.depths='deep'"),
+])
+def test_bad_override_names_field_and_value(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    ablate.apply_overrides(base.get_config(), overrides)
+
+
+def test_bad_sweeps_raise():
+  config = sweep_config()
+  config.sweep.comparisons = (('patch_merge', 'max_pool'),)
+  with pytest.raises(ValueError, match="'max_pool'"):
+    ablate.expand_sweep(config)
+  config = sweep_config()
+  config.sweep.variants = config.sweep.variants[:1] * 2
+  with pytest.raises(ValueError, match='not unique'):
+    ablate.expand_sweep(config)
+  with pytest.raises(ValueError, match='no field sweep'):
+    ablate.expand_sweep(base.get_config())
+
+
+def test_select_runs():
+  runs = ablate.expand_sweep(sweep_config())
+  names = [r.name for r in ablate.select_runs(runs, ['avg_pool', 'patch_merge-seed2'])]
+  assert names == ['patch_merge-seed2', 'avg_pool-seed0', 'avg_pool-seed1', 'avg_pool-seed2']
+  assert len(ablate.select_runs(runs, [])) == 6
+  with pytest.raises(ValueError, match='max_pool'):
+    ablate.select_runs(runs, ['max_pool'])
+
+
+def test_train_command():
+  run = ablate.expand_sweep(sweep_config())[3]
+  command = ablate.train_command(run, 'configs/x.py:arg', 'w/runs/avg_pool-seed0',
+                                 {'data.data_dir': 'data', 'model.downsample': 'conv',
+                                  'model.depths': (1, 1)})
+  assert command == [
+      'python', 'train.py', '--config=configs/x.py:arg', '--config.data.data_dir=data',
+      '--config.model.downsample=avg_pool', '--config.model.depths=(1,1,)',
+      '--config.train.learning_rate=0.0003', '--config.seed=0',
+      '--workdir=w/runs/avg_pool-seed0']
+
+
+def test_skips_local_and_committed_results(tmp_path):
+  config = sweep_config()
+  sweep = ablate.Sweep(config, str(tmp_path / 'a'), str(tmp_path / 'committed'))
+  trainer = FakeTrainer()
+  sweep.execute(sweep.runs, trainer, fake_cost)
+  assert len(trainer.calls) == 6
+  result = json.loads((tmp_path / 'a/runs/avg_pool-seed1/result.json').read_text())
+  assert result['test_top1'] == pytest.approx(0.81)
+  assert (result['params'], result['steps'], result['seed']) == (500, NUM_STEPS, 1)
+  assert result['train_img_per_sec'] == 300.0  # Median of 200, 400.
+  assert [p['epoch'] for p in result['curve']] == [0.5, 1.0]
+  assert [p['value'] for p in result['curve']] == pytest.approx([0.805, 0.81])
+  assert (tmp_path / 'committed/toy/runs/avg_pool-seed1.json').exists()
+
+  sweep.execute(sweep.runs, trainer, fake_cost)  # Local results: nothing to do.
+  assert len(trainer.calls) == 6
+  # Another machine with the committed results only: nothing to do either.
+  other = ablate.Sweep(config, str(tmp_path / 'b'), str(tmp_path / 'committed'))
+  other.execute(other.runs, trainer, fake_cost)
+  assert len(trainer.calls) == 6
+  assert len(other.results()) == 6
+
+
+def test_interrupted_run_raises_then_resumes(tmp_path):
+  sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path))
+  with pytest.raises(RuntimeError, match='patch_merge-seed0 stopped at step 2 of 4'):
+    sweep.execute(sweep.runs, FakeTrainer(stop_at=2), fake_cost)
+  assert not sweep.is_finished(sweep.runs[0])
+  trainer = FakeTrainer()
+  sweep.execute(sweep.runs, trainer, fake_cost)
+  assert trainer.calls == ['patch_merge-seed0', 'avg_pool-seed0']
+  first = json.loads((tmp_path / 'runs/patch_merge-seed0/result.json').read_text())
+  assert first['resumed'] and not json.loads(
+      (tmp_path / 'runs/avg_pool-seed0/result.json').read_text())['resumed']
+  # The re-logged step 2 appears once in the curve.
+  assert [p['step'] for p in first['curve']] == [2, 4]
+
+
+def test_run_trained_elsewhere_is_collected_without_training(tmp_path):
+  sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path))
+  for run in sweep.runs:
+    FakeTrainer()(run, sweep.run_dir(run))
+  trainer = FakeTrainer()
+  sweep.execute(sweep.runs, trainer, fake_cost)
+  assert trainer.calls == []
+  assert len(sweep.results()) == 2
+
+
+def test_t_quantile_matches_tables():
+  for p, df, expected in [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 4, 2.776445),
+                          (0.975, 10, 2.228139), (0.95, 5, 2.015048)]:
+    assert stats.t_quantile(p, df) == pytest.approx(expected, abs=1e-5)
+
+
+def test_t_quantile_matches_scipy_for_welch_df():
+  scipy_stats = pytest.importorskip('scipy.stats')
+  for df in (1.3, 2.7, 3.4845, 7.9, 40.0):
+    assert stats.t_quantile(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-6)
+
+
+def test_welch_difference_by_hand():
+  # Equal variances (1) and n = 3: s.e. = sqrt(2/3), df = 4, t = 2.776445.
+  diff = stats.welch_difference([1.0, 2.0, 3.0], [0.0, 1.0, 2.0])
+  assert diff.mean == pytest.approx(1.0)
+  assert diff.std_error == pytest.approx(math.sqrt(2 / 3))
+  assert diff.df == pytest.approx(4.0)
+  assert diff.ci_low == pytest.approx(1 - 2.776445 * math.sqrt(2 / 3), abs=1e-5)
+  assert diff.ci_high == pytest.approx(1 + 2.776445 * math.sqrt(2 / 3), abs=1e-5)
+  # Unequal: var 0.0004 and 0.0009 -> df = (4.333e-4)^2 / (1.333e-4^2/2 + 3e-4^2/2).
+  diff = stats.welch_difference([0.90, 0.92, 0.94], [0.85, 0.88, 0.91])
+  assert diff.mean == pytest.approx(0.04)
+  assert diff.df == pytest.approx((0.0013 / 3) ** 2 / ((0.0004 / 3) ** 2 / 2
+                                                       + (0.0009 / 3) ** 2 / 2))
+  assert stats.mean_std([0.90, 0.92, 0.94]) == pytest.approx((0.92, 0.02))
+
+
+def _result(variant: str, seed: int, accuracy: float) -> dict:
+  return {'run': f'{variant}-seed{seed}', 'variant': variant, 'seed': seed,
+          'overrides': {'model.downsample': variant, 'seed': seed},
+          'eval': {'eval/accuracy': accuracy}, 'test_top1': accuracy, 'test_loss': 0.3,
+          'params': 1234567, 'gflops': 0.05, 'train_img_per_sec': 100.0 + seed,
+          'wall_time_s': 1.0, 'steps': 10, 'date': '2025-01-01',
+          'curve': [{'step': 5, 'epoch': 0.5, 'value': accuracy - 0.1, 'loss': 1.0},
+                    {'step': 10, 'epoch': 1.0, 'value': accuracy, 'loss': 0.5}]}
+
+
+def test_aggregates_by_hand(tmp_path):
+  results = ([_result('patch_merge', s, a) for s, a in enumerate((0.90, 0.92, 0.94))]
+             + [_result('avg_pool', s, a) for s, a in enumerate((0.85, 0.88, 0.91))])
+  config = sweep_config()
+  (tmp_path / 'information.json').write_text(json.dumps(
+      {'errors': {'patch_merge': 0.125, 'avg_pool': 0.5}}))
+  written = aggregate.write_all(results, config.sweep, str(tmp_path))
+  assert len(written) == 5
+  for path in written:
+    if path.endswith('.png'):
+      with open(path, 'rb') as f:
+        assert f.read(8) == PNG_SIGNATURE
+  table = aggregate.variant_table(results, 'eval/accuracy')
+  assert [(r['variant'], r['n']) for r in table] == [('patch_merge', 3), ('avg_pool', 3)]
+  assert table[1]['mean'] == pytest.approx(0.88)
+  assert table[1]['std'] == pytest.approx(0.03)
+  assert table[1]['train_img_per_sec'] == pytest.approx(101.0)
+  markdown = (tmp_path / 'results.md').read_text()
+  assert '| patch_merge | 3 | 92.00 ± 2.00 | 1,234,567 | 0.0500 | 101 | 0.125 |' in markdown
+  assert '| avg_pool | 3 | 88.00 ± 3.00 |' in markdown
+  assert '| patch_merge − avg_pool | 3, 3 | 4.00 ± 2.08 |' in markdown
+  csv_lines = (tmp_path / 'results.csv').read_text().splitlines()
+  assert len(csv_lines) == 7 and csv_lines[0].startswith('run,variant,seed,test_top1')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> str:
+  from hierarchical_vit.data import prepare  # pylint: disable=g-import-not-at-top
+  directory = tmp_path_factory.mktemp('tfds')
+  try:
+    prepare.prepare('fashion_mnist', directory, limit=64)
+  except FileNotFoundError as e:
+    pytest.skip(f'Fashion-MNIST IDX files not available: {e}')
+  return str(directory)
+
+
+TINY_SWEEP = '''import sys
+sys.path.insert(0, {repo!r})
+import ml_collections
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.model.update(embed_dim=16, depths=(1, 1), num_heads=(1, 2), img_size=32,
+                      patch_size=4, window_size=4, in_chans=1, gelu_approximate=True)
+  config.data.update(data_dir={data_dir!r}, hflip=False)
+  config.train.update(batch_size=32, num_steps=2, log_every_steps=1, eval_batch_size=64)
+  config.sweep = ml_collections.ConfigDict({{
+      'name': 'tiny', 'seeds': (0,), 'metric': 'eval/accuracy', 'comparisons': (),
+      'variants': ({{'name': 'avg_pool', 'overrides': {{'model.downsample': 'avg_pool'}}}},),
+  }})
+  return config
+'''
+
+
+def test_real_run_through_train_py(tmp_path, data_dir):
+  """Wiring: config file -> train.py child process -> result -> aggregates."""
+  config_path = tmp_path / 'tiny_sweep.py'
+  config_path.write_text(TINY_SWEEP.format(repo=REPO, data_dir=data_dir))
+  namespace = {}
+  exec(config_path.read_text(), namespace)  # pylint: disable=exec-used
+  config = namespace['get_config']()
+  sweep = ablate.Sweep(config, str(tmp_path / 'work'), str(tmp_path / 'committed'))
+  sweep.execute(sweep.runs, ablate.subprocess_train_fn(str(config_path), {}))
+  result = sweep.results()[0]
+  assert result['run'] == 'avg_pool-seed0' and result['steps'] == 2
+  assert 0 <= result['test_top1'] <= 1 and result['params'] > 0 and result['gflops'] > 0
+  saved = json.loads((tmp_path / 'work/runs/avg_pool-seed0/config.json').read_text())
+  assert saved['model']['downsample'] == 'avg_pool'
+  assert aggregate.write_all(sweep.results(), config.sweep, sweep.output_dir)
+  # The information measure on the trained model's features and downsampler.
+  rng = np.random.default_rng(0)
+  images = rng.normal(size=(8, 32, 32, 1)).astype(np.float32)
+  errors = information.trained_errors(str(tmp_path / 'work/runs/avg_pool-seed0'),
+                                      images[:6], images[6:])
+  assert errors['space_to_depth'] < 1e-4 < errors['trained']

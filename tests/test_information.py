@@ -1,0 +1,65 @@
+"""The linear-inverse information-loss measure of the downsamplers."""
+
+import numpy as np
+import pytest
+
+from hierarchical_vit import information
+from hierarchical_vit.resampling import space_to_depth
+
+
+def _reference_error(features: np.ndarray, images: np.ndarray) -> float:
+  """Independent reference: explicit 2x2 loops, lstsq fit and error on the same data."""
+  n, h, w, c = images.shape
+  rows_in, rows_out = [], []
+  for b in range(n):
+    for i in range(h // 2):
+      for j in range(w // 2):
+        rows_out.append(images[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2].ravel())
+        rows_in.append(np.append(features[b, i, j], 1.0))
+  x, y = np.array(rows_in), np.array(rows_out)
+  fit = x @ np.linalg.lstsq(x, y, rcond=None)[0]
+  return np.linalg.norm(y - fit) / np.linalg.norm(y - y.mean(0))
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+  return np.random.default_rng(0).normal(size=(16, 8, 8, 3))
+
+
+def test_blocks_is_space_to_depth(images):
+  np.testing.assert_allclose(information.blocks(images), space_to_depth(images), atol=1e-6)
+
+
+def test_space_to_depth_is_lossless(images):
+  assert information.reconstruction_error(information.blocks, images, images) < 1e-10
+
+
+def test_pooling_loses_against_lstsq_reference(images):
+  for reduce in (np.mean, np.max):
+    features = information.pool(images, reduce)
+    error = information.reconstruction_error(lambda x, r=reduce: information.pool(x, r),
+                                             images, images)
+    assert error == pytest.approx(_reference_error(features, images), rel=1e-9)
+    assert error > 0.5  # i.i.d. pixels: the mean or max says little about the other 3.
+  # Average pooling keeps exactly the block mean: 1 of 4 equal-variance directions.
+  big = np.random.default_rng(1).normal(size=(64, 16, 16, 1))
+  error = information.reconstruction_error(lambda x: information.pool(x, np.mean), big, big)
+  assert error == pytest.approx(np.sqrt(3 / 4), abs=0.01)
+
+
+def test_merge_bound_keeps_half_of_white_noise():
+  big = np.random.default_rng(2).normal(size=(64, 16, 16, 2))
+  assert information.pca_error(big, big) == pytest.approx(np.sqrt(1 / 2), abs=0.02)
+
+
+def test_ordering_on_smooth_images():
+  """Correlated neighbours (like real images): merging keeps far more than pooling."""
+  rng = np.random.default_rng(3)
+  noise = rng.normal(size=(64, 17, 17, 1))
+  smooth = (noise[:, 1:, 1:] + noise[:, :-1, 1:] + noise[:, 1:, :-1] + noise[:, :-1, :-1])
+  errors = information.downsampler_errors(smooth[:48], smooth[48:])
+  assert errors['space_to_depth'] < 1e-6
+  assert errors['patch_merge'] < errors['avg_pool'] < 1.0
+  assert errors['patch_merge'] < errors['max_pool'] < 1.0
+  assert 0.0 < errors['depthwise_conv_pool'] < 1.0
+  assert errors['conv'] == errors['patch_merge']
