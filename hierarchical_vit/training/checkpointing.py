@@ -9,6 +9,7 @@ Orbax writes each checkpoint into a temporary directory and renames it once
 complete, so a run killed mid-save leaves the previous checkpoint as latest.
 """
 
+import functools
 import os
 from typing import Any
 
@@ -17,27 +18,31 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-# Metric (from the eval results passed to `save`) that picks the best checkpoint.
+# Default metric (from the eval results passed to `save`) that picks the best
+# checkpoint; each task names its own (tasks.Task.best_metric).
 BEST_METRIC = 'eval/accuracy'
 
 
-def _best_metric(metrics: dict[str, float]) -> float:
-  return metrics[BEST_METRIC]
+def _metric(metrics: dict[str, float], name: str) -> float:
+  return metrics[name]
 
 
 def create_checkpoint_manager(workdir: str, keep: int,
-                              read_only: bool = False) -> ocp.CheckpointManager:
-  """Keeps the latest `keep` checkpoints plus the best by eval accuracy."""
+                              read_only: bool = False,
+                              best_metric: str = BEST_METRIC
+                              ) -> ocp.CheckpointManager:
+  """Keeps the latest `keep` checkpoints plus the best by `best_metric`."""
+  best_fn = functools.partial(_metric, name=best_metric)
   policy = preservation_policy.AnyPreservationPolicy([
       preservation_policy.LatestN(n=keep),
-      # BestN sorts ascending and keeps the last n: the highest accuracy.
-      preservation_policy.BestN(get_metric_fn=_best_metric, n=1,
+      # BestN sorts ascending and keeps the last n: the highest metric.
+      preservation_policy.BestN(get_metric_fn=best_fn, n=1,
                                 keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, enable_async_checkpointing=True,
       # best_fn makes the manager write the metrics and answer best_step().
-      best_fn=_best_metric,
+      best_fn=best_fn,
       read_only=read_only, create=not read_only)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), 'checkpoints'),

@@ -31,11 +31,13 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from hierarchical_vit import data
+from hierarchical_vit import interop
 from hierarchical_vit import parallel
 from hierarchical_vit.models import build_model
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import metrics as metrics_lib
 from hierarchical_vit.training import optimizer as optimizer_lib
+from hierarchical_vit.training import tasks
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -53,37 +55,26 @@ def compute_steps(train_config: ml_collections.ConfigDict,
   return steps_per_epoch, max(1, int(train_config.num_epochs * steps_per_epoch))
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
-                       label_smoothing: float) -> jax.Array:
-  """Mean softmax cross-entropy. logits, labels (one-hot/mixed): (B, K)."""
-  labels = optax.smooth_labels(labels, label_smoothing)
-  return optax.softmax_cross_entropy(logits, labels).mean()
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     config: ml_collections.ConfigDict
                     ) -> Callable[[State, Batch, nnx.State], tuple[State, dict]]:
   """Builds the pure train step on one (micro-)batch.
 
-  Returned fn: (state, batch {'image': (B,H,W,C), 'label': (B,)}, rest) ->
-  (new state, metrics of this batch). `rest` is the model's non-Param state
-  (its RNG streams, reseeded here from the step key every step).
+  Returned fn: (state, batch {'image': (B,H,W,C), 'label': (B,) or
+  (B,H,W) for segmentation}, rest) -> (new state, metrics of this batch).
+  `rest` is the model's non-Param state (its RNG streams, reseeded here from
+  the step key every step). Targets, loss and accuracy are config.task's.
   """
-  tc, dc = config.train, config.data
-  num_classes = config.model.num_classes
-  mixing = dc.mixup_alpha > 0 or dc.cutmix_alpha > 0
+  tc = config.train
+  task = tasks.get_task(config.task)
+  make_targets = task.make_targets(config)
 
   def train_step(state: State, batch: Batch, rest: nnx.State):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
                              state['step'])
     dropout_rng, mix_rng = jax.random.split(rng)
-    images = batch['image']
-    labels = jax.nn.one_hot(batch['label'], num_classes)
-    if mixing:
-      images, labels = data.mixing.mix_batch(
-          mix_rng, images, labels, mixup_alpha=dc.mixup_alpha,
-          cutmix_alpha=dc.cutmix_alpha, mix_prob=dc.mix_prob)
+    images, targets = make_targets(batch, mix_rng)
 
     # Reseed the model's dropout stream with this step's key (outside of
     # value_and_grad: NNX variables may only be mutated at their trace level).
@@ -93,7 +84,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def loss_fn(params):
       logits = nnx.merge(graphdef, params, step_rest)(images)
-      return cross_entropy_loss(logits, labels, tc.label_smoothing), logits
+      return task.loss(logits, targets, tc.label_smoothing), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state['params'])
@@ -109,8 +100,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           params, state['ema_params'], step_size=1.0 - decay)
     metrics = {
         'train/loss': loss,
-        'train/accuracy': jnp.mean(
-            jnp.argmax(logits, -1) == jnp.argmax(labels, -1)),
+        'train/accuracy': task.accuracy(logits, targets),
         'train/learning_rate': schedule(state['step'] // tc.grad_accum_steps),
         'train/grad_norm': optax.tree.norm(grads),
         # Of the updated params: the finiteness check before a save needs it.
@@ -122,66 +112,55 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef, num_classes: int,
-                   confusion: bool = False
+                   confusion: bool = False, task: str = 'classification'
                    ) -> Callable[[Any, Batch, nnx.State], dict[str, jax.Array]]:
-  """Builds the pure eval step: sums over the unmasked examples of a batch.
+  """Builds the pure eval step: the task's sums over a batch's unmasked examples.
 
   Returned fn: (params, batch {'image', 'label', 'mask': (B,) bool}, rest) ->
-  {'loss', 'top1', 'top5', 'count'} sums (+ 'confusion' (K, K), rows = true
-  class, if asked). Sums, not means, so batches (and padding) add up exactly.
+  sums, e.g. {'loss', 'top1', 'top5', 'count'} for classification (+
+  'confusion' (K, K), rows = true class, if asked; segmentation always sums
+  it). Sums, not means, so batches (and padding) add up exactly.
   """
-  k = min(5, num_classes)
+  eval_sums = tasks.get_task(task).eval_sums
 
   def eval_step(params, batch: Batch, rest: nnx.State):
     logits = nnx.merge(graphdef, params, rest)(batch['image'])
-    labels = jax.nn.one_hot(batch['label'], num_classes)
-    mask = batch['mask'].astype(jnp.float32)
-    top_k = jax.lax.top_k(logits, k)[1]
-    in_top_k = jnp.any(top_k == batch['label'][:, None], axis=-1)
-    sums = {
-        'loss': jnp.sum(optax.softmax_cross_entropy(logits, labels) * mask),
-        'top1': jnp.sum((top_k[:, 0] == batch['label']) * mask),
-        'top5': jnp.sum(in_top_k * mask),
-        'count': jnp.sum(mask),
-    }
-    if confusion:
-      predicted = jax.nn.one_hot(top_k[:, 0], num_classes)
-      sums['confusion'] = jnp.einsum('bi,bj->ij', labels * mask[:, None],
-                                     predicted)
-    return sums
+    return eval_sums(logits, batch, num_classes, confusion)
 
   return eval_step
 
 
 def evaluate(eval_step: Callable, params, rest: nnx.State,
              batches: Iterable[dict[str, np.ndarray]],
-             sharding: jax.sharding.NamedSharding) -> dict[str, Any]:
-  """Runs eval_step over all batches; returns eval/{loss,accuracy,top5} (+ confusion)."""
+             sharding: jax.sharding.NamedSharding,
+             task: str = 'classification') -> dict[str, Any]:
+  """Runs eval_step over all batches; returns the task's eval/... metrics.
+
+  Classification: eval/{loss,accuracy,top5_accuracy,num_examples};
+  segmentation: eval/{loss,miou,pixel_accuracy,num_examples}; plus
+  'confusion' (K, K) when the step summed it.
+  """
   totals = None
   for batch in batches:
     sums = eval_step(params, parallel.shard_batch(batch, sharding), rest)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  totals = jax.device_get(totals)
-  count = max(float(totals['count']), 1.0)
-  results = {'eval/loss': float(totals['loss']) / count,
-             'eval/accuracy': float(totals['top1']) / count,
-             'eval/top5_accuracy': float(totals['top5']) / count,
-             'eval/num_examples': float(totals['count'])}
-  if 'confusion' in totals:
-    results['confusion'] = np.asarray(totals['confusion'])
-  return results
+  return tasks.get_task(task).summarize(jax.device_get(totals))
 
 
-def init_model(config: ml_collections.ConfigDict
+def init_model(config: ml_collections.ConfigDict, init_from: str = ''
                ) -> tuple[nnx.GraphDef, nnx.GraphDef, dict, dict]:
   """Builds the model; returns (train graphdef, eval graphdef, params, rest).
 
   Train and eval graphdefs differ only in the static `deterministic`
   attributes. params (nnx.Param) and rest (RNG streams) are pure dicts of
-  arrays: NNX Variables must not cross jit/grad boundaries.
+  arrays: NNX Variables must not cross jit/grad boundaries. Weights at
+  init_from (see hierarchical_vit.interop) replace the initial params, with
+  a fresh head and resized bias tables where the shapes call for them.
   """
   model = build_model(config.model, rngs=nnx.Rngs(params=config.seed,
                                                   dropout=config.seed + 1))
+  if init_from:
+    interop.load_weights(model, init_from, finetune=True)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   model.train()
@@ -261,27 +240,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   save_config(config, workdir)
   mesh = parallel.create_mesh(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh)
-  info = data.get_dataset_info(config.data)
+  task = tasks.get_task(config.task)
+  info = data.get_dataset_info(config.data, task=config.task)
   steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
   if tc.batch_size % tc.grad_accum_steps:
     raise ValueError('batch_size must be divisible by grad_accum_steps.')
   micro_batch_size = tc.batch_size // tc.grad_accum_steps
 
-  graphdef, eval_graphdef, params, rest = init_model(config)
+  manager = checkpointing.create_checkpoint_manager(
+      workdir, tc.keep_checkpoints, best_metric=task.best_metric)
+  last_saved = manager.latest_step()
+  # Pretrained weights only start a run: a resumed one restores its own.
+  graphdef, eval_graphdef, params, rest = init_model(
+      config, tc.init_from if last_saved is None else '')
 
   schedule = optimizer_lib.create_learning_rate_schedule(
       tc, steps_per_epoch, total_steps)
   tx = optimizer_lib.create_optimizer(tc, schedule)
   state = create_train_state(config, params, tx)
-  state_shardings = parallel.state_shardings(mesh, state)
-  state = jax.device_put(state, state_shardings)
-  rest = jax.device_put(rest, parallel.replicated(mesh))
+  state_shardings = parallel.state_shardings(mesh, state, config.mesh)
+  state = parallel.put_global(state, state_shardings)
+  parallel.log_memory(state)
+  rest = parallel.put_global(rest, parallel.replicated(mesh))
 
   train_iter = data.create_train_iterator(
       config.data, global_batch_size=micro_batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  manager = checkpointing.create_checkpoint_manager(workdir, tc.keep_checkpoints)
-  last_saved = manager.latest_step()
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      task=config.task)
   if last_saved is not None:
     logging.info('Resuming from checkpoint at step %d.', last_saved)
     state = checkpointing.restore(manager, last_saved, state, train_iter)
@@ -290,16 +275,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_step = jax.jit(
       make_train_step(graphdef, tx, schedule, config), donate_argnums=0,
       out_shardings=(state_shardings, parallel.replicated(mesh)))
-  eval_step = jax.jit(make_eval_step(eval_graphdef, config.model.num_classes))
+  eval_step = jax.jit(make_eval_step(eval_graphdef, config.model.num_classes,
+                                     task=config.task))
   eval_every = tc.eval_every_steps or steps_per_epoch
   ema = 'ema_params' in state
 
   def run_eval() -> dict[str, float]:
     batches = data.create_eval_iterator(
         config.data, batch_size=tc.eval_batch_size // jax.process_count(),
-        process_index=jax.process_index(), process_count=jax.process_count())
-    return evaluate(eval_step, state['ema_params' if ema else 'params'], rest,
-                    batches, batch_sharding)
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        task=config.task)
+    results = evaluate(eval_step, state['ema_params' if ema else 'params'],
+                       rest, batches, batch_sharding, task=config.task)
+    results.pop('confusion', None)  # Not a scalar; eval.py reports it.
+    return results
 
   writer = metrics_lib.MetricWriter(workdir)
   progress = metrics_lib.Progress(total_steps, start_step)
@@ -335,8 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         eval_scalars = run_eval()
         writer.write_scalars(step, eval_scalars)
         logging.info('step %d eval: %s', step, eval_scalars)
-        eval_metrics = {checkpointing.BEST_METRIC:
-                        eval_scalars[checkpointing.BEST_METRIC]}
+        eval_metrics = {task.best_metric: eval_scalars[task.best_metric]}
       if is_save:
         checkpointing.save(manager, step, state, train_iter, eval_metrics)
         last_saved = step

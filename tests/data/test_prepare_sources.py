@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from conftest import FASHION_MNIST_SOURCE
+from tests.data.conftest import FASHION_MNIST_SOURCE
 from hierarchical_vit.data import prepare
 from hierarchical_vit.data import sources
 

@@ -42,8 +42,8 @@ def write_config_file(path, data_dir: str, **train) -> str:
   """A config file for train.py/eval.py --config that returns tiny_config."""
   path = os.path.join(path, 'tiny_config.py')
   with open(path, 'w') as f:
-    f.write(f'import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n'
-            'from conftest import tiny_config\n\n'
+    f.write(f'import sys\nsys.path.insert(0, {REPO!r})\n'
+            'from tests.training.conftest import tiny_config\n\n'
             f'def get_config():\n  return tiny_config({data_dir!r}, **{train!r})\n')
   return path
 

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import read_metrics, run_script, tiny_config, write_config_file
+from tests.training.conftest import read_metrics, run_script, tiny_config, write_config_file
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import trainer
 
