@@ -7,6 +7,7 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+from tests.conftest import prepare_slice
 
 from configs import base
 from configs.ablations import downsample, upsample
@@ -237,13 +238,7 @@ def test_aggregates_by_hand(tmp_path):
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory) -> str:
-  from hierarchical_vit.data import prepare  # pylint: disable=g-import-not-at-top
-  directory = tmp_path_factory.mktemp('tfds')
-  try:
-    prepare.prepare('fashion_mnist', directory, limit=64)
-  except FileNotFoundError as e:
-    pytest.skip(f'Fashion-MNIST IDX files not available: {e}')
-  return str(directory)
+  return prepare_slice(tmp_path_factory, 'fashion_mnist', 64)
 
 
 TINY_SWEEP = '''import sys

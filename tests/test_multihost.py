@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from tests.conftest import prepare_slice
 from jax.sharding import PartitionSpec as P
 
 from hierarchical_vit import parallel
@@ -100,13 +101,7 @@ def _wait_all(procs: list[subprocess.Popen], logs: list[str]) -> None:
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory) -> str:
-  from hierarchical_vit.data import prepare
-  directory = tmp_path_factory.mktemp('tfds')
-  try:
-    prepare.prepare('fashion_mnist', directory, limit=NUM_EXAMPLES)
-  except FileNotFoundError as e:
-    pytest.skip(f'Fashion-MNIST IDX files not available: {e}')
-  return str(directory)
+  return prepare_slice(tmp_path_factory, 'fashion_mnist', NUM_EXAMPLES)
 
 
 @pytest.fixture(scope='module')

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from tests.conftest import prepare_slice
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -143,12 +144,7 @@ def test_canvas_is_determined_by_the_seed():
 @pytest.fixture(scope='module')
 def canvas_dir(tmp_path_factory) -> str:
   """fashion_mnist_canvas with 64 train and 64 test canvases."""
-  directory = tmp_path_factory.mktemp('tfds_canvas')
-  try:
-    prepare.prepare('fashion_mnist_canvas', directory, limit=64)
-  except FileNotFoundError as e:
-    pytest.skip(f'Fashion-MNIST IDX files not available: {e}')
-  return str(directory)
+  return prepare_slice(tmp_path_factory, 'fashion_mnist_canvas', 64)
 
 
 def test_prepared_canvases_are_the_generators(canvas_dir):

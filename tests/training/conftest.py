@@ -5,6 +5,7 @@ import sys
 
 import ml_collections
 import pytest
+from tests.conftest import prepare_slice
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)  # configs/ is not an installed package.
@@ -15,13 +16,7 @@ from configs import base  # pylint: disable=g-import-not-at-top
 @pytest.fixture(scope='session')
 def data_dir(tmp_path_factory) -> str:
   """Fashion-MNIST with 256 train and 256 test examples, written once."""
-  from hierarchical_vit.data import prepare
-  directory = tmp_path_factory.mktemp('tfds')
-  try:
-    prepare.prepare('fashion_mnist', directory, limit=256)
-  except FileNotFoundError as e:
-    pytest.skip(f'Fashion-MNIST IDX files not available: {e}')
-  return str(directory)
+  return prepare_slice(tmp_path_factory, 'fashion_mnist', 256)
 
 
 def tiny_config(data_dir: str, **train) -> ml_collections.ConfigDict:
