@@ -29,7 +29,7 @@ def get_config():
   config.data.image_size = 32
   config.data.crop_padding = 0
   config.train.batch_size = 128
-  config.train.num_epochs = 5.0
+  config.train.num_epochs = 6.0
   config.train.warmup_epochs = 0.25
   config.train.learning_rate = 2e-3
   config.train.log_every_steps = 100
