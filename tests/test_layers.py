@@ -140,3 +140,11 @@ def test_stems_reduce_by_patch_size_with_ceil(stem, patch):
 def test_conv_stem_rejects_non_power_of_two():
   with pytest.raises(ValueError, match='model.patch_size=3'):
     ConvStem(3, 16, 3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('patch, strides', [(1, [1]), (2, [2]), (4, [2, 2]), (8, [2, 2, 2])])
+def test_conv_stem_downsamples_only_with_stride_2_convs(patch, strides):
+  stem = ConvStem(1, 16, patch, rngs=nnx.Rngs(0))
+  assert [conv.strides for conv in stem.convs] == strides
+  assert [conv.kernel_size for conv in stem.convs] == [(3, 3)] * len(strides)
+  assert stem.convs[-1].out_features == 16

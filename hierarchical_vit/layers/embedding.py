@@ -29,10 +29,13 @@ class PatchEmbed(nnx.Module):
 
 
 class ConvStem(nnx.Module):
-  """Overlapping convolutional stem (as in "Early convolutions help
-  transformers see better"): a stride-1 3x3 conv, then log2(p) stride-2 3x3
-  convs, each followed by LayerNorm + GELU except the last, which ends in
+  """Overlapping convolutional stem (Xiao et al., "Early convolutions help
+  transformers see better"): log2(p) stride-2 3x3 convs (one stride-1 conv when
+  p = 1), each followed by LayerNorm + GELU except the last, which ends in
   LayerNorm. It sees across patch borders, which helps small images.
+
+  No conv runs at full resolution: a stride-1 full-resolution conv made the
+  stem ~40% of the quickstart's train step on XLA:CPU for no accuracy gain.
   """
 
   def __init__(self, in_chans: int, embed_dim: int, patch_size: int, *, rngs: nnx.Rngs,
@@ -40,8 +43,8 @@ class ConvStem(nnx.Module):
     if patch_size < 1 or patch_size & (patch_size - 1):
       raise ValueError(f'model.patch_size={patch_size}: the conv stem needs a power of 2')
     num_down = patch_size.bit_length() - 1
-    chans = [in_chans] + [max(embed_dim // 2, 8)] * num_down + [embed_dim]
-    strides = [1] + [2] * num_down
+    strides = [2] * num_down or [1]
+    chans = [in_chans] + [max(embed_dim // 2, 8)] * (len(strides) - 1) + [embed_dim]
     self.convs = nnx.List([
         nnx.Conv(c_in, c_out, (3, 3), s, padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
         for c_in, c_out, s in zip(chans[:-1], chans[1:], strides)
