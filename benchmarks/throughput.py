@@ -1,0 +1,321 @@
+r"""Train-step and eval throughput of our Swin against timm's, in one process.
+
+What is timed is what training runs: `trainer.make_train_step` (AdamW with
+clipping, label smoothing, the step's metrics) jitted with the state donated,
+and `trainer.make_eval_step`. timm runs the same model (same shapes, drop path,
+clipping, label smoothing) with torch's AdamW. Contestants are interleaved in
+rounds (ours, timm, ours eval, timm eval, matmul peak) so that load from other
+processes hits them alike; figures are medians over rounds.
+
+MFU = (3 x forward FLOPs per image, from XLA's cost analysis) x img/s / peak,
+with the peak a jitted f32 2048^2 matmul timed in the same rounds.
+
+  python -m benchmarks.throughput --output=throughput.json   # small, swin_t_32 on CPU
+  python -m benchmarks.throughput --configs=swin_t_224 --gelu=erf   # accelerators
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from configs import base
+from hierarchical_vit import tcmalloc
+from hierarchical_vit.presets import apply_preset
+from hierarchical_vit.training import optimizer as optimizer_lib
+from hierarchical_vit.training import trainer
+
+NUM_CLASSES = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """A model to benchmark: our preset and the matching timm arguments."""
+  preset: str
+  img_size: int
+  timm_kwargs: dict
+
+
+# timm's swin_tiny_patch4_window7_224 with these overrides is our preset.
+_CIFAR_TIMM = dict(img_size=32, patch_size=2, window_size=4)
+CONFIGS = {
+    'small': BenchConfig('cifar_small', 32, dict(_CIFAR_TIMM, embed_dim=48, depths=(2, 2, 2),
+                                                 num_heads=(3, 6, 12))),
+    'swin_t_32': BenchConfig('cifar_swin_t', 32, _CIFAR_TIMM),
+    'swin_t_224': BenchConfig('swin_t', 224, {}),
+}
+
+
+def _median(times: list[float]) -> float:
+  return statistics.median(times)
+
+
+def _rss_mib() -> float:
+  """Peak resident memory of this process so far (both frameworks)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_config(bench: BenchConfig, gelu_approximate: bool) -> ml_collections.ConfigDict:
+  """Full config (train defaults of configs/base.py) for a benchmark model."""
+  config = base.get_config()
+  apply_preset(config.model, bench.preset)
+  config.model.num_classes = NUM_CLASSES
+  config.model.gelu_approximate = gelu_approximate
+  return config
+
+
+class MatmulPeak:
+  """Times a jitted f32 (n, n) @ (n, n): the attainable matmul FLOP/s."""
+
+  def __init__(self, n: int = 2048, reps: int = 10):
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    self.flops = 2 * n ** 3 * reps
+    self.fn = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda _, x: x @ a * 1e-3, a))
+    self.a = a
+    self.fn(a).block_until_ready()
+
+  def __call__(self) -> float:
+    """One timed run; returns GFLOP/s."""
+    start = time.perf_counter()
+    self.fn(self.a).block_until_ready()
+    return self.flops / (time.perf_counter() - start) / 1e9
+
+
+class Ours:
+  """Our jitted train and eval steps on one fixed random batch."""
+
+  def __init__(self, config: ml_collections.ConfigDict, batch: int):
+    graphdef, eval_graphdef, params, self.rest = trainer.init_model(config)
+    steps = 1000
+    schedule = optimizer_lib.create_learning_rate_schedule(config.train, steps, steps)
+    tx = optimizer_lib.create_optimizer(config.train, schedule)
+    self.state = trainer.create_train_state(config, params, tx)
+    rng = np.random.default_rng(0)
+    size = config.model.img_size
+    self.batch = {
+        'image': jnp.asarray(rng.standard_normal((batch, size, size, config.model.in_chans),
+                                                     np.float32)),
+        'label': jnp.asarray(rng.integers(0, NUM_CLASSES, batch, dtype=np.int32)),
+        'mask': jnp.ones(batch, bool),
+    }
+    train_batch = {k: self.batch[k] for k in ('image', 'label')}
+    self.num_params = sum(x.size for x in jax.tree.leaves(params))
+
+    start = time.perf_counter()
+    self.train_step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config),
+                              donate_argnums=0).lower(self.state, train_batch, self.rest).compile()
+    self.train_compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    self.eval_step = jax.jit(trainer.make_eval_step(eval_graphdef, NUM_CLASSES)).lower(
+        self.state['params'], self.batch, self.rest).compile()
+    self.eval_compile_s = time.perf_counter() - start
+    self.train_batch = train_batch
+
+    def forward(params, images):
+      return nnx.merge(eval_graphdef, params, self.rest)(images)
+
+    cost = jax.jit(forward).lower(params, self.batch['image']).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.forward_flops_per_image = float(cost['flops']) / batch
+
+  def memory(self) -> dict[str, float]:
+    """XLA's static buffer sizes of the compiled train step, MiB."""
+    mem = self.train_step.memory_analysis()
+    if mem is None:
+      return {}
+    mib = lambda b: b / 2**20
+    return {'xla_args_mib': mib(mem.argument_size_in_bytes),
+            'xla_temp_mib': mib(mem.temp_size_in_bytes),
+            'xla_peak_mib': mib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)}
+
+  def train(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.state, metrics = self.train_step(self.state, self.train_batch, self.rest)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - start
+
+  def eval(self, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+      sums = self.eval_step(self.state['params'], self.batch, self.rest)
+    jax.block_until_ready(sums)
+    return time.perf_counter() - start
+
+
+class Timm:
+  """timm's Swin with torch AdamW, clipping and label smoothing, as ours trains."""
+
+  def __init__(self, bench: BenchConfig, config: ml_collections.ConfigDict, batch: int):
+    import timm  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    self.torch = torch
+    tc = config.train
+    self.model = timm.create_model('swin_tiny_patch4_window7_224', num_classes=NUM_CLASSES,
+                                   drop_path_rate=config.model.drop_path_rate,
+                                   **bench.timm_kwargs)
+    self.num_params = sum(p.numel() for p in self.model.parameters())
+    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.learning_rate,
+                                       betas=(tc.b1, tc.b2), weight_decay=tc.weight_decay)
+    self.loss = torch.nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+    self.clip = tc.grad_clip_norm
+    gen = torch.Generator().manual_seed(0)
+    size = bench.img_size
+    self.images = torch.randn(batch, 3, size, size, generator=gen)
+    self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+
+  def train(self, steps: int) -> float:
+    self.model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+      self.optimizer.zero_grad(set_to_none=True)
+      self.loss(self.model(self.images), self.labels).backward()
+      self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+      self.optimizer.step()
+    return time.perf_counter() - start
+
+  def eval(self, steps: int) -> float:
+    self.model.eval()
+    start = time.perf_counter()
+    with self.torch.no_grad():
+      for _ in range(steps):
+        self.model(self.images)
+    return time.perf_counter() - start
+
+
+def _timm_available() -> bool:
+  try:
+    import timm  # pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    return False
+  return True
+
+
+def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
+              rounds: int, with_timm: bool) -> dict[str, Any]:
+  """Interleaved timed rounds of ours (and timm) on CONFIGS[name]."""
+  bench = CONFIGS[name]
+  config = model_config(bench, gelu_approximate=gelu == 'tanh')
+  ours = Ours(config, batch)
+  timm_model = Timm(bench, config, batch) if with_timm else None
+  contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train,
+                                                    'ours_eval': ours.eval}
+  if timm_model:
+    contestants.update(timm_train=timm_model.train, timm_eval=timm_model.eval)
+  for fn in contestants.values():  # Warm-up: allocators, caches, torch's first step.
+    fn(1)
+  times = {k: [] for k in contestants}
+  peaks = []
+  for _ in range(rounds):
+    for key, fn in contestants.items():
+      times[key].append(fn(steps))
+    peaks.append(peak())
+
+  result = {
+      'config': name, 'gelu': gelu, 'batch': batch, 'params': int(ours.num_params),
+      'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
+      'peak_gflops': _median(peaks),
+      'train_compile_s': ours.train_compile_s, 'eval_compile_s': ours.eval_compile_s,
+      **ours.memory(),
+  }
+  for key, ts in times.items():
+    result[f'{key}_img_s'] = steps * batch / _median(ts)
+  result['ours_train_mfu'] = (result['ours_train_img_s'] * result['train_gflop_per_img']
+                              / result['peak_gflops'])
+  if timm_model:
+    result['timm_params'] = int(timm_model.num_params)
+    result['timm_train_mfu'] = (result['timm_train_img_s'] * result['train_gflop_per_img']
+                                / result['peak_gflops'])
+    for mode in ('train', 'eval'):
+      result[f'{mode}_ratio'] = result[f'ours_{mode}_img_s'] / result[f'timm_{mode}_img_s']
+  return result
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+  """A Markdown table of the results."""
+  columns = [('config', 'config', '{}'), ('gelu', 'gelu', '{}'),
+             ('ours train img/s', 'ours_train_img_s', '{:.0f}'),
+             ('timm train img/s', 'timm_train_img_s', '{:.0f}'),
+             ('train ratio', 'train_ratio', '{:.2f}'),
+             ('ours eval img/s', 'ours_eval_img_s', '{:.0f}'),
+             ('timm eval img/s', 'timm_eval_img_s', '{:.0f}'),
+             ('eval ratio', 'eval_ratio', '{:.2f}'),
+             ('train MFU', 'ours_train_mfu', '{:.0%}'),
+             ('timm MFU', 'timm_train_mfu', '{:.0%}'),
+             ('peak GFLOP/s', 'peak_gflops', '{:.0f}'),
+             ('compile s (train/eval)', None, None),
+             ('XLA peak MiB', 'xla_peak_mib', '{:.0f}')]
+  lines = ['| ' + ' | '.join(c[0] for c in columns) + ' |',
+           '|' + '---|' * len(columns)]
+  for r in results:
+    cells = []
+    for _, key, fmt in columns:
+      if key is None:
+        cells.append(f'{r["train_compile_s"]:.1f} / {r["eval_compile_s"]:.1f}')
+      else:
+        cells.append(fmt.format(r[key]) if key in r else '-')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  backend = jax.default_backend()
+  names = _CONFIGS.value or (['small', 'swin_t_32'] if backend == 'cpu' else list(CONFIGS))
+  with_timm = _TIMM.value and _timm_available()
+  if with_timm:
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(_THREADS.value or os.cpu_count())
+  peak = MatmulPeak()
+  gelus = ['tanh', 'erf'] if _GELU.value == 'both' else [_GELU.value]
+  results = []
+  for name in names:
+    for gelu in gelus:
+      results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
+                               with_timm))
+      print(json.dumps(results[-1]), flush=True)
+  report = {
+      'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
+      'devices': [str(d) for d in jax.devices()], 'machine': platform.processor() or
+      platform.machine(), 'cpu_count': os.cpu_count(), 'load_average': os.getloadavg(),
+      'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'ld_preload': os.environ.get('LD_PRELOAD', ''),
+      'peak_rss_mib': _rss_mib(), 'results': results,
+  }
+  print(format_table(results))
+  print(f'load average {report["load_average"]}, peak RSS {report["peak_rss_mib"]:.0f} MiB')
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w') as f:
+      json.dump(report, f, indent=1)
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, so that tests can import this module next
+  # to other modules' flags.
+  _CONFIGS = flags.DEFINE_list(
+      'configs', None, 'Names in CONFIGS; default: small,swin_t_32 on CPU, all three elsewhere.')
+  _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
+  _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed round and contestant.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timed rounds; figures are medians.')
+  _GELU = flags.DEFINE_enum('gelu', 'both', ['tanh', 'erf', 'both'],
+                            'Our GELU form (timm always uses exact erf).')
+  _TIMM = flags.DEFINE_bool('timm', True, 'Time timm beside ours if it imports.')
+  _THREADS = flags.DEFINE_integer('torch_threads', None, 'torch threads; default: CPU count.')
+  _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')
+  # Both contestants share this process, hence the allocator (set
+  # HIERARCHICAL_VIT_TCMALLOC=0 to time both under glibc malloc).
+  tcmalloc.reexec_with_tcmalloc()
+  app.run(main)

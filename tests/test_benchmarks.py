@@ -1,0 +1,35 @@
+"""The throughput benchmark compares like with like (no timing here)."""
+
+import jax
+import pytest
+from flax import nnx
+
+from benchmarks import throughput
+from hierarchical_vit.models import build_model
+
+timm = pytest.importorskip('timm', reason='interop extra (torch + timm) not installed')
+
+
+@pytest.mark.parametrize('name', ['small', 'swin_t_32', 'swin_t_224'])
+def test_ours_and_timm_have_the_same_parameters(name):
+  bench = throughput.CONFIGS[name]
+  config = throughput.model_config(bench, gelu_approximate=True)
+  model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
+  ours = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  reference = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
+                                num_classes=throughput.NUM_CLASSES, **bench.timm_kwargs)
+  assert config.model.img_size == bench.img_size
+  assert ours == sum(p.numel() for p in reference.parameters())
+
+
+def test_format_table_has_a_row_per_result_and_dashes_for_missing_timm():
+  row = {'config': 'small', 'gelu': 'tanh', 'ours_train_img_s': 300.0,
+         'ours_eval_img_s': 1100.0, 'ours_train_mfu': 0.25, 'peak_gflops': 340.0,
+         'train_compile_s': 5.9, 'eval_compile_s': 0.8, 'xla_peak_mib': 716.0}
+  with_timm = dict(row, timm_train_img_s=400.0, timm_eval_img_s=1000.0, train_ratio=0.75,
+                   eval_ratio=1.1, timm_train_mfu=0.33)
+  lines = throughput.format_table([row, with_timm]).splitlines()
+  assert len(lines) == 4
+  assert lines[2].split(' | ')[3] == '-'
+  assert '| 0.75 |' in lines[3] and '| 1.10 |' in lines[3] and '25%' in lines[3]
+  assert '5.9 / 0.8' in lines[2]
