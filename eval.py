@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from hierarchical_vit import data
 from hierarchical_vit import parallel
+from hierarchical_vit import tcmalloc
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import tasks
 from hierarchical_vit.training import trainer
@@ -249,4 +250,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  tcmalloc.reexec_with_tcmalloc()
   app.run(main)

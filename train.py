@@ -15,6 +15,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from hierarchical_vit import parallel
+from hierarchical_vit import tcmalloc
 from hierarchical_vit.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/base.py',
@@ -43,4 +44,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  tcmalloc.reexec_with_tcmalloc()
   app.run(main)
