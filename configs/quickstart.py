@@ -21,7 +21,7 @@ def get_config():
   m.num_heads = (2, 4, 8)
   m.window_size = 4
   m.gelu_approximate = True
-  # A 5-epoch budget underfits: regularization only slows learning here.
+  # A short budget underfits: regularization only slows learning here.
   m.drop_path_rate = 0.0
   m.downsample = 'patch_merge'
   config.data.name = 'fashion_mnist'
@@ -29,8 +29,10 @@ def get_config():
   config.data.image_size = 32
   config.data.crop_padding = 0
   config.train.batch_size = 128
-  config.train.num_epochs = 6.0
+  # 8 epochs of ~75 s each under tcmalloc on 2 cores (README: measured result).
+  config.train.num_epochs = 8.0
   config.train.warmup_epochs = 0.25
   config.train.learning_rate = 2e-3
   config.train.log_every_steps = 100
+  config.train.eval_every_steps = 936  # Every 2 epochs: a learning curve at ~5 s each.
   return config
