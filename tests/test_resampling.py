@@ -161,3 +161,36 @@ def test_unknown_names_list_choices():
     UPSAMPLERS['interpolate'](8, method='cubic', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r'kernel_size=5'):
     DOWNSAMPLERS['conv'](8, kernel_size=5, rngs=nnx.Rngs(0))
+
+
+def _numpy_depthwise_conv_stride_2(x, kernel, bias):
+  """Direct loops: out[b, i, j, c*m + q] = bias + sum_{dy,dx} xpad[b, 2i+dy, 2j+dx, c] * w."""
+  k = kernel.shape[0]
+  b, h, w, c = x.shape
+  m = kernel.shape[-1] // c
+  pad = k // 2
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = (h + 2 * pad - k) // 2 + 1, (w + 2 * pad - k) // 2 + 1
+  out = np.zeros((b, ho, wo, c * m), np.float64)
+  for i in range(ho):
+    for j in range(wo):
+      window = xp[:, 2 * i:2 * i + k, 2 * j:2 * j + k]  # (b, k, k, c)
+      for ch in range(c):
+        for q in range(m):
+          out[:, i, j, ch * m + q] = (window[..., ch] * kernel[:, :, ch * m + q]).sum((1, 2))
+  return out + bias
+
+
+@pytest.mark.parametrize('h, w, c, out, k', [(8, 8, 4, 8, 3), (7, 9, 3, 6, 3), (6, 5, 2, 2, 5)])
+def test_depthwise_conv_pool_is_the_grouped_conv(h, w, c, out, k):
+  """The tap implementation equals numpy loops and XLA's grouped conv on the same weights."""
+  module = DOWNSAMPLERS['depthwise_conv_pool'](c, out, kernel_size=k, rngs=nnx.Rngs(0))
+  module.conv.bias[...] = jax.random.normal(jax.random.key(1), (out,))
+  x = jax.random.normal(jax.random.key(2), (2, h, w, c))
+  kernel = module.conv.kernel[...][:, :, 0]
+  taps = resampling.downsample.depthwise_conv_stride_2(x, kernel, module.conv.bias[...])
+  expected = _numpy_depthwise_conv_stride_2(np.asarray(x, np.float64), np.asarray(kernel),
+                                            np.asarray(module.conv.bias[...]))
+  np.testing.assert_allclose(taps, expected, atol=1e-5)
+  np.testing.assert_allclose(taps, module.conv(x), atol=1e-5)
+  np.testing.assert_allclose(module(x), module.norm(module.conv(x)), atol=1e-3)
