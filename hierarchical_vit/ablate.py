@@ -192,7 +192,7 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
   """Optimizer steps the run trains for (reads the data set's size if needed)."""
   if config.train.num_steps > 0:
     return int(config.train.num_steps)
-  info = data.get_dataset_info(config.data)
+  info = data.get_dataset_info(config.data, task=config.task)
   return trainer.compute_steps(config.train, info.num_train_examples)[1]
 
 

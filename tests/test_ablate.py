@@ -282,3 +282,16 @@ def test_real_run_through_train_py(tmp_path, data_dir):
   errors = information.trained_errors(str(tmp_path / 'work/runs/avg_pool-seed0'),
                                       images[:6], images[6:])
   assert errors['space_to_depth'] < 1e-4 < errors['trained']
+
+
+@pytest.fixture(scope='module')
+def canvas_dir(tmp_path_factory) -> str:
+  return prepare_slice(tmp_path_factory, 'fashion_mnist_canvas', 64)
+
+
+def test_total_steps_of_a_segmentation_sweep_reads_the_canvas_split(canvas_dir):
+  """Segmentation data sets have no image labels: the run's task must reach the data info."""
+  run = ablate.expand_sweep(upsample.get_config())[0]
+  run.config.data.data_dir = canvas_dir
+  run.config.train.update(batch_size=16, num_epochs=2.0, num_steps=0)
+  assert ablate.total_steps(run.config) == 2 * 64 // 16
