@@ -32,6 +32,7 @@ RESULTS_DIR/<sweep>/{results.csv,results.md,*.png} (hierarchical_vit.analysis).
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -230,6 +231,16 @@ def finished_step(records: Sequence[dict]) -> int | None:
   return steps[-1] if steps else None
 
 
+def config_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """A hash of what a run trains: its config without the sweep section and
+  data_dir (a committed result stays valid on a machine with another data dir)."""
+  trained = config.to_dict()
+  trained.pop('sweep', None)
+  trained.get('data', {}).pop('data_dir', None)
+  text = json.dumps(trained, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def summarize(sweep: str, run: Run, records: Sequence[dict], cost: dict[str, float],
               wall_time_s: float, resumed: bool) -> dict[str, Any]:
   """The result.json of a finished run."""
@@ -239,7 +250,7 @@ def summarize(sweep: str, run: Run, records: Sequence[dict], cost: dict[str, flo
   speeds = [r['img_per_sec'] for r in records if 'img_per_sec' in r]
   return {
       'sweep': sweep, 'run': run.name, 'variant': run.variant, 'seed': run.seed,
-      'overrides': run.overrides,
+      'overrides': run.overrides, 'config_fingerprint': config_fingerprint(run.config),
       'test_top1': final.get('eval/accuracy'), 'test_loss': final.get('eval/loss'),
       'eval': final, 'steps': evals[-1]['step'],
       'params': cost['params'], 'gflops': cost['gflops'],
@@ -289,7 +300,21 @@ class Sweep:
     return os.path.join(self.output_dir, 'runs', f'{run.name}.json')
 
   def is_finished(self, run: Run) -> bool:
-    return os.path.exists(self.local_result(run)) or os.path.exists(self.committed_result(run))
+    """Whether a result of this run exists; raises if it was trained with
+    another config (e.g. the sweep's epochs changed since)."""
+    for path in (self.local_result(run), self.committed_result(run)):
+      if not os.path.exists(path):
+        continue
+      with open(path, encoding='utf-8') as f:
+        recorded = json.load(f).get('config_fingerprint')
+      expected = config_fingerprint(run.config)
+      if recorded is not None and recorded != expected:
+        raise ValueError(
+            f'{path}: run {run.name} was trained with another config (fingerprint '
+            f'{recorded}, now {expected}). Delete it and {self.run_dir(run)} to retrain, '
+            'or pass another --results_dir and --workdir.')
+      return True
+    return False
 
   def results(self) -> list[dict[str, Any]]:
     """Every finished run's result, in sweep order (local copy preferred)."""

@@ -148,6 +148,23 @@ def test_skips_local_and_committed_results(tmp_path):
   assert len(other.results()) == 6
 
 
+
+def test_result_of_another_config_is_refused_not_reused(tmp_path):
+  """A sweep whose epochs changed must not silently collect the old runs."""
+  trainer = FakeTrainer()
+  sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path / 'a'), str(tmp_path / 'c'))
+  sweep.execute(sweep.runs, trainer, fake_cost)
+  moved = sweep_config(seeds=(0,))
+  moved.data.data_dir = '/elsewhere'  # Another machine's data dir: still the same run.
+  assert ablate.Sweep(moved, str(tmp_path / 'b'), str(tmp_path / 'c')).is_finished(sweep.runs[0])
+  changed = sweep_config(seeds=(0,))
+  changed.train.learning_rate = 0.1
+  other = ablate.Sweep(changed, str(tmp_path / 'b'), str(tmp_path / 'c'))
+  with pytest.raises(ValueError, match=r'patch_merge-seed0.json: run patch_merge-seed0 was '
+                                       r'trained with another config'):
+    other.execute(other.runs, trainer, fake_cost)
+  assert len(trainer.calls) == 2
+
 def test_interrupted_run_raises_then_resumes(tmp_path):
   sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path))
   with pytest.raises(RuntimeError, match='patch_merge-seed0 stopped at step 2 of 4'):
