@@ -35,7 +35,9 @@ class ConvStem(nnx.Module):
   LayerNorm. It sees across patch borders, which helps small images.
 
   No conv runs at full resolution: a stride-1 full-resolution conv made the
-  stem ~40% of the quickstart's train step on XLA:CPU for no accuracy gain.
+  stem ~40% of the quickstart's train step on XLA:CPU. Without it a step is
+  1.54x faster, at a slightly lower accuracy per epoch (quickstart, 2026-11-25:
+  89.5% after 6 epochs, against 89.65% after 5 with the stride-1 conv).
   """
 
   def __init__(self, in_chans: int, embed_dim: int, patch_size: int, *, rngs: nnx.Rngs,

@@ -144,7 +144,7 @@ def depthwise_conv_stride_2(x: jax.Array, kernel: jax.Array, bias: jax.Array) ->
   Returns (B, Ho, Wo, C * m), Ho = (H + 2 * (k // 2) - k) // 2 + 1.
   """
   k = kernel.shape[0]
-  b, h, w, c = x.shape
+  _, h, w, c = x.shape
   multiplier = kernel.shape[-1] // c
   pad = k // 2
   x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
