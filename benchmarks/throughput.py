@@ -32,7 +32,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import base
-from hierarchical_vit import tcmalloc
+from hierarchical_vit import report, tcmalloc
 from hierarchical_vit.presets import apply_preset
 from hierarchical_vit.training import optimizer as optimizer_lib
 from hierarchical_vit.training import trainer
@@ -56,10 +56,6 @@ CONFIGS = {
     'swin_t_32': BenchConfig('cifar_swin_t', 32, _CIFAR_TIMM),
     'swin_t_224': BenchConfig('swin_t', 224, {}),
 }
-
-
-def _median(times: list[float]) -> float:
-  return statistics.median(times)
 
 
 def _rss_mib() -> float:
@@ -111,7 +107,6 @@ class Ours:
         'mask': jnp.ones(batch, bool),
     }
     train_batch = {k: self.batch[k] for k in ('image', 'label')}
-    self.num_params = sum(x.size for x in jax.tree.leaves(params))
 
     start = time.perf_counter()
     self.train_step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config),
@@ -122,13 +117,10 @@ class Ours:
         self.state['params'], self.batch, self.rest).compile()
     self.eval_compile_s = time.perf_counter() - start
     self.train_batch = train_batch
-
-    def forward(params, images):
-      return nnx.merge(eval_graphdef, params, self.rest)(images)
-
-    cost = jax.jit(forward).lower(params, self.batch['image']).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    self.forward_flops_per_image = float(cost['flops']) / batch
+    eval_model = nnx.merge(eval_graphdef, params, self.rest)
+    self.num_params = report.count_params(eval_model)
+    self.forward_flops_per_image = (
+        report.forward_flops(eval_model, self.batch['image'].shape) / batch)
 
   def memory(self) -> dict[str, float]:
     """XLA's static buffer sizes of the compiled train step, MiB."""
@@ -227,12 +219,12 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
   result = {
       'config': name, 'gelu': gelu, 'batch': batch, 'params': int(ours.num_params),
       'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
-      'peak_gflops': _median(peaks),
+      'peak_gflops': statistics.median(peaks),
       'train_compile_s': ours.train_compile_s, 'eval_compile_s': ours.eval_compile_s,
       **ours.memory(),
   }
   for key, ts in times.items():
-    result[f'{key}_img_s'] = steps * batch / _median(ts)
+    result[f'{key}_img_s'] = steps * batch / statistics.median(ts)
   result['ours_train_mfu'] = (result['ours_train_img_s'] * result['train_gflop_per_img']
                               / result['peak_gflops'])
   if timm_model:
@@ -287,7 +279,7 @@ def main(argv):
       results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
                                with_timm))
       print(json.dumps(results[-1]), flush=True)
-  report = {
+  summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
       'devices': [str(d) for d in jax.devices()], 'machine': platform.processor() or
       platform.machine(), 'cpu_count': os.cpu_count(), 'load_average': os.getloadavg(),
@@ -296,10 +288,10 @@ def main(argv):
       'peak_rss_mib': _rss_mib(), 'results': results,
   }
   print(format_table(results))
-  print(f'load average {report["load_average"]}, peak RSS {report["peak_rss_mib"]:.0f} MiB')
+  print(f'load average {summary["load_average"]}, peak RSS {summary["peak_rss_mib"]:.0f} MiB')
   if _OUTPUT.value:
     with open(_OUTPUT.value, 'w') as f:
-      json.dump(report, f, indent=1)
+      json.dump(summary, f, indent=1)
 
 
 if __name__ == '__main__':

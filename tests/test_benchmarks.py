@@ -1,10 +1,10 @@
 """The throughput benchmark compares like with like (no timing here)."""
 
-import jax
 import pytest
 from flax import nnx
 
 from benchmarks import throughput
+from hierarchical_vit import report
 from hierarchical_vit.models import build_model
 
 timm = pytest.importorskip('timm', reason='interop extra (torch + timm) not installed')
@@ -14,8 +14,8 @@ timm = pytest.importorskip('timm', reason='interop extra (torch + timm) not inst
 def test_ours_and_timm_have_the_same_parameters(name):
   bench = throughput.CONFIGS[name]
   config = throughput.model_config(bench, gelu_approximate=True)
-  model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
-  ours = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  ours = report.count_params(nnx.eval_shape(lambda: build_model(config.model,
+                                                                rngs=nnx.Rngs(0))))
   reference = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
                                 num_classes=throughput.NUM_CLASSES, **bench.timm_kwargs)
   assert config.model.img_size == bench.img_size
