@@ -8,6 +8,8 @@ configs/ablations/downsample.py):
   sweep.variants     ({'name': 'avg_pool', 'overrides': {'model.downsample': 'avg_pool'}}, ...)
   sweep.comparisons  (('patch_merge', 'avg_pool'), ...): differences a - b to report
   sweep.metric       final eval metric to compare, e.g. 'eval/accuracy'
+  sweep.grid         optional, for crossed sweeps: {'rows', 'columns', 'cell'}
+                     lays the variants out as a table (hierarchical_vit.analysis)
 
 Run `<variant>-seed<seed>` trains in WORKDIR/runs/<name> with train.py in a
 child process: each run gets fresh memory, and an interrupted run resumes
@@ -115,6 +117,11 @@ def expand_sweep(config: ml_collections.ConfigDict) -> list[Run]:
   for a, b in sweep.comparisons:
     if a not in names or b not in names:
       raise ValueError(f'sweep.comparisons ({a!r}, {b!r}) names a variant not in {names}')
+  if 'grid' in sweep:
+    for (row, column), cell in aggregate.grid_cells(sweep.grid).items():
+      if cell not in names:
+        raise ValueError(f'sweep.grid cell (row {row!r}, column {column!r}) = {cell!r} '
+                         f'is not a variant in {names}')
   runs = []
   for variant in sweep.variants:
     for seed in sweep.seeds:

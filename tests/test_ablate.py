@@ -250,7 +250,45 @@ def test_aggregates_by_hand(tmp_path):
   assert '| avg_pool | 3 | 88.00 ± 3.00 |' in markdown
   assert '| patch_merge − avg_pool | 3, 3 | 4.00 ± 2.08 |' in markdown
   csv_lines = (tmp_path / 'results.csv').read_text().splitlines()
-  assert len(csv_lines) == 7 and csv_lines[0].startswith('run,variant,seed,test_top1')
+  assert len(csv_lines) == 7 and csv_lines[0].startswith('run,variant,seed,eval/accuracy,')
+  assert csv_lines[1].startswith('patch_merge-seed0,patch_merge,0,0.9,')
+
+
+def grid_sweep() -> ml_collections.ConfigDict:
+  """2 upsamplers x 2 downsamplers, cells named '<down>+<up>'."""
+  config = sweep_config(seeds=(0, 1))
+  config.sweep.variants = tuple(
+      {'name': f'{down}+{up}', 'overrides': {'model.downsample': down}}
+      for up in ('expand', 'bilinear') for down in ('merge', 'pool'))
+  config.sweep.comparisons = ()
+  config.sweep.grid = {'rows': ('expand', 'bilinear'), 'columns': ('merge', 'pool'),
+                       'cell': '{column}+{row}'}
+  return config
+
+
+def test_grid_table_and_plot_by_hand(tmp_path):
+  sweep = grid_sweep().sweep
+  values = {'merge+expand': (0.50, 0.54), 'pool+expand': (0.40, 0.40),
+            'merge+bilinear': (0.30, 0.36)}  # pool+bilinear not run yet.
+  results = [_result(variant, seed, value) for variant, pair in values.items()
+             for seed, value in enumerate(pair)]
+  written = aggregate.write_all(results, sweep, str(tmp_path))
+  assert os.path.basename(written[-1]) == 'grid.png'
+  with open(written[-1], 'rb') as f:
+    assert f.read(8) == PNG_SIGNATURE
+  markdown = (tmp_path / 'results.md').read_text()
+  assert '| | merge | pool |' in markdown
+  assert '| expand | 52.00 ± 2.83 (2) | 40.00 ± 0.00 (2) |' in markdown
+  assert '| bilinear | 33.00 ± 4.24 (2) | – |' in markdown
+
+
+def test_grid_cell_that_is_no_variant_raises():
+  config = grid_sweep()
+  assert len(ablate.expand_sweep(config)) == 8
+  config.sweep.grid.cell = '{row}+{column}'
+  with pytest.raises(ValueError, match=r"sweep.grid cell \(row 'expand', column 'merge'\) = "
+                                       r"'expand\+merge'"):
+    ablate.expand_sweep(config)
 
 
 @pytest.fixture(scope='module')

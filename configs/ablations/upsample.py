@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
           {'name': f'{down}+{up}', 'overrides': {'model.downsample': down, **overrides}}
           for up, overrides in UPSAMPLERS.items() for down in DOWNSAMPLERS),
       'comparisons': tuple((f'patch_merge+{up}', f'avg_pool+{up}') for up in UPSAMPLERS),
+      'grid': {'rows': tuple(UPSAMPLERS), 'columns': DOWNSAMPLERS, 'cell': '{column}+{row}'},
       'metric': 'eval/miou',  # Mean IoU over the classes (the trainer's eval).
   })
   return config

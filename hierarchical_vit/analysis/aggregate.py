@@ -4,11 +4,18 @@
   results.md                  per variant: metric mean ± std over seeds, n,
                               params, GFLOPs, train img/s (and the information
                               loss of its resampling if information.json is
-                              there); the sweep's comparisons a - b with
-                              Welch 95% confidence intervals
-  accuracy_vs_params.png      metric vs parameters, ±1 std error bars
-  accuracy_vs_gflops.png      metric vs forward GFLOPs per image
+                              there); the sweep's grid, if it has one; its
+                              comparisons a - b with Welch 95% confidence
+                              intervals
+  metric_vs_params.png        metric vs parameters, ±1 std error bars
+  metric_vs_gflops.png        metric vs forward GFLOPs per image
   learning_curves.png         eval metric per epoch, mean ± std over seeds
+  grid.png                    (sweeps with a grid) metric per cell, bars
+                              grouped by row, ±1 std error bars
+
+A crossed sweep (e.g. upsampler x downsampler) names its layout in
+`sweep.grid`: {'rows': (...), 'columns': (...), 'cell': '{column}+{row}'},
+`cell` formatting each (row, column) into the name of that cell's variant.
 """
 
 import csv
@@ -28,7 +35,8 @@ import numpy as np
 from hierarchical_vit.analysis import stats
 
 Result = dict[str, Any]
-CSV_COLUMNS = ('run', 'variant', 'seed', 'test_top1', 'test_loss', 'params', 'gflops',
+# The sweep's metric is a column too, named after it (e.g. 'eval/miou').
+CSV_COLUMNS = ('run', 'variant', 'seed', 'test_loss', 'params', 'gflops',
                'train_img_per_sec', 'wall_time_s', 'steps', 'date', 'overrides')
 
 
@@ -37,6 +45,12 @@ def metric_of(result: Result, metric: str) -> float:
     raise ValueError(f'sweep.metric={metric!r} is not among run {result["run"]}\'s '
                      f'final eval metrics {sorted(result["eval"])}')
   return float(result['eval'][metric])
+
+
+def grid_cells(grid: ml_collections.ConfigDict) -> dict[tuple[str, str], str]:
+  """{(row, column): variant name} of a sweep.grid."""
+  return {(row, column): grid.cell.format(row=row, column=column)
+          for row in grid.rows for column in grid.columns}
 
 
 def by_variant(results: Sequence[Result]) -> dict[str, list[Result]]:
@@ -75,12 +89,13 @@ def comparison_table(results: Sequence[Result], metric: str,
   return rows
 
 
-def write_csv(results: Sequence[Result], path: str) -> None:
+def write_csv(results: Sequence[Result], metric: str, path: str) -> None:
+  columns = CSV_COLUMNS[:3] + (metric,) + CSV_COLUMNS[3:]
   with open(path, 'w', newline='', encoding='utf-8') as f:
-    writer = csv.DictWriter(f, CSV_COLUMNS)
+    writer = csv.DictWriter(f, columns)
     writer.writeheader()
     for r in results:
-      writer.writerow({**{k: r.get(k) for k in CSV_COLUMNS},
+      writer.writerow({**{k: r.get(k) for k in CSV_COLUMNS}, metric: metric_of(r, metric),
                        'overrides': json.dumps(r['overrides'], sort_keys=True)})
 
 
@@ -114,6 +129,9 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
               "for the variant's downsampler: its parameter-free resampling, or the best any "
               'learned map of its shape can do (hierarchical_vit/information.py; '
               'information.json).']
+  if 'grid' in sweep:
+    lines += ['', f'## Grid: {metric} (%), mean ± std (n)', ''] + _grid_markdown(
+        results, metric, sweep.grid)
   rows = comparison_table(results, metric, sweep.comparisons)
   if rows:
     lines += ['', f'## Differences a − b of {metric} (percentage points)', '',
@@ -125,6 +143,43 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
                    f'{_percent(r["mean"])} ± {_percent(r["std_error"])} | '
                    f'[{_percent(r["ci_low"])}, {_percent(r["ci_high"])}] | {r["df"]:.1f} |')
   return '\n'.join(lines) + '\n'
+
+
+def _grid_markdown(results: Sequence[Result], metric: str,
+                   grid: ml_collections.ConfigDict) -> list[str]:
+  """Rows x columns table of the cells' mean ± std (n); '–' for cells not run yet."""
+  table = {row['variant']: row for row in variant_table(results, metric)}
+  lines = ['| | ' + ' | '.join(grid.columns) + ' |', '|---|' + '---|' * len(grid.columns)]
+  cells = grid_cells(grid)
+  for row_name in grid.rows:
+    entries = []
+    for column in grid.columns:
+      row = table.get(cells[row_name, column])
+      entries.append('–' if row is None else
+                     f'{_percent(row["mean"])} ± {_percent(row["std"])} ({row["n"]})')
+    lines.append(f'| {row_name} | ' + ' | '.join(entries) + ' |')
+  return lines
+
+
+def plot_grid(results: Sequence[Result], metric: str, grid: ml_collections.ConfigDict,
+              path: str) -> None:
+  """Bars of each cell's mean ± std: one group per row, one colour per column."""
+  table = {row['variant']: row for row in variant_table(results, metric)}
+  cells = grid_cells(grid)
+  fig, ax = plt.subplots(figsize=(1.6 * len(grid.rows) + 2, 4))
+  width = 0.8 / len(grid.columns)
+  for j, column in enumerate(grid.columns):
+    rows = [table.get(cells[r, column]) for r in grid.rows]
+    x = np.arange(len(grid.rows)) + (j - (len(grid.columns) - 1) / 2) * width
+    ax.bar(x, [100 * r['mean'] if r else np.nan for r in rows], width,
+           yerr=[100 * r['std'] if r else 0 for r in rows], capsize=3, label=column)
+  ax.set_xticks(np.arange(len(grid.rows)), grid.rows, rotation=15)
+  ax.set_ylabel(f'{metric} (%)')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3, axis='y')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
 
 
 def plot_cost(results: Sequence[Result], metric: str, cost: str, path: str) -> None:
@@ -184,13 +239,15 @@ def write_all(results: Sequence[Result], sweep: ml_collections.ConfigDict,
   if os.path.exists(info_path):
     with open(info_path, encoding='utf-8') as f:
       information = json.load(f)['errors']
-  paths = {name: os.path.join(output_dir, name) for name in (
-      'results.csv', 'results.md', 'accuracy_vs_params.png', 'accuracy_vs_gflops.png',
-      'learning_curves.png')}
-  write_csv(results, paths['results.csv'])
+  names = ['results.csv', 'results.md', 'metric_vs_params.png', 'metric_vs_gflops.png',
+           'learning_curves.png'] + (['grid.png'] if 'grid' in sweep else [])
+  paths = {name: os.path.join(output_dir, name) for name in names}
+  write_csv(results, sweep.metric, paths['results.csv'])
   with open(paths['results.md'], 'w', encoding='utf-8') as f:
     f.write(markdown(results, sweep, information))
-  plot_cost(results, sweep.metric, 'params', paths['accuracy_vs_params.png'])
-  plot_cost(results, sweep.metric, 'gflops', paths['accuracy_vs_gflops.png'])
+  plot_cost(results, sweep.metric, 'params', paths['metric_vs_params.png'])
+  plot_cost(results, sweep.metric, 'gflops', paths['metric_vs_gflops.png'])
   plot_learning_curves(results, sweep.metric, paths['learning_curves.png'])
+  if 'grid' in sweep:
+    plot_grid(results, sweep.metric, sweep.grid, paths['grid.png'])
   return list(paths.values())
