@@ -200,6 +200,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   task_report = _REPORTS[config.task]
   mesh = parallel.create_mesh(config.mesh)
   info = data.get_dataset_info(config.data, task=config.task)
+  trainer.check_config(config, info, jax.process_count())
   _, eval_graphdef, params, rest = trainer.init_model(config)
   key = 'ema_params' if config.train.ema_decay > 0 else 'params'
   manager = checkpointing.create_checkpoint_manager(

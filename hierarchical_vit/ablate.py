@@ -54,7 +54,7 @@ from ml_collections import config_flags
 
 from hierarchical_vit import data, report
 from hierarchical_vit.analysis import aggregate
-from hierarchical_vit.models import build_model
+from hierarchical_vit.models import build_model, input_shape
 from hierarchical_vit.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,10 +189,8 @@ def subprocess_train_fn(config_spec: str, base_overrides: dict[str, Any]) -> Tra
 
 def model_cost(model_config: ml_collections.ConfigDict) -> dict[str, float]:
   """Parameters and forward GFLOPs per image (hierarchical_vit.report)."""
-  size = model_config.img_size
-  size = (size, size) if isinstance(size, int) else tuple(size)
   model = build_model(model_config, rngs=nnx.Rngs(0))
-  cost = report.model_report(model, (1, *size, model_config.in_chans))
+  cost = report.model_report(model, input_shape(model_config))
   return {'params': cost['params'], 'gflops': cost['gflops_per_image']}
 
 

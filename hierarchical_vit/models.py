@@ -166,6 +166,11 @@ def _options(options: ml_collections.ConfigDict | dict, name: str) -> dict:
   return selected.to_dict() if isinstance(selected, ml_collections.ConfigDict) else dict(selected)
 
 
+def input_shape(cfg: ml_collections.ConfigDict, batch: int = 1) -> tuple[int, int, int, int]:
+  """(batch, H, W, in_chans): the images a model of config.model `cfg` takes."""
+  return (batch, *_pair(cfg.img_size), cfg.in_chans)
+
+
 def _check(condition: bool, message: str) -> None:
   if not condition:
     raise ValueError(message)

@@ -12,7 +12,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from hierarchical_vit.models import build_model
+from hierarchical_vit.models import build_model, input_shape
 
 
 def count_params(model: nnx.Module) -> int:
@@ -54,9 +54,8 @@ def model_report(model: nnx.Module, input_shape: tuple[int, ...]) -> dict:
 def main(argv):
   del argv
   m = flags.FLAGS.config.model
-  size = (m.img_size, m.img_size) if isinstance(m.img_size, int) else tuple(m.img_size)
   model = build_model(m, rngs=nnx.Rngs(0))
-  report = model_report(model, (flags.FLAGS.batch, *size, m.in_chans))
+  report = model_report(model, input_shape(m, flags.FLAGS.batch))
   print(f'params: {report["params"]:,}')
   for name, n in report['params_by_module'].items():
     print(f'  {name}: {n:,}')

@@ -13,8 +13,6 @@ it in place. The train state is a dict of arrays:
               so resuming at step s reproduces dropout and mixing exactly.
 """
 
-import functools
-import json
 import os
 import signal
 import threading
@@ -33,7 +31,7 @@ from jax.experimental import multihost_utils
 from hierarchical_vit import data
 from hierarchical_vit import interop
 from hierarchical_vit import parallel
-from hierarchical_vit.models import build_model
+from hierarchical_vit.models import build_model, input_shape
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import metrics as metrics_lib
 from hierarchical_vit.training import optimizer as optimizer_lib
@@ -48,11 +46,37 @@ def compute_steps(train_config: ml_collections.ConfigDict,
   """Returns (optimizer steps per epoch, total optimizer steps)."""
   steps_per_epoch = num_train_examples // train_config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size={train_config.batch_size} exceeds the '
+    raise ValueError(f'train.batch_size={train_config.batch_size} exceeds the '
                      f'{num_train_examples} training examples.')
   if train_config.num_steps > 0:
     return steps_per_epoch, train_config.num_steps
   return steps_per_epoch, max(1, int(train_config.num_epochs * steps_per_epoch))
+
+
+def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
+                 process_count: int = 1) -> None:
+  """Raises ValueError, naming the field, where config cannot run on the data set.
+
+  A model with fewer outputs than the data has classes would train on
+  all-zero one-hot targets without an error, so the shapes must match exactly.
+  """
+  m, tc = config.model, config.train
+  got = {'model.num_classes': m.num_classes, 'model.in_chans': m.in_chans,
+         'model.img_size': input_shape(m)[1:3]}
+  want = {'model.num_classes': info.num_classes, 'model.in_chans': info.image_shape[2],
+          'model.img_size': info.image_shape[:2]}
+  for field, value in got.items():
+    if value != want[field]:
+      raise ValueError(f'{field}={value} does not match data {info.name!r} '
+                       f'(data.image_size={config.data.image_size}), which needs '
+                       f'{field}={want[field]}')
+  divisible = {'train.batch_size': (tc.batch_size, 'train.grad_accum_steps',
+                                    tc.grad_accum_steps),
+               'train.eval_batch_size': (tc.eval_batch_size, 'the process count',
+                                         process_count)}
+  for field, (value, by, divisor) in divisible.items():
+    if value % divisor:
+      raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -242,9 +266,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   batch_sharding = parallel.batch_sharding(mesh)
   task = tasks.get_task(config.task)
   info = data.get_dataset_info(config.data, task=config.task)
+  check_config(config, info, jax.process_count())
   steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
-  if tc.batch_size % tc.grad_accum_steps:
-    raise ValueError('batch_size must be divisible by grad_accum_steps.')
   micro_batch_size = tc.batch_size // tc.grad_accum_steps
 
   manager = checkpointing.create_checkpoint_manager(

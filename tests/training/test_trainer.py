@@ -1,5 +1,6 @@
 """The training loop on a tiny Swin and a 256-example Fashion-MNIST slice."""
 
+import importlib
 import json
 import os
 import shutil
@@ -12,7 +13,9 @@ import numpy as np
 import optax
 import pytest
 
+from configs import cifar
 from tests.training.conftest import read_metrics, run_script, tiny_config, write_config_file
+from hierarchical_vit import data
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import trainer
 
@@ -161,3 +164,45 @@ def test_one_vs_eight_devices_agree(data_dir, trained, tmp_path):
   assert sorted(one) == sorted(eight)
   np.testing.assert_allclose([eight[s] for s in sorted(eight)],
                              [one[s] for s in sorted(one)], rtol=2e-4)
+
+
+# (classes, channels) of each data set a shipped config trains on, from tfds.
+_DATA = {'cifar10': (10, 3), 'cifar100': (100, 3), 'fashion_mnist': (10, 1),
+         'imagenet2012': (1000, 3), 'fashion_mnist_canvas': (11, 1), 'oxford_iiit_pet': (2, 3)}
+
+
+def _info(config) -> data.DatasetInfo:
+  classes, channels = _DATA[config.data.name]
+  size = config.data.image_size
+  return data.DatasetInfo(name=config.data.name, num_classes=classes, num_train_examples=100,
+                          num_eval_examples=10, image_shape=(size, size, channels),
+                          class_names=tuple(map(str, range(classes))))
+
+
+@pytest.mark.parametrize('name, arg', [
+    ('quickstart', None), ('fashion_mnist', None), ('cifar', 'cifar10,cifar_small'),
+    ('cifar', 'cifar100,cifar_swin_t'), ('swin_imagenet', 'swin_t'),
+    ('swin_finetune_cifar10', None), ('segmentation', None), ('segmentation_pets', None)])
+def test_shipped_configs_match_their_data(name, arg):
+  module = importlib.import_module(f'configs.{name}')
+  config = module.get_config(arg) if arg else module.get_config()
+  trainer.check_config(config, _info(config))
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('model.num_classes', 100, r"model.num_classes=100 does not match data 'cifar10'.*"
+                               r"model.num_classes=10"),
+    ('model.in_chans', 1, r'model.in_chans=1 does not match.*model.in_chans=3'),
+    ('model.img_size', 64, r'model.img_size=\(64, 64\) does not match.*'
+                           r'data.image_size=32.*model.img_size=\(32, 32\)'),
+    ('train.grad_accum_steps', 3, r'train.batch_size=128 must be divisible by '
+                                  r'train.grad_accum_steps \(3\)'),
+    ('train.eval_batch_size', 255, r'train.eval_batch_size=255 must be divisible by the '
+                                   r'process count \(2\)'),
+])
+def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
+  config = cifar.get_config('cifar10,cifar_small')
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    trainer.check_config(config, _info(cifar.get_config()), process_count=2)
