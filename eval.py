@@ -33,7 +33,6 @@ from ml_collections import config_flags
 from hierarchical_vit import data
 from hierarchical_vit import parallel
 from hierarchical_vit import tcmalloc
-from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import tasks
 from hierarchical_vit.training import trainer
 
@@ -45,16 +44,6 @@ _STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step; -1 = latest.')
 _SPLIT = flags.DEFINE_string('split', '', "Split; '' = config.data.eval_split.")
 _NUM_OVERLAYS = flags.DEFINE_integer(
     'num_overlays', 4, 'Segmentation: eval images to write overlay PNGs for.')
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Reads workdir/config.json; JSON lists become tuples, as in configs/."""
-  def tuples(x):
-    if isinstance(x, dict):
-      return {k: tuples(v) for k, v in x.items()}
-    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-  with open(os.path.join(workdir, 'config.json')) as f:
-    return ml_collections.ConfigDict(tuples(json.load(f)))
 
 
 def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...],
@@ -201,16 +190,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   mesh = parallel.create_mesh(config.mesh)
   info = data.get_dataset_info(config.data, task=config.task)
   trainer.check_config(config, info, jax.process_count())
-  _, eval_graphdef, params, rest = trainer.init_model(config)
-  key = 'ema_params' if config.train.ema_decay > 0 else 'params'
-  manager = checkpointing.create_checkpoint_manager(
-      workdir, config.train.keep_checkpoints, read_only=True)
-  step = manager.latest_step() if step < 0 else step
-  if step is None:
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
-  weights = parallel.put_global({key: params}, parallel.replicated(mesh))
-  params = checkpointing.restore_weights(manager, step, weights)[key]
-  rest = parallel.put_global(rest, parallel.replicated(mesh))
+  trained = trainer.restore_trained(config, workdir, step, mesh)
+  eval_graphdef, params, rest, step = (trained.eval_graphdef, trained.params, trained.rest,
+                                       trained.step)
 
   eval_step = jax.jit(trainer.make_eval_step(
       eval_graphdef, config.model.num_classes, confusion=True,
@@ -223,7 +205,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                              parallel.batch_sharding(mesh), task=config.task)
   confusion = results.pop('confusion')
   report = {
-      'step': step, 'split': split, 'weights': key,
+      'step': step, 'split': split, 'weights': trained.weights,
       **task_report.fields(results, confusion, info.class_names),
       'confusion_matrix': confusion.astype(int).tolist(),
   }
@@ -244,7 +226,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
 def main(argv):
   del argv
-  config = _CONFIG.value or load_config(_WORKDIR.value)
+  config = _CONFIG.value or trainer.load_config(_WORKDIR.value)
   report = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, _SPLIT.value,
                                _NUM_OVERLAYS.value)
   print(_REPORTS[config.task].headline(report))

@@ -43,26 +43,23 @@ import os
 from collections.abc import Callable
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from hierarchical_vit import data
-from hierarchical_vit.training import checkpointing, trainer
+from hierarchical_vit import data, resampling
+from hierarchical_vit.training import trainer
 
 Array = np.ndarray
 
 
 def blocks(x: Array) -> Array:
-  """(N, H, W, C), H and W even -> (N, H/2, W/2, 4C) 2x2 blocks: numpy's
-  resampling.space_to_depth (Swin's channel order)."""
-  n, h, w, c = x.shape
-  if h % 2 or w % 2:
+  """(N, H, W, C), H and W even -> (N, H/2, W/2, 4C): the 2x2 blocks each
+  output token is reconstructed to, in Swin's channel order (space_to_depth
+  stays in numpy and float64 here)."""
+  if x.shape[1] % 2 or x.shape[2] % 2:
     raise ValueError(f'blocks needs even height and width, got shape {x.shape}')
-  x = x.reshape(n, h // 2, 2, w // 2, 2, c)
-  return x.transpose(0, 1, 3, 4, 2, 5).reshape(n, h // 2, w // 2, 4 * c)
+  return resampling.space_to_depth(x)
 
 
 def pool(x: Array, reduce: Callable[..., Array]) -> Array:
@@ -152,23 +149,11 @@ def downsampler_errors(train: Array, test: Array) -> dict[str, float]:
   }
 
 
-def load_trained_model(run_dir: str) -> tuple[nnx.Module, ml_collections.ConfigDict]:
-  """The eval-mode model of a finished run (its config.json, latest checkpoint)."""
-  with open(os.path.join(run_dir, 'config.json'), encoding='utf-8') as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  _, eval_graphdef, params, rest = trainer.init_model(config)
-  manager = checkpointing.create_checkpoint_manager(run_dir, config.train.keep_checkpoints,
-                                                    read_only=True)
-  params = checkpointing.restore_weights(manager, manager.latest_step(),
-                                         {'params': params})['params']
-  return nnx.merge(eval_graphdef, params, rest), config
-
-
 def trained_errors(run_dir: str, train: Array, test: Array) -> dict[str, float]:
   """The measure on a trained model's stage-0 features (the first downsampler's
   real input) instead of pixels: every parameter-free downsampler, plus
   'trained' = the run's own first downsampler module with its learned weights."""
-  model, _ = load_trained_model(run_dir)
+  model = trainer.restore_trained(trainer.load_config(run_dir), run_dir).model()
   encoder = model.encoder
   features = jax.jit(lambda x: encoder.stages[0](encoder.stem(x)))
   down = jax.jit(lambda x: encoder.downsamplers[0](x))

@@ -195,9 +195,7 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   for field in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
     _check(0.0 <= cfg[field] < 1.0, f'model.{field}={cfg[field]} must be in [0, 1)')
   _check(cfg.mlp_ratio > 0, f'model.mlp_ratio={cfg.mlp_ratio} must be > 0')
-  if cfg.downsample not in resampling.DOWNSAMPLERS:
-    raise ValueError(f'model.downsample={cfg.downsample!r} is not a registered downsampler; '
-                     f'valid choices: {sorted(resampling.DOWNSAMPLERS)}')
+  resampling.lookup('downsample', cfg.downsample)  # Even if no stage downsamples.
   return dict(
       img_size=img_size, in_chans=cfg.in_chans, stem=cfg.stem, patch_size=cfg.patch_size,
       embed_dim=cfg.embed_dim, depths=depths, num_heads=heads, window_size=cfg.window_size,
@@ -220,9 +218,6 @@ def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> UNet:
   _check(len(decoder_depths) == levels and all(d >= 1 for d in decoder_depths),
          f'model.decoder_depths={tuple(cfg.decoder_depths)} must hold {levels} positive ints '
          '(deepest level first)')
-  if cfg.upsample not in resampling.UPSAMPLERS:
-    raise ValueError(f'model.upsample={cfg.upsample!r} is not a registered upsampler; '
-                     f'valid choices: {sorted(resampling.UPSAMPLERS)}')
   return UNet(num_classes=cfg.num_classes, decoder_depths=decoder_depths,
               upsample=cfg.upsample, upsample_options=_options(cfg.upsample_options, cfg.upsample),
               rngs=rngs, dtype=dtype, **kwargs)

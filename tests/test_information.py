@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from hierarchical_vit import information
-from hierarchical_vit.resampling import space_to_depth
 
 
 def _reference_error(features: np.ndarray, images: np.ndarray) -> float:
@@ -26,8 +25,11 @@ def images() -> np.ndarray:
   return np.random.default_rng(0).normal(size=(16, 8, 8, 3))
 
 
-def test_blocks_is_space_to_depth(images):
-  np.testing.assert_allclose(information.blocks(images), space_to_depth(images), atol=1e-6)
+def test_blocks_stay_float64_numpy_and_need_even_sizes(images):
+  assert isinstance(information.blocks(images), np.ndarray)
+  assert information.blocks(images).dtype == np.float64
+  with pytest.raises(ValueError, match=r'even height and width.*\(16, 7, 8, 3\)'):
+    information.blocks(images[:, :7])
 
 
 def test_space_to_depth_is_lossless(images):

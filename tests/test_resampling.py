@@ -8,7 +8,7 @@ from flax import nnx
 from PIL import Image
 
 from hierarchical_vit import resampling
-from hierarchical_vit.resampling import DOWNSAMPLERS, UPSAMPLERS, depth_to_space, space_to_depth
+from hierarchical_vit.resampling import DOWNSAMPLERS, UPSAMPLERS, space_to_depth
 
 SIZES = [(8, 8), (7, 9)]  # even and odd
 
@@ -86,13 +86,12 @@ def test_patch_merge_matches_numpy_swin_order():
     np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_space_to_depth_is_inverted_by_depth_to_space():
-  x = jax.random.normal(jax.random.key(0), (2, 6, 10, 3))
-  np.testing.assert_array_equal(depth_to_space(space_to_depth(x)), x)
-  x9 = x[:, :, :9]
-  np.testing.assert_array_equal(depth_to_space(space_to_depth(x9, 3), 3), x9)
-  y = jax.random.normal(jax.random.key(1), (2, 3, 5, 12))
-  np.testing.assert_array_equal(space_to_depth(depth_to_space(y)), y)
+def test_space_to_depth_matches_numpy_slices_in_swin_order():
+  x = np.random.default_rng(0).normal(size=(2, 6, 9, 3)).astype(np.float32)
+  for f, xf in [(2, x[:, :, :8]), (3, x)]:
+    # Column offset major, row offset minor: Swin's x0, x1, x2, x3 for f = 2.
+    ref = np.concatenate([xf[:, dy::f, dx::f] for dx in range(f) for dy in range(f)], -1)
+    np.testing.assert_array_equal(space_to_depth(jnp.asarray(xf), f), ref)
 
 
 def test_space_to_depth_module_keeps_every_value():
@@ -161,6 +160,8 @@ def test_unknown_names_list_choices():
     UPSAMPLERS['interpolate'](8, method='cubic', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r'kernel_size=5'):
     DOWNSAMPLERS['conv'](8, kernel_size=5, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'depthwise_conv_pool.kernel_size=4 must be odd'):
+    DOWNSAMPLERS['depthwise_conv_pool'](8, kernel_size=4, rngs=nnx.Rngs(0))
 
 
 def _numpy_depthwise_conv_stride_2(x, kernel, bias):

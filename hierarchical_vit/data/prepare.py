@@ -189,7 +189,7 @@ def prepare(dataset: str, data_dir: str | os.PathLike,
     limit: keep only the first `limit` examples of each split (for tests).
   """
   if dataset not in _BUILDERS:
-    raise ValueError(f'Unknown dataset {dataset!r}; one of {list(_BUILDERS)}.')
+    raise ValueError(f'--dataset={dataset!r} is not valid; valid choices: {sorted(_BUILDERS)}.')
   builder_cls = _BUILDERS[dataset]
   source_dir = Path(source).expanduser() if source else find_source(dataset)
   builder = builder_cls(data_dir=os.fspath(Path(data_dir).expanduser()),

@@ -81,15 +81,8 @@ def get_builder(name: str,
   return builder
 
 
-def open_split(name: str, split: str, data_dir: str | os.PathLike | None):
-  """A random-access source of one split (tfds slicing such as 'train[:90%]').
-
-  Records are dicts {'image': uint8 (H, W, C), 'label': int}.
-  """
-  return get_builder(name, data_dir).as_data_source(split=split)
-
-
 def _check_name(name: str) -> None:
   if name not in _PREPARE_COMMANDS:
     raise ValueError(
-        f'Unknown dataset {name!r}; supported: {", ".join(SUPPORTED_DATASETS)}.')
+        f'data.name={name!r} is not a supported data set; valid choices: '
+        f'{", ".join(SUPPORTED_DATASETS)}.')

@@ -87,13 +87,6 @@ def to_size(image: np.ndarray, size: int, mode: str,
       f"data.resize_mode={mode!r} is not valid; choose 'pad' or 'resize'.")
 
 
-def random_crop(image: np.ndarray, padding: int,
-                rng: np.random.Generator) -> np.ndarray:
-  """Zero-pads each side by `padding`, then crops back to (H, W) at random."""
-  y, x = rng.integers(0, 2 * padding + 1, size=2)
-  return pad_crop(image, padding, y, x)
-
-
 def pad_crop(image: np.ndarray, padding: int, y: int, x: int,
              fill: int = 0) -> np.ndarray:
   """Pads each side by `padding` with fill, then takes the (H, W) window at (y, x)."""

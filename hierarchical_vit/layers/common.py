@@ -40,13 +40,11 @@ class DropPath(nnx.Module):
   which is exactly timm's DropPath.
   """
 
-  def __init__(self, rate: float, *, rngs: nnx.Rngs, ndim: int = 4):
-    self.rate = rate
-    self.dropout = (nnx.Dropout(rate, broadcast_dims=tuple(range(1, ndim)), rngs=rngs)
-                    if rate > 0 else None)
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    self.dropout = nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (B, ...) with `ndim` axes."""
+    """x: (B, H, W, C)."""
     return x if self.dropout is None else self.dropout(x)
 
 

@@ -7,12 +7,20 @@ Every entry is an nnx.Module class constructed as
 width it produces as `.out_features`.
 """
 
+from flax import nnx
+
 from hierarchical_vit.resampling.downsample import DOWNSAMPLERS
-from hierarchical_vit.resampling.rearrange import depth_to_space, space_to_depth
+from hierarchical_vit.resampling.rearrange import space_to_depth
 from hierarchical_vit.resampling.upsample import UPSAMPLERS
 
 
-def _lookup(registry: dict, kind: str, name: str):
+_REGISTRIES = {'downsample': DOWNSAMPLERS, 'upsample': UPSAMPLERS}
+
+
+def lookup(kind: str, name: str) -> type[nnx.Module]:
+  """The class registered as `name` for `kind` ('downsample' or 'upsample', the
+  config.model field); ValueError naming the field and the valid choices."""
+  registry = _REGISTRIES[kind]
   if name not in registry:
     raise ValueError(f'model.{kind}={name!r} is not a registered {kind}r; '
                      f'valid choices: {sorted(registry)}')
@@ -20,12 +28,12 @@ def _lookup(registry: dict, kind: str, name: str):
 
 
 def make_downsampler(name: str, in_features: int, out_features: int | None = None, *,
-                     rngs, **options):
+                     rngs: nnx.Rngs, **options) -> nnx.Module:
   """Builds DOWNSAMPLERS[name]; unknown names raise ValueError listing the choices."""
-  return _lookup(DOWNSAMPLERS, 'downsample', name)(in_features, out_features, rngs=rngs, **options)
+  return lookup('downsample', name)(in_features, out_features, rngs=rngs, **options)
 
 
 def make_upsampler(name: str, in_features: int, out_features: int | None = None, *,
-                   rngs, **options):
+                   rngs: nnx.Rngs, **options) -> nnx.Module:
   """Builds UPSAMPLERS[name]; unknown names raise ValueError listing the choices."""
-  return _lookup(UPSAMPLERS, 'upsample', name)(in_features, out_features, rngs=rngs, **options)
+  return lookup('upsample', name)(in_features, out_features, rngs=rngs, **options)

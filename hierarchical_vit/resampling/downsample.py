@@ -118,6 +118,10 @@ class DepthwiseConvPool(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                kernel_size: int = 3, dtype=None):
+    if kernel_size < 1 or kernel_size % 2 == 0:
+      # An even kernel with padding k // 2 gives H/2 + 1 rows, not ceil(H/2).
+      raise ValueError(f'model.downsample_options.depthwise_conv_pool.kernel_size={kernel_size} '
+                       'must be odd and positive (e.g. 3, 5)')
     out_features = out_features or 2 * in_features
     self.out_features = out_features
     if out_features % in_features:
@@ -130,7 +134,7 @@ class DepthwiseConvPool(nnx.Module):
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out) for odd kernels."""
+    """x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)."""
     kernel, bias = self.conv.kernel[...], self.conv.bias[...]
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.conv.dtype)
     return on_tokens(self.norm, depthwise_conv_stride_2(x, kernel[:, :, 0], bias))

@@ -16,15 +16,6 @@ def space_to_depth(x: jax.Array, factor: int = 2) -> jax.Array:
   return x.transpose(0, 1, 3, 4, 2, 5).reshape(b, h // f, w // f, f * f * c)
 
 
-def depth_to_space(x: jax.Array, factor: int = 2) -> jax.Array:
-  """Inverse of space_to_depth: (B, H, W, f*f*C) -> (B, f*H, f*W, C)."""
-  b, h, w, fc = x.shape
-  f = factor
-  c = fc // (f * f)
-  x = x.reshape(b, h, w, f, f, c).transpose(0, 1, 4, 2, 3, 5)  # (b, h, dy, w, dx, c)
-  return x.reshape(b, h * f, w * f, c)
-
-
 def expand_patches(x: jax.Array, factor: int) -> jax.Array:
   """Swin-Unet's rearrange 'b h w (p1 p2 c) -> b (h p1) (w p2) c' with p1 = p2 = factor."""
   b, h, w, fc = x.shape

@@ -13,6 +13,8 @@ it in place. The train state is a dict of arrays:
               so resuming at step s reproduces dropout and mixing exactly.
 """
 
+import dataclasses
+import json
 import os
 import signal
 import threading
@@ -191,6 +193,47 @@ def init_model(config: ml_collections.ConfigDict, init_from: str = ''
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return (graphdef, eval_graphdef, nnx.to_pure_dict(params),
           nnx.to_pure_dict(rest))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in workdir was trained with (its config.json); JSON lists
+  become tuples, as in configs/."""
+  def tuples(x):
+    if isinstance(x, dict):
+      return {k: tuples(v) for k, v in x.items()}
+    return tuple(tuples(v) for v in x) if isinstance(x, list) else x
+  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+    return ml_collections.ConfigDict(tuples(json.load(f)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+  """A checkpoint's weights as evaluation uses them, with the eval-mode graph."""
+  eval_graphdef: nnx.GraphDef
+  params: dict      # The EMA weights if the run kept them, else the params.
+  rest: dict        # Non-Param state (RNG streams).
+  step: int
+  weights: str      # Which: 'ema_params' or 'params'.
+
+  def model(self) -> nnx.Module:
+    return nnx.merge(self.eval_graphdef, self.params, self.rest)
+
+
+def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int = -1,
+                    mesh: jax.sharding.Mesh | None = None) -> Trained:
+  """Checkpoint `step` (-1 = latest) of the run in workdir, replicated over mesh."""
+  manager = checkpointing.create_checkpoint_manager(
+      workdir, config.train.keep_checkpoints, read_only=True)
+  step = manager.latest_step() if step < 0 else step
+  if step is None:
+    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
+  _, eval_graphdef, params, rest = init_model(config)
+  key = 'ema_params' if config.train.ema_decay > 0 else 'params'
+  mesh = mesh or parallel.create_mesh(config.mesh)
+  weights = parallel.put_global({key: params}, parallel.replicated(mesh))
+  params = checkpointing.restore_weights(manager, step, weights)[key]
+  rest = parallel.put_global(rest, parallel.replicated(mesh))
+  return Trained(eval_graphdef, params, rest, step, key)
 
 
 def create_train_state(config: ml_collections.ConfigDict, params,

@@ -57,7 +57,7 @@ def test_read_idx_parses_header(tmp_path):
 def test_missing_data_error_is_fast_and_says_how_to_fix(tmp_path, name):
   start = time.perf_counter()
   with pytest.raises(sources.MissingDataError) as error:
-    sources.open_split(name, 'train', tmp_path)
+    sources.get_builder(name, tmp_path)
   assert time.perf_counter() - start < 1.0
   assert isinstance(error.value, FileNotFoundError)
   message = str(error.value)
@@ -71,4 +71,4 @@ def test_missing_data_error_is_fast_and_says_how_to_fix(tmp_path, name):
 
 def test_unknown_dataset_lists_supported(tmp_path):
   with pytest.raises(ValueError, match='cifar100.*imagenet2012'):
-    sources.open_split('svhn', 'train', tmp_path)
+    sources.get_builder('svhn', tmp_path)

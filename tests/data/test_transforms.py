@@ -28,13 +28,17 @@ def test_resize_mode_shape_and_constant_preserved():
   assert out.shape == (32, 32, 1) and (out == 77).all()
 
 
-def test_random_crop_is_a_window_of_the_padded_image():
+def test_crop_is_a_window_of_the_padded_image():
   image = _image(32, 32, 3)
   padded = np.pad(image, ((4, 4), (4, 4), (0, 0)))
-  out = transforms.random_crop(image, 4, np.random.default_rng(3))
-  assert out.shape == image.shape
-  assert any((padded[y:y + 32, x:x + 32] == out).all()
-             for y in range(9) for x in range(9))
+  op = transforms.CropFlip(padding=4, hflip=False)
+  windows = set()
+  for seed in range(20):
+    out = op.random_map({'image': image, 'label': 0}, np.random.default_rng(seed))['image']
+    assert out.shape == image.shape
+    windows.add(next((y, x) for y in range(9) for x in range(9)
+                     if (padded[y:y + 32, x:x + 32] == out).all()))
+  assert len(windows) > 5  # The offset is random, not fixed.
 
 
 def test_crop_flip_flips_horizontally_about_half_the_time():
