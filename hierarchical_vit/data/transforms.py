@@ -71,6 +71,14 @@ def resize(image: np.ndarray, height: int, width: int,
   return _from_pil(pil, image.shape[2])
 
 
+RESIZE_MODES = ('pad', 'resize')
+
+
+def _check_choice(field: str, value: str, choices) -> None:
+  if value not in choices:
+    raise ValueError(f'{field}={value!r} is not valid; valid choices: {sorted(choices)}.')
+
+
 def to_size(image: np.ndarray, size: int, mode: str,
             dense_label: bool = False) -> np.ndarray:
   """(H, W, C) -> (size, size, C) by 'pad' (centre pad / crop) or 'resize'.
@@ -78,13 +86,10 @@ def to_size(image: np.ndarray, size: int, mode: str,
   dense_label: the array is a per-pixel label map, so it is resized by nearest
   neighbour (no blended class ids) and padded with IGNORE_INDEX.
   """
+  _check_choice('data.resize_mode', mode, RESIZE_MODES)
   if mode == 'pad':
     return pad_or_crop(image, size, IGNORE_INDEX if dense_label else 0)
-  if mode == 'resize':
-    return resize(image, size, size,
-                  Image.NEAREST if dense_label else Image.BILINEAR)
-  raise ValueError(
-      f"data.resize_mode={mode!r} is not valid; choose 'pad' or 'resize'.")
+  return resize(image, size, size, Image.NEAREST if dense_label else Image.BILINEAR)
 
 
 def pad_crop(image: np.ndarray, padding: int, y: int, x: int,
@@ -230,6 +235,14 @@ def trivial_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   return apply_op(image, name, rng.integers(0, 31) / 30.0, rng)
 
 
+# data.augment -> fn(image, rng, num_ops, magnitude); the last two are
+# RandAugment's (data.randaugment_num_ops / _magnitude).
+AUGMENTS = {
+    'trivial_augment': lambda image, rng, num_ops, magnitude: trivial_augment(image, rng),
+    'randaugment': rand_augment,
+}
+
+
 def _to_pil(image: np.ndarray) -> Image.Image:
   return Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
 
@@ -249,6 +262,9 @@ class ToSize(grain.transforms.Map):
   size: int
   mode: str = 'pad'
   dense_label: bool = False
+
+  def __post_init__(self):
+    _check_choice('data.resize_mode', self.mode, RESIZE_MODES)  # Here, not per example.
 
   def map(self, example: dict) -> dict:
     out = {**example, 'image': to_size(example['image'], self.size, self.mode)}
@@ -303,21 +319,17 @@ class CropFlip(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class AutoAugment(grain.transforms.RandomMap):
-  """'trivial_augment' or 'randaugment' on uint8 images."""
+  """AUGMENTS[policy] ('trivial_augment' or 'randaugment') on uint8 images."""
   policy: str
   num_ops: int = 2
   magnitude: float = 9
 
+  def __post_init__(self):
+    _check_choice('data.augment', self.policy, AUGMENTS)
+
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
-    image = example['image']
-    if self.policy == 'trivial_augment':
-      image = trivial_augment(image, rng)
-    elif self.policy == 'randaugment':
-      image = rand_augment(image, rng, self.num_ops, self.magnitude)
-    else:
-      raise ValueError(f"augment must be '', 'trivial_augment' or "
-                       f"'randaugment', got {self.policy!r}.")
-    return {**example, 'image': image}
+    augment = AUGMENTS[self.policy]
+    return {**example, 'image': augment(example['image'], rng, self.num_ops, self.magnitude)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,6 +109,19 @@ def test_batch_size_must_divide(fake_data_dir):
                                global_batch_size=10, seed=0, process_count=3)
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('augment', 'autoaugment',
+     r"data.augment='autoaugment' is not valid; valid choices: \['randaugment', 'trivial_augment'\]"),
+    ('resize_mode', 'crop',
+     r"data.resize_mode='crop' is not valid; valid choices: \['pad', 'resize'\]"),
+])
+def test_bad_choices_fail_when_the_pipeline_is_built(fake_data_dir, field, value, message):
+  # Not per example inside a grain worker, where the message gets buried.
+  with pytest.raises(ValueError, match=message):
+    data.create_train_iterator(_config(fake_data_dir, 'cifar10', **{field: value}),
+                               global_batch_size=8, seed=0)
+
+
 @pytest.mark.parametrize('process_count,batch_size', [(1, 8), (3, 8), (4, 50)])
 def test_eval_sees_every_example_once(fake_data_dir, process_count, batch_size):
   config = _config(fake_data_dir, 'cifar10')
