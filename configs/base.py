@@ -121,7 +121,7 @@ def get_mesh_config() -> ml_collections.ConfigDict:
   # 'fsdp': arrays with >= fsdp_min_size elements split over the 'fsdp' axis
   # (ZeRO-3): per-device state memory / fsdp size, at the cost of all-gathers.
   mesh.strategy = 'data_parallel'
-  mesh.axes = ('data', 'fsdp')
+  mesh.axes = ('data', 'fsdp')  # Fixed: names the axes of mesh.shape (checked).
   # Size per axis; one -1 takes the remaining devices. () = every device on
   # the strategy's axis: (-1, 1) for data_parallel, (1, -1) for fsdp. Hybrid
   # FSDP (shard within a host, replicate across hosts): (num_hosts, -1).

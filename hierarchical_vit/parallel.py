@@ -31,6 +31,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 STRATEGIES = ('data_parallel', 'fsdp')
+# The sharding rules below name these axes: config.mesh.axes must equal them.
+AXES = ('data', 'fsdp')
 # mesh.shape = () puts all devices on the strategy's axis.
 _DEFAULT_SHAPES = {'data_parallel': (-1, 1), 'fsdp': (1, -1)}
 
@@ -91,8 +93,13 @@ def initialize_distributed(coordinator_address: str = '',
 def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
   """Builds the mesh from config.mesh; one -1 in the shape takes the rest."""
   axes = tuple(mesh_config.axes)
+  if axes != AXES:
+    raise ValueError(f'mesh.axes={axes} is not valid: the sharding rules use the axes {AXES}; '
+                     'pick the layout with mesh.strategy and mesh.shape instead.')
   shape = list(mesh_config.shape or _DEFAULT_SHAPES[_strategy(mesh_config)])
   num_devices = jax.device_count()
+  if len(shape) != len(AXES):
+    raise ValueError(f'mesh.shape={tuple(shape)} needs one size per axis of {AXES}.')
   if shape.count(-1) > 1:
     raise ValueError(f'At most one -1 in mesh.shape, got {shape}.')
   if -1 in shape:
@@ -112,7 +119,7 @@ def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
 
 def _strategy(mesh_config: ml_collections.ConfigDict) -> str:
   if mesh_config.strategy not in STRATEGIES:
-    raise ValueError(f'config.mesh.strategy={mesh_config.strategy!r}; valid: '
+    raise ValueError(f'mesh.strategy={mesh_config.strategy!r} is not valid; valid choices: '
                      f'{", ".join(STRATEGIES)}.')
   return mesh_config.strategy
 

@@ -14,10 +14,18 @@ def test_create_mesh_fills_minus_one():
   assert mesh.devices.size == mesh.shape['data']
 
 
-def test_create_mesh_rejects_bad_shape():
-  with pytest.raises(ValueError, match='does not use all'):
-    parallel.create_mesh(ml_collections.ConfigDict(
-        {'axes': ('data', 'fsdp'), 'shape': (1, 1000)}))
+@pytest.mark.parametrize('mesh, message', [
+    ({'axes': ('data', 'fsdp'), 'shape': (1, 1000)}, 'does not use all'),
+    ({'axes': ('data', 'fsdp'), 'shape': (-1, -1)}, 'At most one -1'),
+    ({'axes': ('data', 'fsdp'), 'shape': (-1,)}, r"mesh.shape=\(-1,\) needs one size per axis"),
+    ({'axes': ('batch', 'model'), 'shape': (-1, 1)},
+     r"mesh.axes=\('batch', 'model'\) is not valid.*\('data', 'fsdp'\)"),
+    ({'axes': ('data', 'fsdp'), 'shape': (), 'strategy': 'zero3'},
+     "mesh.strategy='zero3' is not valid; valid choices: data_parallel, fsdp"),
+])
+def test_create_mesh_rejects_bad_config(mesh, message):
+  with pytest.raises(ValueError, match=message):
+    parallel.create_mesh(ml_collections.ConfigDict(mesh))
 
 
 def test_fsdp_spec_shards_largest_divisible_dim():
