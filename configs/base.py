@@ -14,6 +14,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   # 'classifier' (encoder -> norm -> global average pool -> linear head) or
   # 'unet' (encoder -> symmetric Swin decoder with skips -> per-pixel head).
   m.name = 'classifier'
+  # num_classes, img_size and in_chans must match the data (train.py checks):
+  # its classes (per-pixel classes for segmentation), data.image_size, its channels.
   m.num_classes = 10
   m.img_size = 32            # Input height = width in pixels (int) or (H, W).
   m.in_chans = 3             # Input channels.
@@ -28,7 +30,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.window_size = 7          # Attention window (shrinks to the stage if larger).
   m.global_attention = ()    # Stage indices that use global attention instead.
   m.mlp_ratio = 4.0          # MLP hidden width / block width.
-  m.qkv_bias = True
+  m.qkv_bias = True          # Bias on the q, k, v projection (Swin: True).
   m.gelu_approximate = False  # tanh GELU: ~2x cheaper on CPU; False = exact erf (Swin/timm).
   m.drop_rate = 0.0          # Dropout after attention projection, MLP, head.
   m.attn_drop_rate = 0.0     # Dropout on attention probabilities.
@@ -61,18 +63,18 @@ def get_data_config() -> ml_collections.ConfigDict:
   # segmentation (task='segmentation'): fashion_mnist_canvas | oxford_iiit_pet.
   d.name = 'fashion_mnist'
   d.data_dir = ''            # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-  d.train_split = 'train'
-  d.eval_split = 'test'
+  d.train_split = 'train'    # tfds split names; slices work, e.g. 'train[:90%]'.
+  d.eval_split = 'test'      # Evaluated during training and by eval.py.
   d.image_size = 32          # Images are brought to image_size x image_size ...
   d.resize_mode = 'pad'      # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear).
   d.num_workers = 0          # grain worker processes (0 = in the main process).
-  d.shuffle_buffer = 0       # unused by array_record (global shuffle); kept 0.
+  d.shuffle_buffer = 0       # Not read: array_record sources are shuffled globally.
   # Augmentation (training split only).
   d.crop_padding = 4         # Random crop after padding each side by this (0 = off).
   d.hflip = True             # Random horizontal flip (turn off for digits).
   d.augment = ''             # '' | 'trivial_augment' | 'randaugment'.
-  d.randaugment_num_ops = 2
-  d.randaugment_magnitude = 9
+  d.randaugment_num_ops = 2      # augment='randaugment' only: ops per image ...
+  d.randaugment_magnitude = 9    # ... and their strength, 0-10 (full strength at 10).
   d.mixup_alpha = 0.0        # Beta(alpha, alpha) mixup; 0 = off.
   d.cutmix_alpha = 0.0       # Beta(alpha, alpha) cutmix; 0 = off.
   d.mix_prob = 1.0           # Probability a batch is mixed at all (if enabled).
@@ -93,17 +95,18 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.min_learning_rate = 1e-5  # Cosine schedule floor.
   t.warmup_epochs = 1.0      # Linear warmup length.
   t.weight_decay = 0.05      # Decoupled; not applied to norms, biases, position tables.
-  t.b1 = 0.9
+  t.b1 = 0.9                 # AdamW moment decay rates.
   t.b2 = 0.999
   t.grad_clip_norm = 5.0     # Global-norm clipping; 0 = off.
   t.grad_accum_steps = 1     # Micro-batches per optimizer step.
-  t.label_smoothing = 0.1
+  t.label_smoothing = 0.1    # Of the one-hot (or mixed) targets; 0 = off.
   t.ema_decay = 0.0          # EMA of weights (e.g. 0.9998); 0 = off.
-  t.log_every_steps = 50
+  t.log_every_steps = 50     # Train scalars to the log and metrics.jsonl.
   t.eval_every_steps = 0     # 0 = evaluate at the end of each epoch.
-  t.checkpoint_every_steps = 500
-  t.keep_checkpoints = 2     # Last N checkpoints kept (plus the best by eval accuracy).
-  t.eval_batch_size = 256
+  t.checkpoint_every_steps = 500  # Also at every eval, at the end and on SIGTERM.
+  # Last N checkpoints kept, plus the best by the task's metric (tasks.Task.best_metric).
+  t.keep_checkpoints = 2
+  t.eval_batch_size = 256    # Global, like batch_size; must divide by the process count.
   t.init_from = ''           # Path to pretrained weights (see hierarchical_vit.interop).
   return t
 
@@ -135,7 +138,7 @@ def get_mesh_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0            # Init, dropout, data order and augmentation.
   # hierarchical_vit.training.tasks.TASKS: 'classification' (image labels,
   # best checkpoint by eval/accuracy) or 'segmentation' (per-pixel labels,
   # best by eval/miou).

@@ -4,13 +4,15 @@ Usage: --config=configs/cifar.py:cifar10,cifar_small
        (data set: cifar10 | cifar100; preset: cifar_small | cifar_swin_t)
 """
 
+import ml_collections
+
 from configs import base
 from hierarchical_vit.presets import apply_preset
 
 _NUM_CLASSES = {'cifar10': 10, 'cifar100': 100}
 
 
-def get_config(arg: str = 'cifar10,cifar_small'):
+def get_config(arg: str = 'cifar10,cifar_small') -> ml_collections.ConfigDict:
   dataset, preset = (arg.split(',') + ['cifar_small'])[:2]
   if dataset not in _NUM_CLASSES:
     raise ValueError(f'config arg data set {dataset!r} is not one of {sorted(_NUM_CLASSES)}')

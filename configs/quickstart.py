@@ -5,10 +5,12 @@ minutes. The recipe favours few tokens (an overlapping conv stem down to 8x8
 tokens) and tanh GELU, which XLA:CPU runs far faster than the exact erf.
 """
 
+import ml_collections
+
 from configs import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   m = config.model
   m.img_size = 32

@@ -12,10 +12,12 @@ The resampling on both sides is a config choice:
   --config.model.downsample=avg_pool --config.model.upsample=interpolate
 """
 
+import ml_collections
+
 from configs import base
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   config.task = 'segmentation'
   m = config.model

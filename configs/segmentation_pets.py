@@ -9,10 +9,12 @@ on a machine with internet and TensorFlow).
   python train.py --config=configs/segmentation_pets.py --workdir=workdirs/pets
 """
 
+import ml_collections
+
 from configs import segmentation
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
   config = segmentation.get_config()
   m = config.model
   m.img_size = 128

@@ -11,11 +11,13 @@ The 1000-class head is replaced by a fresh 10-class one; with
 --config.model.window_size=W != 7 the bias tables are resized bicubically.
 """
 
+import ml_collections
+
 from configs import base
 from hierarchical_vit.presets import apply_preset
 
 
-def get_config():
+def get_config() -> ml_collections.ConfigDict:
   config = base.get_config()
   apply_preset(config.model, 'swin_t')
   config.model.num_classes = 10

@@ -3,11 +3,13 @@
 Usage: --config=configs/swin_imagenet.py:swin_t   (or swin_s, swin_b)
 """
 
+import ml_collections
+
 from configs import base
 from hierarchical_vit.presets import apply_preset
 
 
-def get_config(arg: str = 'swin_t'):
+def get_config(arg: str = 'swin_t') -> ml_collections.ConfigDict:
   config = base.get_config()
   apply_preset(config.model, arg)
   config.data.name = 'imagenet2012'

@@ -256,8 +256,7 @@ def summarize(sweep: str, run: Run, records: Sequence[dict], cost: dict[str, flo
   return {
       'sweep': sweep, 'run': run.name, 'variant': run.variant, 'seed': run.seed,
       'overrides': run.overrides, 'config_fingerprint': config_fingerprint(run.config),
-      'test_top1': final.get('eval/accuracy'), 'test_loss': final.get('eval/loss'),
-      'eval': final, 'steps': evals[-1]['step'],
+      'test_loss': final.get('eval/loss'), 'eval': final, 'steps': evals[-1]['step'],
       'params': cost['params'], 'gflops': cost['gflops'],
       'train_img_per_sec': float(np.median(speeds)) if speeds else None,
       # Of this invocation only: small when it merely collected a run that

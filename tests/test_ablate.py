@@ -132,7 +132,7 @@ def test_skips_local_and_committed_results(tmp_path):
   sweep.execute(sweep.runs, trainer, fake_cost)
   assert len(trainer.calls) == 6
   result = json.loads((tmp_path / 'a/runs/avg_pool-seed1/result.json').read_text())
-  assert result['test_top1'] == pytest.approx(0.81)
+  assert result['eval']['eval/accuracy'] == pytest.approx(0.81)
   assert (result['params'], result['steps'], result['seed']) == (500, NUM_STEPS, 1)
   assert result['train_img_per_sec'] == 300.0  # Median of 200, 400.
   assert [p['epoch'] for p in result['curve']] == [0.5, 1.0]
@@ -221,7 +221,7 @@ def test_welch_difference_by_hand():
 def _result(variant: str, seed: int, accuracy: float) -> dict:
   return {'run': f'{variant}-seed{seed}', 'variant': variant, 'seed': seed,
           'overrides': {'model.downsample': variant, 'seed': seed},
-          'eval': {'eval/accuracy': accuracy}, 'test_top1': accuracy, 'test_loss': 0.3,
+          'eval': {'eval/accuracy': accuracy}, 'test_loss': 0.3,
           'params': 1234567, 'gflops': 0.05, 'train_img_per_sec': 100.0 + seed,
           'wall_time_s': 1.0, 'steps': 10, 'date': '2025-01-01',
           'curve': [{'step': 5, 'epoch': 0.5, 'value': accuracy - 0.1, 'loss': 1.0},
@@ -327,7 +327,7 @@ def test_real_run_through_train_py(tmp_path, data_dir):
   sweep.execute(sweep.runs, ablate.subprocess_train_fn(str(config_path), {}))
   result = sweep.results()[0]
   assert result['run'] == 'avg_pool-seed0' and result['steps'] == 2
-  assert 0 <= result['test_top1'] <= 1 and result['params'] > 0 and result['gflops'] > 0
+  assert 0 <= result['eval']['eval/accuracy'] <= 1 and result['params'] > 0 and result['gflops'] > 0
   saved = json.loads((tmp_path / 'work/runs/avg_pool-seed0/config.json').read_text())
   assert saved['model']['downsample'] == 'avg_pool'
   assert aggregate.write_all(sweep.results(), config.sweep, sweep.output_dir)

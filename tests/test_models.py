@@ -31,7 +31,7 @@ def test_swin_t_has_official_parameter_count():
   assert count_params(model) == 28_288_354
 
 
-def test_swin_t_swin_b_shapes_without_allocating():
+def test_swin_s_swin_b_parameter_counts_without_allocating():
   for name, expected in [('swin_s', 49_606_258), ('swin_b', 87_768_224)]:
     m = presets.apply_preset(base.get_model_config(), name)
     model = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
@@ -118,12 +118,18 @@ def test_resampler_options_reach_the_module():
   assert model.encoder.downsamplers[0].conv.kernel.shape[:2] == (3, 3)
 
 
-@pytest.mark.parametrize('path', sorted(CONFIG_DIR.glob('*.py')), ids=lambda p: p.stem)
-def test_every_config_builds(path):
-  if path.stem == '__init__':
-    return
-  module = importlib.import_module(f'configs.{path.stem}')
-  config = module.get_config()
+_CONFIGS = sorted(p.relative_to(CONFIG_DIR.parent).with_suffix('').as_posix().replace('/', '.')
+                  for p in CONFIG_DIR.rglob('*.py') if p.stem != '__init__')
+
+
+def test_config_list_covers_ablations():
+  assert {'configs.quickstart', 'configs.ablations.downsample',
+          'configs.ablations.upsample'} <= set(_CONFIGS)
+
+
+@pytest.mark.parametrize('name', _CONFIGS)
+def test_every_config_builds(name):
+  config = importlib.import_module(name).get_config()
   model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
   assert count_params(model) > 0
 
