@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 from hierarchical_vit import resampling
 from hierarchical_vit.layers import STEMS, SwinStage, dense, layer_norm, on_tokens
@@ -41,7 +42,7 @@ class Encoder(nnx.Module):
                embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
                window_size: int, global_attention: Sequence[int], downsample: str,
                downsample_options: dict, drop_path_rate: float, rngs: nnx.Rngs,
-               dtype=None, **block_kwargs):
+               dtype: DTypeLike | None = None, **block_kwargs):
     self.stem = STEMS[stem](in_chans, embed_dim, patch_size, rngs=rngs, dtype=dtype)
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     res = (math.ceil(img_size[0] / patch_size), math.ceil(img_size[1] / patch_size))
@@ -90,7 +91,7 @@ class Decoder(nnx.Module):
   def __init__(self, *, dims: Sequence[int], resolutions: Sequence[Resolution],
                depths: Sequence[int], num_heads: Sequence[int], window_size: int,
                patch_size: int, upsample: str, upsample_options: dict, drop_path_rate: float,
-               rngs: nnx.Rngs, dtype=None, **block_kwargs):
+               rngs: nnx.Rngs, dtype: DTypeLike | None = None, **block_kwargs):
     levels = len(dims) - 1  # Decoder levels n-2 .. 0, stored deepest first.
     rates = np.linspace(0.0, drop_path_rate, max(sum(depths), 1)).tolist()
     self.bottleneck_norm = layer_norm(dims[-1], rngs=rngs, dtype=dtype)
@@ -125,8 +126,8 @@ class Decoder(nnx.Module):
 class Classifier(nnx.Module):
   """Encoder -> LayerNorm -> global average pool -> dropout -> Linear head."""
 
-  def __init__(self, *, num_classes: int, drop_rate: float, rngs: nnx.Rngs, dtype=None,
-               **encoder_kwargs):
+  def __init__(self, *, num_classes: int, drop_rate: float, rngs: nnx.Rngs,
+               dtype: DTypeLike | None = None, **encoder_kwargs):
     self.encoder = Encoder(drop_rate=drop_rate, rngs=rngs, dtype=dtype, **encoder_kwargs)
     width = self.encoder.dims[-1]
     self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
@@ -144,7 +145,8 @@ class UNet(nnx.Module):
   """Encoder + Decoder with skips -> per-pixel Linear head."""
 
   def __init__(self, *, num_classes: int, decoder_depths: Sequence[int], upsample: str,
-               upsample_options: dict, rngs: nnx.Rngs, dtype=None, **encoder_kwargs):
+               upsample_options: dict, rngs: nnx.Rngs, dtype: DTypeLike | None = None,
+               **encoder_kwargs):
     self.encoder = Encoder(rngs=rngs, dtype=dtype, **encoder_kwargs)
     block_keys = ('mlp_ratio', 'qkv_bias', 'drop_rate', 'attn_drop_rate', 'gelu_approximate',
                   'window_size', 'num_heads', 'patch_size', 'drop_path_rate')

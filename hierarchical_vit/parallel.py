@@ -23,6 +23,7 @@ the global arrays.
 
 import importlib.util
 import os
+from typing import Any
 
 import jax
 import ml_collections
@@ -145,7 +146,7 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int) -> P:
   return P()
 
 
-def state_shardings(mesh: Mesh, state, mesh_config: ml_collections.ConfigDict):
+def state_shardings(mesh: Mesh, state: Any, mesh_config: ml_collections.ConfigDict) -> Any:
   """NamedShardings for a pytree of arrays (params, optimizer state, EMA).
 
   Adam's moments have the shapes of the params, so they get the same specs.
@@ -158,7 +159,7 @@ def state_shardings(mesh: Mesh, state, mesh_config: ml_collections.ConfigDict):
           np.shape(x), fsdp_size, mesh_config.fsdp_min_size)), state)
 
 
-def put_global(tree, shardings):
+def put_global(tree: Any, shardings: Any) -> Any:
   """jax.device_put for values that every process holds identically.
 
   Each process fills only its own devices' shards from its local copy. Unlike

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.common import TRUNC_NORMAL, dense, on_tokens
@@ -19,7 +20,7 @@ class WindowAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, window: win.Window, *, rngs: nnx.Rngs,
                qkv_bias: bool = True, attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
-               dtype=None):
+               dtype: DTypeLike | None = None):
     if dim % num_heads:
       raise ValueError(f'num_heads={num_heads} does not divide the width {dim}')
     self.num_heads = num_heads

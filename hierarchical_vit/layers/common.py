@@ -5,6 +5,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 # Swin/timm initialise every Linear and the relative position tables this way.
 TRUNC_NORMAL = nnx.initializers.truncated_normal(stddev=0.02)
@@ -13,13 +14,14 @@ LN_EPS = 1e-5
 
 
 def dense(in_features: int, out_features: int, *, rngs: nnx.Rngs,
-          use_bias: bool = True, dtype=None) -> nnx.Linear:
+          use_bias: bool = True, dtype: DTypeLike | None = None) -> nnx.Linear:
   """A Linear layer initialised as Swin/timm do (trunc-normal 0.02, zero bias)."""
   return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
                     kernel_init=TRUNC_NORMAL, rngs=rngs)
 
 
-def layer_norm(num_features: int, *, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+def layer_norm(num_features: int, *, rngs: nnx.Rngs,
+               dtype: DTypeLike | None = None) -> nnx.LayerNorm:
   return nnx.LayerNorm(num_features, epsilon=LN_EPS, dtype=dtype, rngs=rngs)
 
 
@@ -52,7 +54,8 @@ class Mlp(nnx.Module):
   """fc1 -> GELU -> dropout -> fc2 -> dropout, on x: (..., C)."""
 
   def __init__(self, features: int, hidden_features: int, *, rngs: nnx.Rngs,
-               drop_rate: float = 0.0, gelu_approximate: bool = False, dtype=None):
+               drop_rate: float = 0.0, gelu_approximate: bool = False,
+               dtype: DTypeLike | None = None):
     self.fc1 = dense(features, hidden_features, rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden_features, features, rngs=rngs, dtype=dtype)
     self.drop = nnx.Dropout(drop_rate, rngs=rngs)

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from hierarchical_vit.layers.common import layer_norm, on_tokens
 
@@ -17,7 +18,7 @@ class PatchEmbed(nnx.Module):
   """Swin's stem: non-overlapping p x p patches by a stride-p conv, then LayerNorm."""
 
   def __init__(self, in_chans: int, embed_dim: int, patch_size: int, *, rngs: nnx.Rngs,
-               dtype=None):
+               dtype: DTypeLike | None = None):
     self.patch_size = patch_size
     self.proj = nnx.Conv(in_chans, embed_dim, (patch_size, patch_size), patch_size,
                          padding='VALID', dtype=dtype, rngs=rngs)
@@ -41,7 +42,7 @@ class ConvStem(nnx.Module):
   """
 
   def __init__(self, in_chans: int, embed_dim: int, patch_size: int, *, rngs: nnx.Rngs,
-               dtype=None):
+               dtype: DTypeLike | None = None):
     if patch_size < 1 or patch_size & (patch_size - 1):
       raise ValueError(f'model.patch_size={patch_size}: the conv stem needs a power of 2')
     num_down = patch_size.bit_length() - 1

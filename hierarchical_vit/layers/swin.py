@@ -5,6 +5,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.attention import WindowAttention
@@ -22,7 +23,7 @@ class SwinBlock(nnx.Module):
   def __init__(self, dim: int, num_heads: int, window: win.Window, shift: win.Window, *,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-               gelu_approximate: bool = False, dtype=None):
+               gelu_approximate: bool = False, dtype: DTypeLike | None = None):
     self.window = tuple(window)
     self.shift = tuple(shift)
     self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)

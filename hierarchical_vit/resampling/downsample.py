@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.typing import DTypeLike
 
 from hierarchical_vit.layers.common import dense, layer_norm, on_tokens
 from hierarchical_vit.layers.embedding import pad_to_multiple
@@ -21,7 +22,7 @@ class PatchMerge(nnx.Module):
   (`norm`, `reduction`)."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               dtype=None):
+               dtype: DTypeLike | None = None):
     out_features = out_features or 2 * in_features
     self.out_features = out_features
     self.norm = layer_norm(4 * in_features, rngs=rngs, dtype=dtype)
@@ -37,7 +38,7 @@ class SpaceToDepth(nnx.Module):
   that keeps every input value."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               dtype=None):
+               dtype: DTypeLike | None = None):
     del rngs, dtype  # No parameters.
     if out_features not in (None, 4 * in_features):
       raise ValueError(f'space_to_depth outputs 4 * in_features = {4 * in_features} '
@@ -55,7 +56,7 @@ class _Pool(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               dtype=None):
+               dtype: DTypeLike | None = None):
     out_features = out_features or 2 * in_features
     self.out_features = out_features
     self.norm = layer_norm(in_features, rngs=rngs, dtype=dtype)
@@ -88,7 +89,7 @@ class ConvDownsample(nnx.Module):
   odd sizes zero-padded) or 3 (stride 2, padding 1, overlapping)."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               kernel_size: int = 2, dtype=None):
+               kernel_size: int = 2, dtype: DTypeLike | None = None):
     if kernel_size not in (2, 3):
       raise ValueError(f'model.downsample_options.conv.kernel_size={kernel_size} '
                        'is not one of [2, 3]')
@@ -117,7 +118,7 @@ class DepthwiseConvPool(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               kernel_size: int = 3, dtype=None):
+               kernel_size: int = 3, dtype: DTypeLike | None = None):
     if kernel_size < 1 or kernel_size % 2 == 0:
       # An even kernel with padding k // 2 gives H/2 + 1 rows, not ceil(H/2).
       raise ValueError(f'model.downsample_options.depthwise_conv_pool.kernel_size={kernel_size} '

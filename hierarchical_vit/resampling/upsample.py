@@ -8,6 +8,7 @@ factor = patch size (Swin-Unet's x4 expand is patch_expand with factor 4).
 
 import jax
 from flax import nnx
+from jax.typing import DTypeLike
 
 from hierarchical_vit.layers.common import dense, layer_norm, on_tokens
 from hierarchical_vit.resampling.rearrange import expand_patches
@@ -26,7 +27,7 @@ class PatchExpand(nnx.Module):
   final x4 expand (C -> 16C)."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               factor: int = 2, dtype=None):
+               factor: int = 2, dtype: DTypeLike | None = None):
     out_features = _out(in_features, out_features)
     self.out_features = out_features
     self.factor = factor
@@ -43,7 +44,7 @@ class Interpolate(nnx.Module):
   Linear C -> C_out and LayerNorm."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               factor: int = 2, method: str = 'bilinear', dtype=None):
+               factor: int = 2, method: str = 'bilinear', dtype: DTypeLike | None = None):
     if method not in INTERPOLATION_METHODS:
       raise ValueError(f'model.upsample_options.interpolate.method={method!r} is not one of '
                        f'{list(INTERPOLATION_METHODS)}')
@@ -64,7 +65,7 @@ class TransposedConv(nnx.Module):
   """Transposed convolution, kernel = stride = factor, C -> C_out, then LayerNorm."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               factor: int = 2, dtype=None):
+               factor: int = 2, dtype: DTypeLike | None = None):
     out_features = _out(in_features, out_features)
     self.out_features = out_features
     self.conv = nnx.ConvTranspose(in_features, out_features, (factor, factor), (factor, factor),
@@ -80,7 +81,7 @@ class PixelShuffle(nnx.Module):
   depth-to-space by f, then LayerNorm."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               factor: int = 2, dtype=None):
+               factor: int = 2, dtype: DTypeLike | None = None):
     out_features = _out(in_features, out_features)
     self.out_features = out_features
     self.factor = factor
