@@ -195,3 +195,14 @@ def test_depthwise_conv_pool_is_the_grouped_conv(h, w, c, out, k):
   np.testing.assert_allclose(taps, expected, atol=1e-5)
   np.testing.assert_allclose(taps, module.conv(x), atol=1e-5)
   np.testing.assert_allclose(module(x), module.norm(module.conv(x)), atol=1e-3)
+
+
+@pytest.mark.parametrize('factor', [2, 3, 8])
+def test_transposed_conv_equals_xla_conv_transpose(factor):
+  """The matmul + rearrange form computes nnx.ConvTranspose on the same params."""
+  c, out = 4, 5
+  module = UPSAMPLERS['transposed_conv'](c, out, factor=factor, rngs=nnx.Rngs(0))
+  module.conv.bias[...] = jax.random.normal(jax.random.key(1), (out,))
+  x = jax.random.normal(jax.random.key(2), (2, 3, 2, c))
+  reference = module.norm(module.conv(x))  # XLA's transposed convolution.
+  np.testing.assert_allclose(module(x), reference, rtol=1e-4, atol=1e-4)
