@@ -27,9 +27,10 @@ DOWNSAMPLERS = ('patch_merge', 'avg_pool')
 
 def get_config() -> ml_collections.ConfigDict:
   config = segmentation.get_config()
-  # 2 epochs (1250 steps of 32 canvases) per run, evaluated every half epoch:
-  # at ~230 img/s on 2 CPU cores a run takes ~3.5 min with start-up, so the 30
-  # runs fit in 2 hours (measured: docs/results/README.md).
+  # 2 epochs (1250 steps of 32 canvases) per run, evaluated every half epoch.
+  # On 2 CPU cores a run takes 3.4-4 min (200-235 img/s), except pixel_shuffle:
+  # its x8 final step (3x3 conv to 4096 channels) trains at ~68 img/s, ~10 min a
+  # run, so the grid takes ~2 h 40 min (measured: docs/results/README.md).
   config.train.num_epochs = 2.0
   config.train.eval_every_steps = 312
   config.sweep = ml_collections.ConfigDict({
@@ -38,7 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
       'variants': tuple(
           {'name': f'{down}+{up}', 'overrides': {'model.downsample': down, **overrides}}
           for up, overrides in UPSAMPLERS.items() for down in DOWNSAMPLERS),
-      'comparisons': tuple((f'patch_merge+{up}', f'avg_pool+{up}') for up in UPSAMPLERS),
+      # Merging vs pooling under each upsampler, then each upsampler against
+      # Swin-Unet's patch_expand (with patch_merge).
+      'comparisons': tuple((f'patch_merge+{up}', f'avg_pool+{up}') for up in UPSAMPLERS) + tuple(
+          ('patch_merge+patch_expand', f'patch_merge+{up}') for up in list(UPSAMPLERS)[1:]),
       'grid': {'rows': tuple(UPSAMPLERS), 'columns': DOWNSAMPLERS, 'cell': '{column}+{row}'},
       'metric': 'eval/miou',  # Mean IoU over the classes (the trainer's eval).
   })
