@@ -9,6 +9,7 @@ from PIL import Image
 
 from hierarchical_vit import resampling
 from hierarchical_vit.resampling import DOWNSAMPLERS, UPSAMPLERS, space_to_depth
+from hierarchical_vit.resampling.rearrange import expand_patches
 
 SIZES = [(8, 8), (7, 9)]  # even and odd
 
@@ -205,4 +206,15 @@ def test_transposed_conv_equals_xla_conv_transpose(factor):
   module.conv.bias[...] = jax.random.normal(jax.random.key(1), (out,))
   x = jax.random.normal(jax.random.key(2), (2, 3, 2, c))
   reference = module.norm(module.conv(x))  # XLA's transposed convolution.
+  np.testing.assert_allclose(module(x), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('factor', [2, 8])
+def test_pixel_shuffle_conv_equals_xla_convolution(factor):
+  """The im2col matmul computes nnx.Conv (3x3, padding 1) on the same params."""
+  c, out = 4, 3
+  module = UPSAMPLERS['pixel_shuffle'](c, out, factor=factor, rngs=nnx.Rngs(0))
+  module.conv.bias[...] = jax.random.normal(jax.random.key(1), module.conv.bias.shape)
+  x = jax.random.normal(jax.random.key(2), (2, 3, 5, c))
+  reference = module.norm(expand_patches(module.conv(x), factor))  # XLA's convolution.
   np.testing.assert_allclose(module(x), reference, rtol=1e-4, atol=1e-4)
