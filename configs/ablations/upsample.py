@@ -29,8 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = segmentation.get_config()
   # 2 epochs (1250 steps of 32 canvases) per run, evaluated every half epoch.
   # On 2 CPU cores a run takes 3.4-4 min (200-235 img/s), except pixel_shuffle:
-  # its x8 final step (3x3 conv to 4096 channels) trains at ~68 img/s, ~10 min a
-  # run, so the grid takes ~2 h 40 min (measured: docs/results/README.md).
+  # its x8 final step (3x3 conv to 4096 channels) trains at ~120 img/s, ~6 min a
+  # run, so the grid takes ~2 h 15 min (measured: docs/results/README.md).
   config.train.num_epochs = 2.0
   config.train.eval_every_steps = 312
   config.sweep = ml_collections.ConfigDict({
