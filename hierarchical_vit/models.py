@@ -5,6 +5,7 @@ the offending field, and passes plain arguments down, so every module below can
 be built and tested alone.
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -17,7 +18,7 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit import resampling
 from hierarchical_vit.layers import STEMS, SwinStage, dense, layer_norm, on_tokens
-from hierarchical_vit.layers.common import resolve_dtype
+from hierarchical_vit.layers.common import norm_dense, resolve_dtype
 
 Resolution = tuple[int, int]
 
@@ -112,14 +113,21 @@ class Decoder(nnx.Module):
         upsample, dims[0], dims[0], rngs=rngs, dtype=dtype,
         **{**upsample_options, 'factor': patch_size})
 
-  def __call__(self, features: Sequence[jax.Array], size: Resolution) -> jax.Array:
-    """features: encoder outputs per stage, (B, H_i, W_i, C_i); -> (B, *size, C_0)."""
+  def __call__(self, features: Sequence[jax.Array], size: Resolution,
+               final_norm: bool = True) -> jax.Array:
+    """features: encoder outputs per stage, (B, H_i, W_i, C_i); -> (B, *size, C_0).
+
+    final_norm=False leaves out the final upsampler's LayerNorm, for a head
+    that folds it in (UNet).
+    """
     x = on_tokens(self.bottleneck_norm, features[-1])
     for up, proj, stage, skip in zip(self.upsamplers, self.skip_projections, self.stages,
                                      reversed(features[:-1])):
       x = up(x)[:, :skip.shape[1], :skip.shape[2]]
       x = stage(on_tokens(proj, jnp.concatenate([x, skip], axis=-1)))
-    x = self.final_upsampler(on_tokens(self.norm, x))
+    up = self.final_upsampler
+    x = on_tokens(self.norm, x)
+    x = up(x) if final_norm else up.resample(x)
     return x[:, :size[0], :size[1]]
 
 
@@ -158,8 +166,10 @@ class UNet(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C_in) -> per-pixel logits (B, H, W, num_classes) in float32."""
-    y = self.decoder(self.encoder(x), x.shape[1:3])
-    return on_tokens(self.head, y).astype(jnp.float32)
+    y = self.decoder(self.encoder(x), x.shape[1:3], final_norm=False)
+    # Full-resolution LayerNorm + head as one fold: see norm_dense.
+    head = functools.partial(norm_dense, self.decoder.final_upsampler.norm, self.head)
+    return on_tokens(head, y).astype(jnp.float32)
 
 
 def _options(options: ml_collections.ConfigDict | dict, name: str) -> dict:

@@ -316,6 +316,13 @@ def get_config():
 '''
 
 
+def test_child_env_adds_a_compilation_cache_unless_set():
+  env = ablate.child_env({'PATH': '/bin'}, '/cache')
+  assert env == {'PATH': '/bin', 'JAX_COMPILATION_CACHE_DIR': '/cache'}
+  assert ablate.child_env({'JAX_COMPILATION_CACHE_DIR': '/mine'}, '/cache') == {
+      'JAX_COMPILATION_CACHE_DIR': '/mine'}
+
+
 def test_real_run_through_train_py(tmp_path, data_dir):
   """Wiring: config file -> train.py child process -> result -> aggregates."""
   config_path = tmp_path / 'tiny_sweep.py'
@@ -324,7 +331,9 @@ def test_real_run_through_train_py(tmp_path, data_dir):
   exec(config_path.read_text(), namespace)  # pylint: disable=exec-used
   config = namespace['get_config']()
   sweep = ablate.Sweep(config, str(tmp_path / 'work'), str(tmp_path / 'committed'))
-  sweep.execute(sweep.runs, ablate.subprocess_train_fn(str(config_path), {}))
+  cache_dir = tmp_path / 'compilation_cache'
+  sweep.execute(sweep.runs, ablate.subprocess_train_fn(str(config_path), {}, str(cache_dir)))
+  assert any(cache_dir.iterdir()), 'the child compiled without the persistent cache'
   result = sweep.results()[0]
   assert result['run'] == 'avg_pool-seed0' and result['steps'] == 2
   assert 0 <= result['eval']['eval/accuracy'] <= 1 and result['params'] > 0 and result['gflops'] > 0

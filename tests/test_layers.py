@@ -10,6 +10,7 @@ from flax import nnx
 
 from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
 from hierarchical_vit.layers import windows as win
+from hierarchical_vit.layers.common import dense, layer_norm, norm_dense
 
 
 def test_relative_position_index_brute_force():
@@ -148,3 +149,42 @@ def test_conv_stem_downsamples_only_with_stride_2_convs(patch, strides):
   assert [conv.strides for conv in stem.convs] == strides
   assert [conv.kernel_size for conv in stem.convs] == [(3, 3)] * len(strides)
   assert stem.convs[-1].out_features == 16
+
+
+def _random_norm_and_linear(c, out, bias):
+  norm, linear = layer_norm(c, rngs=nnx.Rngs(0)), dense(c, out, use_bias=bias, rngs=nnx.Rngs(1))
+  keys = iter(jax.random.split(jax.random.key(2), 3))
+  norm.scale[...] = 1.0 + jax.random.normal(next(keys), (c,))
+  norm.bias[...] = jax.random.normal(next(keys), (c,))
+  if bias:
+    linear.bias[...] = jax.random.normal(next(keys), (out,))
+  return norm, linear
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_norm_dense_is_layer_norm_then_linear(bias):
+  c, out = 6, 3
+  norm, linear = _random_norm_and_linear(c, out, bias)
+  x = np.random.default_rng(0).normal(2.0, 3.0, size=(10, c)).astype(np.float32)
+  normed = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+  expected = (normed * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])) @ np.asarray(
+      linear.kernel[...]) + (np.asarray(linear.bias[...]) if bias else 0.0)
+  np.testing.assert_allclose(norm_dense(norm, linear, jnp.asarray(x)), expected,
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_norm_dense_gradients_match_the_unfolded_layers():
+  norm, linear = _random_norm_and_linear(6, 3, True)
+  graphdef, params = nnx.split((norm, linear))
+  x = jax.random.normal(jax.random.key(3), (10, 6))
+  target = jax.random.normal(jax.random.key(4), (10, 3))
+
+  def loss(params, x, folded):
+    n, l = nnx.merge(graphdef, params)
+    y = norm_dense(n, l, x) if folded else l(n(x))
+    return jnp.sum(jnp.sin(y) * target)
+
+  folded = jax.grad(loss, argnums=(0, 1))(params, x, True)
+  unfolded = jax.grad(loss, argnums=(0, 1))(params, x, False)
+  for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(unfolded)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

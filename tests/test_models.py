@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import base
-from hierarchical_vit import presets
+from hierarchical_vit import presets, resampling
 from hierarchical_vit.models import build_model
 from hierarchical_vit.report import count_params, model_report
 
@@ -54,6 +54,21 @@ def test_unet_forward_any_size(upsample, size):
   model.eval()
   y = model(jax.random.normal(jax.random.key(0), (2, *size, 1)))
   assert y.shape == (2, *size, 5) and bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize('upsample', sorted(resampling.UPSAMPLERS))
+def test_unet_head_folds_the_final_norm_exactly(upsample):
+  """UNet's folded head equals head(final upsampler's LayerNorm(...)), unfolded."""
+  model = build_model(tiny_model_config(name='unet', upsample=upsample), rngs=nnx.Rngs(0))
+  model.eval()
+  up = model.decoder.final_upsampler
+  keys = iter(jax.random.split(jax.random.key(1), 3))
+  up.norm.scale[...] = 1.0 + jax.random.normal(next(keys), up.norm.scale.shape)
+  up.norm.bias[...] = jax.random.normal(next(keys), up.norm.bias.shape)
+  model.head.bias[...] = jax.random.normal(next(keys), model.head.bias.shape)
+  x = jax.random.normal(jax.random.key(0), (2, 15, 17, 1))
+  unfolded = model.head(model.decoder(model.encoder(x), (15, 17)))
+  np.testing.assert_allclose(model(x), unfolded, rtol=1e-4, atol=1e-4)
 
 
 def test_unet_decoder_mirrors_encoder():

@@ -27,12 +27,12 @@ DOWNSAMPLERS = ('patch_merge', 'avg_pool')
 
 def get_config() -> ml_collections.ConfigDict:
   config = segmentation.get_config()
-  # 2 epochs (1250 steps of 32 canvases) per run, evaluated every half epoch.
-  # On 2 CPU cores a run takes 3.4-4 min (200-235 img/s), except pixel_shuffle:
-  # its x8 final step (3x3 conv to 4096 channels) trains at ~120 img/s, ~6 min a
-  # run, so the grid takes ~2 h 15 min (measured: docs/results/README.md).
+  # 2 epochs (1250 steps of 32 canvases) per run, evaluated after each epoch.
+  # On 2 CPU cores a run takes ~3 min, except pixel_shuffle: its x8 final step
+  # (a 3x3 conv to 4096 channels, 3.4x the model's FLOPs) makes it ~5.5 min.
+  # The grid's measured time is in docs/results/README.md.
   config.train.num_epochs = 2.0
-  config.train.eval_every_steps = 312
+  config.train.eval_every_steps = 625
   config.sweep = ml_collections.ConfigDict({
       'name': 'upsample_segmentation',
       'seeds': (0, 1, 2),

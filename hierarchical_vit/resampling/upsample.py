@@ -21,7 +21,23 @@ def _out(in_features: int, out_features: int | None) -> int:
   return out_features or max(in_features // 2, 1)
 
 
-class PatchExpand(nnx.Module):
+class Upsampler(nnx.Module):
+  """Base: `resample` (B, H, W, C) -> (B, f*H, f*W, C_out), then `norm`.
+
+  `resample` is public so that a per-pixel head can fold the LayerNorm into
+  itself (models.UNet, layers.common.norm_dense).
+  """
+  norm: nnx.LayerNorm
+
+  def resample(self, x: jax.Array) -> jax.Array:
+    raise NotImplementedError
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, C) -> (B, f*H, f*W, C_out)."""
+    return on_tokens(self.norm, self.resample(x))
+
+
+class PatchExpand(Upsampler):
   """Swin-Unet's patch expanding: Linear C -> f*f*C_out (no bias), rearrange
   'b h w (p1 p2 c) -> b (h p1) (w p2) c', LayerNorm(C_out). With f = 2 and
   C_out = C/2 the Linear is C -> 2C; with f = 4 and C_out = C it is Swin-Unet's
@@ -36,13 +52,18 @@ class PatchExpand(nnx.Module):
                         rngs=rngs, dtype=dtype)
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return on_tokens(self.norm, expand_patches(on_tokens(self.expand, x), self.factor))
+  def resample(self, x: jax.Array) -> jax.Array:
+    return expand_patches(on_tokens(self.expand, x), self.factor)
 
 
-class Interpolate(nnx.Module):
-  """jax.image.resize by `factor` (method bilinear | nearest | bicubic), then
-  Linear C -> C_out and LayerNorm."""
+class Interpolate(Upsampler):
+  """jax.image.resize by `factor` (method bilinear | nearest | bicubic) and a
+  Linear C -> C_out, then LayerNorm.
+
+  The Linear (no bias) runs before the resize: both are linear, so they
+  commute, and projecting first runs the Linear on f*f times fewer pixels and
+  resizes C_out channels instead of C.
+  """
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                factor: int = 2, method: str = 'bilinear', dtype: DTypeLike | None = None):
@@ -56,13 +77,13 @@ class Interpolate(nnx.Module):
     self.proj = dense(in_features, out_features, use_bias=False, rngs=rngs, dtype=dtype)
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def resample(self, x: jax.Array) -> jax.Array:
+    x = on_tokens(self.proj, x)
     b, h, w, c = x.shape
-    x = jax.image.resize(x, (b, h * self.factor, w * self.factor, c), self.method)
-    return on_tokens(self.norm, on_tokens(self.proj, x))
+    return jax.image.resize(x, (b, h * self.factor, w * self.factor, c), self.method)
 
 
-class TransposedConv(nnx.Module):
+class TransposedConv(Upsampler):
   """Transposed convolution, kernel = stride = factor, C -> C_out, then LayerNorm.
 
   The parameters are nnx.ConvTranspose's, but with kernel = stride the output
@@ -79,18 +100,16 @@ class TransposedConv(nnx.Module):
                                   padding='VALID', dtype=dtype, rngs=rngs)
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, C) -> (B, f*H, f*W, C_out)."""
+  def resample(self, x: jax.Array) -> jax.Array:
     kernel, bias = self.conv.kernel[...], self.conv.bias[...]  # (f, f, C, C_out), (C_out,)
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.conv.dtype)
     f, _, c, c_out = kernel.shape
     # ConvTranspose applies the kernel flipped: output offset (i, j) reads kernel[f-1-i, f-1-j].
     kernel = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, f * f * c_out)
-    y = expand_patches(on_tokens(lambda t: t @ kernel, x), f) + bias
-    return on_tokens(self.norm, y)
+    return expand_patches(on_tokens(lambda t: t @ kernel, x), f) + bias
 
 
-class PixelShuffle(nnx.Module):
+class PixelShuffle(Upsampler):
   """Sub-pixel convolution (Shi et al. 2016): 3x3 conv C -> f*f*C_out, then
   depth-to-space by f, then LayerNorm.
 
@@ -108,8 +127,7 @@ class PixelShuffle(nnx.Module):
                          padding=((1, 1), (1, 1)), dtype=dtype, rngs=rngs)
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (B, H, W, C) -> (B, f*H, f*W, C_out)."""
+  def resample(self, x: jax.Array) -> jax.Array:
     kernel, bias = self.conv.kernel[...], self.conv.bias[...]  # (3, 3, C, f*f*C_out)
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.conv.dtype)
     _, h, w, c = x.shape
@@ -118,7 +136,7 @@ class PixelShuffle(nnx.Module):
     columns = jnp.concatenate([padded[:, dy:dy + h, dx:dx + w]
                                for dy in range(3) for dx in range(3)], axis=-1)
     y = on_tokens(lambda t: t @ kernel.reshape(9 * c, -1), columns) + bias
-    return on_tokens(self.norm, expand_patches(y, self.factor))
+    return expand_patches(y, self.factor)
 
 
 UPSAMPLERS = {
