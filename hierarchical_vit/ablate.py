@@ -26,24 +26,32 @@ on one machine continues on another from the committed results.
   ... --print_commands
   # Only some runs (variant or run names, comma-separated):
   ... --only=patch_merge,avg_pool-seed0
+  # Two runs at once, each pinned to half of the CPUs (small models: more
+  # images per second in total than one run on all cores; SubprocessTrainer):
+  ... --runs_at_once=2
 
 Any --config.x=y flag applies to every run (and appears in the commands).
 After the runs, every result of the sweep is aggregated into
 RESULTS_DIR/<sweep>/{results.csv,results.md,*.png} (hierarchical_vit.analysis).
 """
 
+import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
+import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from typing import Any
 
 import ml_collections
@@ -169,31 +177,83 @@ def child_env(environ: dict[str, str], cache_dir: str) -> dict[str, str]:
   return {'JAX_COMPILATION_CACHE_DIR': cache_dir, **environ}
 
 
-def subprocess_train_fn(config_spec: str, base_overrides: dict[str, Any],
-                        cache_dir: str) -> TrainFn:
-  """Trains each run with train.py in a child process (compiled programs
-  cached in cache_dir, see child_env).
+def cpu_slots(cpus: Sequence[int], runs_at_once: int) -> list[set[int]]:
+  """Splits the CPUs into runs_at_once disjoint, near-equal groups, one per
+  concurrent run."""
+  if not 1 <= runs_at_once <= len(cpus):
+    raise ValueError(f'--runs_at_once={runs_at_once} must be in [1, {len(cpus)}] '
+                     f'(the CPUs this process may use)')
+  return [set(int(c) for c in group) for group in np.array_split(sorted(cpus), runs_at_once)]
+
+
+class SubprocessTrainer:
+  """Trains each run with train.py in a child process (a TrainFn).
 
   A child per run bounds memory (jit caches and buffers die with it) and
-  resumes exactly as train.py does. SIGTERM is forwarded, so the child
-  checkpoints before the sweep stops.
+  resumes exactly as train.py does; compiled programs are cached across runs
+  (child_env). With runs_at_once > 1, each child is pinned to its own group of
+  CPUs: small models use 2 cores poorly (many small ops), so on 2 cores two
+  one-core runs of the segmentation UNet train 2 x 140 img/s against 222 img/s
+  for one run on both.
   """
 
-  def train(run: Run, workdir: str) -> None:
-    command = train_command(run, config_spec, workdir, base_overrides,
-                            python=sys.executable, train_py=os.path.join(REPO, 'train.py'))
-    logging.info('Run %s: %s', run.name, shlex.join(command))
-    child = subprocess.Popen(command, env=child_env(dict(os.environ), cache_dir))
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum))
+  def __init__(self, config_spec: str, base_overrides: dict[str, Any], cache_dir: str,
+               runs_at_once: int = 1):
+    self._command = functools.partial(
+        train_command, config_spec=config_spec, base_overrides=base_overrides,
+        python=sys.executable, train_py=os.path.join(REPO, 'train.py'))
+    self._env = child_env(dict(os.environ), cache_dir)
+    self._slots = queue.SimpleQueue()
+    slots = cpu_slots(sorted(os.sched_getaffinity(0)), runs_at_once)
+    for cpus in slots:
+      self._slots.put(cpus if len(slots) > 1 else None)  # One run: no pinning.
+    self._children: set[subprocess.Popen] = set()
+    self._lock = threading.Lock()
+    self._stopping = False
+
+  def __call__(self, run: Run, workdir: str) -> None:
+    cpus = self._slots.get()  # Blocks until a slot is free.
     try:
-      status = child.wait()
+      command = self._command(run, workdir=workdir)
+      status = self._run_child(run.name, command, cpus)
     finally:
-      signal.signal(signal.SIGTERM, previous)
+      self._slots.put(cpus)
     if status:
       raise RuntimeError(f'run {run.name} failed with exit status {status}: '
                          f'{shlex.join(command)}')
 
-  return train
+  def _run_child(self, name: str, command: list[str], cpus: set[int] | None) -> int:
+    with self._lock:  # No start after SIGTERM, and no child missed by it.
+      if self._stopping:
+        raise RuntimeError(f'run {name} not started: the sweep received SIGTERM')
+      logging.info('Run %s%s: %s', name, f' on CPUs {sorted(cpus)}' if cpus else '',
+                   shlex.join(command))
+      child = subprocess.Popen(
+          command, env=self._env,
+          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+      self._children.add(child)
+    try:
+      return child.wait()
+    finally:
+      with self._lock:
+        self._children.discard(child)
+
+  @contextlib.contextmanager
+  def forwarding_sigterm(self) -> Iterator[None]:
+    """While active, SIGTERM goes to every running child (each checkpoints and
+    exits) and no further run starts. Main thread only (Python's signals)."""
+
+    def forward(signum, _):
+      with self._lock:
+        self._stopping = True
+        for child in self._children:
+          child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+      yield
+    finally:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def model_cost(model_config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -362,23 +422,44 @@ class Sweep:
     return records, time.perf_counter() - start, resumed
 
   def execute(self, runs: Sequence[Run], train_fn: TrainFn,
-              cost_fn: CostFn = model_cost) -> None:
-    """Trains every unfinished run in turn and records its result."""
-    costs: dict[str, dict[str, float]] = {}  # Per model config: seeds share it.
-    for i, run in enumerate(runs):
-      logging.info('Run %d/%d: %s', i + 1, len(runs), run.name)
+              cost_fn: CostFn = model_cost, runs_at_once: int = 1) -> None:
+    """Trains every unfinished run, runs_at_once at a time, and records each
+    result as it finishes. If a run fails, no further run starts; the error
+    is raised once the running ones end."""
+    todo = []
+    for run in runs:
       if self.is_finished(run):
         logging.info('%s: finished, skipped.', run.name)
-        continue
-      records, wall_time, resumed = self.train(run, train_fn)
-      key = run.config.model.to_json()
-      if key not in costs:
-        costs[key] = cost_fn(run.config.model)
-      result = summarize(self.name, run, records, costs[key], wall_time, resumed)
-      _write_json(self.local_result(run), result)
-      _write_json(self.committed_result(run), result)
-      logging.info('%s: %s = %s.', run.name, self.config.sweep.metric,
-                   result['eval'].get(self.config.sweep.metric))
+      else:
+        todo.append(run)
+    costs: dict[str, dict[str, float]] = {}  # Per model config: seeds share it.
+    waiting = iter(todo)
+    with futures.ThreadPoolExecutor(runs_at_once) as pool:
+      running: dict[futures.Future, Run] = {}
+
+      def start_next() -> None:
+        run = next(waiting, None)
+        if run is not None:
+          running[pool.submit(self.train, run, train_fn)] = run
+
+      for _ in range(runs_at_once):
+        start_next()
+      finished = 0
+      while running:
+        done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+        for future in done:
+          run = running.pop(future)
+          records, wall_time, resumed = future.result()  # A failure stops new starts.
+          key = run.config.model.to_json()
+          if key not in costs:
+            costs[key] = cost_fn(run.config.model)
+          result = summarize(self.name, run, records, costs[key], wall_time, resumed)
+          _write_json(self.local_result(run), result)
+          _write_json(self.committed_result(run), result)
+          finished += 1
+          logging.info('Run %d/%d, %s: %s = %s.', finished, len(todo), run.name,
+                       self.config.sweep.metric, result['eval'].get(self.config.sweep.metric))
+          start_next()
 
 
 def main(argv):
@@ -395,7 +476,9 @@ def main(argv):
       print(shlex.join(train_command(run, config_spec, sweep.run_dir(run), base_overrides)))
     return
   cache_dir = os.path.join(os.path.abspath(_WORKDIR.value), 'compilation_cache')
-  sweep.execute(runs, subprocess_train_fn(config_spec, base_overrides, cache_dir))
+  train_fn = SubprocessTrainer(config_spec, base_overrides, cache_dir, _RUNS_AT_ONCE.value)
+  with train_fn.forwarding_sigterm():
+    sweep.execute(runs, train_fn, runs_at_once=_RUNS_AT_ONCE.value)
   written = aggregate.write_all(sweep.results(), sweep.config.sweep, sweep.output_dir)
   print('\n'.join(['Wrote:', *written]))
 
@@ -413,4 +496,6 @@ if __name__ == '__main__':
   _PRINT_COMMANDS = flags.DEFINE_bool(
       'print_commands', False, 'Print one train.py command per unfinished run; train nothing.')
   _ONLY = flags.DEFINE_list('only', [], 'Variant or run names to run (default: all).')
+  _RUNS_AT_ONCE = flags.DEFINE_integer(
+      'runs_at_once', 1, 'Runs trained at once, each pinned to its share of the CPUs.')
   app.run(main)

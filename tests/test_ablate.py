@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import signal
+import sys
+import threading
 
 import ml_collections
 import numpy as np
@@ -190,6 +193,77 @@ def test_run_trained_elsewhere_is_collected_without_training(tmp_path):
   assert len(sweep.results()) == 2
 
 
+class ConcurrentTrainer(FakeTrainer):
+  """A FakeTrainer whose runs only finish when `parties` of them run at once."""
+
+  def __init__(self, parties: int, fail: str = ''):
+    super().__init__()
+    self.barrier = threading.Barrier(parties, timeout=20)
+    self.fail = fail
+
+  def __call__(self, run: ablate.Run, workdir: str) -> None:
+    if run.name == self.fail:
+      self.calls.append(run.name)
+      self.barrier.abort()
+      raise RuntimeError(f'{run.name} failed')
+    self.barrier.wait()
+    super().__call__(run, workdir)
+
+
+def test_runs_at_once_trains_runs_concurrently(tmp_path):
+  sweep = ablate.Sweep(sweep_config(seeds=(0, 1)), str(tmp_path))
+  trainer = ConcurrentTrainer(parties=2)
+  sweep.execute(sweep.runs, trainer, fake_cost, runs_at_once=2)
+  assert sorted(trainer.calls) == sorted(r.name for r in sweep.runs)
+  assert all(sweep.is_finished(r) for r in sweep.runs)
+
+
+def test_failed_run_stops_later_runs_from_starting(tmp_path):
+  sweep = ablate.Sweep(sweep_config(seeds=(0, 1, 2)), str(tmp_path))
+  trainer = ConcurrentTrainer(parties=2, fail='patch_merge-seed0')
+  with pytest.raises((RuntimeError, threading.BrokenBarrierError)):
+    sweep.execute(sweep.runs, trainer, fake_cost, runs_at_once=2)
+  assert len(trainer.calls) <= 2  # The failed run and at most the one beside it.
+
+
+def test_cpu_slots_split_cpus_disjointly():
+  assert ablate.cpu_slots([0, 1], 1) == [{0, 1}]
+  assert ablate.cpu_slots([3, 1, 2, 0], 2) == [{0, 1}, {2, 3}]
+  assert ablate.cpu_slots([0, 1, 2], 2) == [{0, 1}, {2}]
+  with pytest.raises(ValueError, match=r'--runs_at_once=3 must be in \[1, 2\]'):
+    ablate.cpu_slots([0, 1], 3)
+
+
+def _affinity_command(path) -> list[str]:
+  return [sys.executable, '-c', 'import os, sys; open(sys.argv[1], "w").write('
+          'repr(sorted(os.sched_getaffinity(0))))', str(path)]
+
+
+def test_subprocess_trainer_pins_each_child_to_its_cpus(tmp_path):
+  cpus = sorted(os.sched_getaffinity(0))
+  trainer = ablate.SubprocessTrainer('unused.py', {}, str(tmp_path / 'cache'))
+  assert trainer._run_child('one', _affinity_command(tmp_path / 'all'), None) == 0
+  assert (tmp_path / 'all').read_text() == repr(cpus)
+  assert trainer._run_child('two', _affinity_command(tmp_path / 'one'), {cpus[-1]}) == 0
+  assert (tmp_path / 'one').read_text() == repr([cpus[-1]])
+
+
+def test_sigterm_reaches_running_children_and_stops_new_ones(tmp_path):
+  trainer = ablate.SubprocessTrainer('unused.py', {}, str(tmp_path / 'cache'))
+  statuses = []
+  with trainer.forwarding_sigterm():
+    child = threading.Thread(target=lambda: statuses.append(trainer._run_child(
+        'sleeper', [sys.executable, '-c', 'import time; time.sleep(60)'], None)))
+    child.start()
+    while not trainer._children:
+      threading.Event().wait(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+    child.join(timeout=20)
+    assert statuses == [-signal.SIGTERM]
+    with pytest.raises(RuntimeError, match='not started: the sweep received SIGTERM'):
+      trainer._run_child('later', [sys.executable, '-c', 'pass'], None)
+
+
 def test_t_quantile_matches_tables():
   for p, df, expected in [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 4, 2.776445),
                           (0.975, 10, 2.228139), (0.95, 5, 2.015048)]:
@@ -332,7 +406,7 @@ def test_real_run_through_train_py(tmp_path, data_dir):
   config = namespace['get_config']()
   sweep = ablate.Sweep(config, str(tmp_path / 'work'), str(tmp_path / 'committed'))
   cache_dir = tmp_path / 'compilation_cache'
-  sweep.execute(sweep.runs, ablate.subprocess_train_fn(str(config_path), {}, str(cache_dir)))
+  sweep.execute(sweep.runs, ablate.SubprocessTrainer(str(config_path), {}, str(cache_dir)))
   assert any(cache_dir.iterdir()), 'the child compiled without the persistent cache'
   result = sweep.results()[0]
   assert result['run'] == 'avg_pool-seed0' and result['steps'] == 2
