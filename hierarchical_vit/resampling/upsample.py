@@ -6,6 +6,8 @@ The decoder's final return to input resolution uses the same classes with
 factor = patch size (Swin-Unet's x4 expand is patch_expand with factor 4).
 """
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,15 +24,14 @@ def _out(in_features: int, out_features: int | None) -> int:
 
 
 class Upsampler(nnx.Module):
-  """Base: `resample` (B, H, W, C) -> (B, f*H, f*W, C_out), then `norm`.
+  """Base: a subclass's `resample(x)`, (B, H, W, C) -> (B, f*H, f*W, C_out),
+  then its LayerNorm `norm`.
 
   `resample` is public so that a per-pixel head can fold the LayerNorm into
   itself (models.UNet, layers.common.norm_dense).
   """
   norm: nnx.LayerNorm
-
-  def resample(self, x: jax.Array) -> jax.Array:
-    raise NotImplementedError
+  resample: Callable[[jax.Array], jax.Array]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, f*H, f*W, C_out)."""
