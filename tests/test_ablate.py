@@ -246,6 +246,7 @@ def test_subprocess_trainer_pins_each_child_to_its_cpus(tmp_path):
   assert (tmp_path / 'all').read_text() == repr(cpus)
   assert trainer._run_child('two', _affinity_command(tmp_path / 'one'), {cpus[-1]}) == 0
   assert (tmp_path / 'one').read_text() == repr([cpus[-1]])
+  assert sorted(os.sched_getaffinity(0)) == cpus  # The sweep itself stays unpinned.
 
 
 def test_sigterm_reaches_running_children_and_stops_new_ones(tmp_path):

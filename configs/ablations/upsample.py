@@ -28,9 +28,10 @@ DOWNSAMPLERS = ('patch_merge', 'avg_pool')
 def get_config() -> ml_collections.ConfigDict:
   config = segmentation.get_config()
   # 2 epochs (1250 steps of 32 canvases) per run, evaluated after each epoch.
-  # On 2 CPU cores a run takes ~3 min, except pixel_shuffle: its x8 final step
-  # (a 3x3 conv to 4096 channels, 3.4x the model's FLOPs) makes it ~5.5 min.
-  # The grid's measured time is in docs/results/README.md.
+  # On 2 CPU cores with --runs_at_once=2 (one core per run) the grid takes
+  # ~1 h 35 min: runs of 5-6 min two at a time, pixel_shuffle's ~9.5 min (its
+  # x8 final step, a 3x3 conv to 4096 channels, is 3.4x the model's FLOPs).
+  # Measured: docs/results/README.md.
   config.train.num_epochs = 2.0
   config.train.eval_every_steps = 625
   config.sweep = ml_collections.ConfigDict({
