@@ -15,6 +15,7 @@ with the peak a jitted f32 2048^2 matmul timed in the same rounds.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -63,12 +64,14 @@ def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def model_config(bench: BenchConfig, gelu_approximate: bool) -> ml_collections.ConfigDict:
+def model_config(bench: BenchConfig, gelu_approximate: bool,
+                 dtype: str = 'float32') -> ml_collections.ConfigDict:
   """Full config (train defaults of configs/base.py) for a benchmark model."""
   config = base.get_config()
   apply_preset(config.model, bench.preset)
   config.model.num_classes = NUM_CLASSES
   config.model.gelu_approximate = gelu_approximate
+  config.model.dtype = dtype
   return config
 
 
@@ -166,25 +169,38 @@ class Timm:
     self.clip = tc.grad_clip_norm
     gen = torch.Generator().manual_seed(0)
     size = bench.img_size
-    self.images = torch.randn(batch, 3, size, size, generator=gen)
-    self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    # On the GPU when there is one (the same card as ours); bf16 as autocast.
+    self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    self.model.to(self.device)
+    self.images = torch.randn(batch, 3, size, size, generator=gen).to(self.device)
+    self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(self.device)
+    self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
+                                      enabled=config.model.dtype == 'bfloat16')
+
+  def _sync(self) -> None:
+    if self.device.type == 'cuda':
+      self.torch.cuda.synchronize()
 
   def train(self, steps: int) -> float:
     self.model.train()
     start = time.perf_counter()
     for _ in range(steps):
       self.optimizer.zero_grad(set_to_none=True)
-      self.loss(self.model(self.images), self.labels).backward()
+      with self.autocast():
+        loss = self.loss(self.model(self.images), self.labels)
+      loss.backward()
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
       self.optimizer.step()
+    self._sync()
     return time.perf_counter() - start
 
   def eval(self, steps: int) -> float:
     self.model.eval()
     start = time.perf_counter()
-    with self.torch.no_grad():
+    with self.torch.no_grad(), self.autocast():
       for _ in range(steps):
         self.model(self.images)
+    self._sync()
     return time.perf_counter() - start
 
 
@@ -197,10 +213,10 @@ def _timm_available() -> bool:
 
 
 def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
-              rounds: int, with_timm: bool) -> dict[str, Any]:
+              rounds: int, with_timm: bool, dtype: str = 'float32') -> dict[str, Any]:
   """Interleaved timed rounds of ours (and timm) on CONFIGS[name]."""
   bench = CONFIGS[name]
-  config = model_config(bench, gelu_approximate=gelu == 'tanh')
+  config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype)
   ours = Ours(config, batch)
   timm_model = Timm(bench, config, batch) if with_timm else None
   contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train,
@@ -217,7 +233,7 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
     peaks.append(peak())
 
   result = {
-      'config': name, 'gelu': gelu, 'batch': batch, 'params': int(ours.num_params),
+      'config': name, 'gelu': gelu, 'dtype': dtype, 'batch': batch, 'params': int(ours.num_params),
       'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
       'peak_gflops': statistics.median(peaks),
       'train_compile_s': ours.train_compile_s, 'eval_compile_s': ours.eval_compile_s,
@@ -277,7 +293,7 @@ def main(argv):
   for name in names:
     for gelu in gelus:
       results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
-                               with_timm))
+                               with_timm, _DTYPE.value))
       print(json.dumps(results[-1]), flush=True)
   summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
@@ -304,6 +320,8 @@ if __name__ == '__main__':
   _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timed rounds; figures are medians.')
   _GELU = flags.DEFINE_enum('gelu', 'both', ['tanh', 'erf', 'both'],
                             'Our GELU form (timm always uses exact erf).')
+  _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                             'Compute dtype of both (ours: model.dtype; timm: autocast).')
   _TIMM = flags.DEFINE_bool('timm', True, 'Time timm beside ours if it imports.')
   _THREADS = flags.DEFINE_integer('torch_threads', None, 'torch threads; default: CPU count.')
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')

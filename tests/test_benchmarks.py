@@ -33,3 +33,13 @@ def test_format_table_has_a_row_per_result_and_dashes_for_missing_timm():
   assert lines[2].split(' | ')[3] == '-'
   assert '| 0.75 |' in lines[3] and '| 1.10 |' in lines[3] and '25%' in lines[3]
   assert '5.9 / 0.8' in lines[2]
+
+
+def test_bfloat16_runs_both_sides_in_bfloat16():
+  bench = throughput.CONFIGS['small']
+  config = throughput.model_config(bench, gelu_approximate=True, dtype='bfloat16')
+  assert config.model.dtype == 'bfloat16'
+  reference = throughput.Timm(bench, config, batch=2)
+  with reference.autocast():
+    assert reference.model(reference.images).dtype == reference.torch.bfloat16
+  assert reference.train(1) > 0 and reference.eval(1) > 0
