@@ -154,7 +154,8 @@ class Ours:
 class Timm:
   """timm's Swin with torch AdamW, clipping and label smoothing, as ours trains."""
 
-  def __init__(self, bench: BenchConfig, config: ml_collections.ConfigDict, batch: int):
+  def __init__(self, bench: BenchConfig, config: ml_collections.ConfigDict, batch: int,
+               compile_model: bool = False):
     import timm  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
     self.torch = torch
@@ -172,6 +173,8 @@ class Timm:
     # On the GPU when there is one (the same card as ours); bf16 as autocast.
     self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     self.model.to(self.device)
+    if compile_model:  # Lazy: compiles at the first (warm-up) step.
+      self.model = torch.compile(self.model)
     self.images = torch.randn(batch, 3, size, size, generator=gen).to(self.device)
     self.labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(self.device)
     self.autocast = functools.partial(torch.autocast, self.device.type, dtype=torch.bfloat16,
@@ -213,12 +216,13 @@ def _timm_available() -> bool:
 
 
 def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
-              rounds: int, with_timm: bool, dtype: str = 'float32') -> dict[str, Any]:
+              rounds: int, with_timm: bool, dtype: str = 'float32',
+              timm_compile: bool = False) -> dict[str, Any]:
   """Interleaved timed rounds of ours (and timm) on CONFIGS[name]."""
   bench = CONFIGS[name]
   config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype)
   ours = Ours(config, batch)
-  timm_model = Timm(bench, config, batch) if with_timm else None
+  timm_model = Timm(bench, config, batch, timm_compile) if with_timm else None
   contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train,
                                                     'ours_eval': ours.eval}
   if timm_model:
@@ -233,7 +237,8 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
     peaks.append(peak())
 
   result = {
-      'config': name, 'gelu': gelu, 'dtype': dtype, 'batch': batch, 'params': int(ours.num_params),
+      'config': name, 'gelu': gelu, 'dtype': dtype, 'timm_compile': timm_compile,
+      'batch': batch, 'params': int(ours.num_params),
       'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
       'peak_gflops': statistics.median(peaks),
       'train_compile_s': ours.train_compile_s, 'eval_compile_s': ours.eval_compile_s,
@@ -293,7 +298,7 @@ def main(argv):
   for name in names:
     for gelu in gelus:
       results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
-                               with_timm, _DTYPE.value))
+                               with_timm, _DTYPE.value, _TIMM_COMPILE.value))
       print(json.dumps(results[-1]), flush=True)
   summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
@@ -323,6 +328,8 @@ if __name__ == '__main__':
   _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                              'Compute dtype of both (ours: model.dtype; timm: autocast).')
   _TIMM = flags.DEFINE_bool('timm', True, 'Time timm beside ours if it imports.')
+  _TIMM_COMPILE = flags.DEFINE_bool('timm_compile', False,
+                                    "Run timm's model through torch.compile (compiled at warm-up).")
   _THREADS = flags.DEFINE_integer('torch_threads', None, 'torch threads; default: CPU count.')
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')
   # Both contestants share this process, hence the allocator (set

@@ -43,3 +43,10 @@ def test_bfloat16_runs_both_sides_in_bfloat16():
   with reference.autocast():
     assert reference.model(reference.images).dtype == reference.torch.bfloat16
   assert reference.train(1) > 0 and reference.eval(1) > 0
+
+
+def test_timm_compile_wraps_the_model_lazily():
+  bench = throughput.CONFIGS['small']
+  config = throughput.model_config(bench, gelu_approximate=True)
+  reference = throughput.Timm(bench, config, batch=2, compile_model=True)
+  assert isinstance(reference.model, reference.torch._dynamo.eval_frame.OptimizedModule)
