@@ -50,7 +50,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -177,7 +177,7 @@ def child_env(environ: dict[str, str], cache_dir: str) -> dict[str, str]:
   return {'JAX_COMPILATION_CACHE_DIR': cache_dir, **environ}
 
 
-def cpu_slots(cpus: Sequence[int], runs_at_once: int) -> list[set[int]]:
+def cpu_slots(cpus: Collection[int], runs_at_once: int) -> list[set[int]]:
   """Splits the CPUs into runs_at_once disjoint, near-equal groups, one per
   concurrent run."""
   if not 1 <= runs_at_once <= len(cpus):
@@ -223,7 +223,7 @@ class SubprocessTrainer:
         python=sys.executable, train_py=os.path.join(REPO, 'train.py'))
     self._env = child_env(dict(os.environ), cache_dir)
     self._slots = queue.SimpleQueue()
-    slots = cpu_slots(sorted(os.sched_getaffinity(0)), runs_at_once)
+    slots = cpu_slots(os.sched_getaffinity(0), runs_at_once)
     for cpus in slots:
       self._slots.put(cpus if len(slots) > 1 else None)  # One run: no pinning.
     self._children: set[subprocess.Popen] = set()
