@@ -8,7 +8,8 @@ rounds (ours, timm, ours eval, timm eval, matmul peak) so that load from other
 processes hits them alike; figures are medians over rounds.
 
 MFU = (3 x forward FLOPs per image, from XLA's cost analysis) x img/s / peak,
-with the peak a jitted f32 2048^2 matmul timed in the same rounds.
+with the peak a jitted matmul in the benchmark's dtype (2048^2 on CPU, 8192^2
+on accelerators) timed in the same rounds.
 
   python -m benchmarks.throughput --output=throughput.json   # small, swin_t_32 on CPU
   python -m benchmarks.throughput --configs=swin_t_224 --gelu=erf   # accelerators
@@ -76,12 +77,18 @@ def model_config(bench: BenchConfig, gelu_approximate: bool,
 
 
 class MatmulPeak:
-  """Times a jitted f32 (n, n) @ (n, n): the attainable matmul FLOP/s."""
+  """Times a jitted (n, n) @ (n, n) in `dtype`: the attainable matmul FLOP/s.
 
-  def __init__(self, n: int = 2048, reps: int = 10):
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  The MFU of a bf16 run is against a bf16 peak; on accelerators n must be
+  large (8192) for the matmul to reach the card's throughput.
+  """
+
+  def __init__(self, n: int = 2048, reps: int = 10, dtype: str = 'float32'):
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    self.n, self.dtype = n, dtype
     self.flops = 2 * n ** 3 * reps
-    self.fn = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda _, x: x @ a * 1e-3, a))
+    scale = jnp.asarray(1e-3, dtype)  # keeps the repeated products finite in bf16
+    self.fn = jax.jit(lambda a: jax.lax.fori_loop(0, reps, lambda _, x: x @ a * scale, a))
     self.a = a
     self.fn(a).block_until_ready()
 
@@ -240,7 +247,7 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
       'config': name, 'gelu': gelu, 'dtype': dtype, 'timm_compile': timm_compile,
       'batch': batch, 'params': int(ours.num_params),
       'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
-      'peak_gflops': statistics.median(peaks),
+      'peak_gflops': statistics.median(peaks), 'peak_matmul': f'{peak.dtype} {peak.n}^2',
       'train_compile_s': ours.train_compile_s, 'eval_compile_s': ours.eval_compile_s,
       **ours.memory(),
   }
@@ -292,7 +299,8 @@ def main(argv):
   if with_timm:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(_THREADS.value or os.cpu_count())
-  peak = MatmulPeak()
+  peak_size = _PEAK_SIZE.value or (2048 if backend == 'cpu' else 8192)
+  peak = MatmulPeak(peak_size, dtype=_DTYPE.value)
   gelus = ['tanh', 'erf'] if _GELU.value == 'both' else [_GELU.value]
   results = []
   for name in names:
@@ -331,6 +339,8 @@ if __name__ == '__main__':
   _TIMM_COMPILE = flags.DEFINE_bool('timm_compile', False,
                                     "Run timm's model through torch.compile (compiled at warm-up).")
   _THREADS = flags.DEFINE_integer('torch_threads', None, 'torch threads; default: CPU count.')
+  _PEAK_SIZE = flags.DEFINE_integer(
+      'peak_size', None, 'Side of the peak matmul (in --dtype); default: 2048 on CPU, 8192 elsewhere.')
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')
   # Both contestants share this process, hence the allocator (set
   # HIERARCHICAL_VIT_TCMALLOC=0 to time both under glibc malloc).

@@ -1,5 +1,6 @@
 """The throughput benchmark compares like with like (no timing here)."""
 
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -50,3 +51,13 @@ def test_timm_compile_wraps_the_model_lazily():
   config = throughput.model_config(bench, gelu_approximate=True)
   reference = throughput.Timm(bench, config, batch=2, compile_model=True)
   assert isinstance(reference.model, reference.torch._dynamo.eval_frame.OptimizedModule)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_matmul_peak_multiplies_in_the_benchmark_dtype(dtype):
+  peak = throughput.MatmulPeak(n=64, reps=2, dtype=dtype)
+  out = peak.fn(peak.a)
+  assert out.dtype == dtype and peak.a.shape == (64, 64)
+  assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+  assert peak.flops == 2 * 64 ** 3 * 2
+  assert peak() > 0
