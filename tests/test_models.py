@@ -12,7 +12,7 @@ from flax import nnx
 from configs import base
 from hierarchical_vit import presets, resampling
 from hierarchical_vit.models import build_model
-from hierarchical_vit.report import count_params, model_report
+from hierarchical_vit.report import count_params, forward_flops, model_report
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
 
@@ -158,3 +158,24 @@ def test_report_counts_params_and_flops():
   mlp_flops = sum(2 * 2 * 4 * d * d * r[0] * r[1]
                   for d, r in zip(model.encoder.dims, model.encoder.resolutions))
   assert report['gflops_per_image'] * 1e9 > mlp_flops
+
+
+def test_forward_flops_match_swin_t_matmul_count():
+  """Counted FLOPs = the published step-by-step matmul count of Swin-T at 224, plus a
+  few % of elementwise work (LayerNorm, softmax, GELU); a backend that hid its GEMMs
+  from the count (as compiled GPU executables do) would fail the lower bound."""
+  m = presets.apply_preset(base.get_model_config(), 'swin_t')
+  model = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
+  window_tokens = 7 * 7
+  expected = 2 * 56 * 56 * (4 * 4 * 3) * 96  # patch embedding
+  for i, (res, dim, depth) in enumerate(zip((56, 28, 14, 7), (96, 192, 384, 768), (2, 2, 6, 2))):
+    tokens = res * res
+    per_block = (2 * tokens * dim * 3 * dim + 2 * tokens * dim * dim      # qkv, proj
+                 + 2 * 2 * tokens * window_tokens * dim                    # q.k, p.v
+                 + 2 * 2 * tokens * dim * 4 * dim)                         # MLP
+    expected += depth * per_block
+    if i < 3:  # 2x2 merge: (tokens / 4, 4C) -> 2C
+      expected += 2 * tokens // 4 * 4 * dim * 2 * dim
+  expected += 2 * 768 * 1000  # head
+  counted = forward_flops(model, (1, 224, 224, 3))
+  assert expected <= counted <= 1.05 * expected, (counted, expected)
