@@ -36,6 +36,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.attn_drop_rate = 0.0     # Dropout on attention probabilities.
   m.drop_path_rate = 0.1     # Stochastic depth, linearly increasing per block.
   m.dtype = 'float32'        # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
+  # Attention core, a name in hierarchical_vit.layers.attention.ATTENTION_CORES:
+  # 'einsum' (any backend) | 'cudnn' (NVIDIA GPU, bfloat16, attn_drop_rate 0).
+  m.attention = 'einsum'
   # Downsampler between encoder stages: a name in
   # hierarchical_vit.resampling.DOWNSAMPLERS: patch_merge | avg_pool | max_pool
   # | conv | space_to_depth | depthwise_conv_pool. Width doubles per stage.

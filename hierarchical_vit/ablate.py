@@ -322,12 +322,22 @@ def finished_step(records: Sequence[dict]) -> int | None:
   return steps[-1] if steps else None
 
 
+# Config fields added after results were committed, with the value that
+# trains exactly what the config did before the field existed: at that value a
+# field stays out of the fingerprint, so those results remain valid.
+ADDED_FIELDS = {('model', 'attention'): 'einsum'}
+
+
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   """A hash of what a run trains: its config without the sweep section and
-  data_dir (a committed result stays valid on a machine with another data dir)."""
+  data_dir (a committed result stays valid on a machine with another data dir)
+  and without ADDED_FIELDS at their old behaviour."""
   trained = config.to_dict()
   trained.pop('sweep', None)
   trained.get('data', {}).pop('data_dir', None)
+  for (section, field), old_behaviour in ADDED_FIELDS.items():
+    if trained.get(section, {}).get(field, old_behaviour) == old_behaviour:
+      trained.get(section, {}).pop(field, None)
   text = json.dumps(trained, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

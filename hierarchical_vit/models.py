@@ -18,6 +18,7 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit import resampling
 from hierarchical_vit.layers import STEMS, SwinStage, dense, layer_norm, on_tokens
+from hierarchical_vit.layers.attention import ATTENTION_CORES
 from hierarchical_vit.layers.common import norm_dense, resolve_dtype
 
 Resolution = tuple[int, int]
@@ -157,7 +158,7 @@ class UNet(nnx.Module):
                **encoder_kwargs):
     self.encoder = Encoder(rngs=rngs, dtype=dtype, **encoder_kwargs)
     block_keys = ('mlp_ratio', 'qkv_bias', 'drop_rate', 'attn_drop_rate', 'gelu_approximate',
-                  'window_size', 'num_heads', 'patch_size', 'drop_path_rate')
+                  'attention', 'window_size', 'num_heads', 'patch_size', 'drop_path_rate')
     self.decoder = Decoder(dims=self.encoder.dims, resolutions=self.encoder.resolutions,
                            depths=decoder_depths, upsample=upsample,
                            upsample_options=upsample_options, rngs=rngs, dtype=dtype,
@@ -207,6 +208,7 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   for field in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
     _check(0.0 <= cfg[field] < 1.0, f'model.{field}={cfg[field]} must be in [0, 1)')
   _check(cfg.mlp_ratio > 0, f'model.mlp_ratio={cfg.mlp_ratio} must be > 0')
+  _check_attention(cfg)
   resampling.lookup('downsample', cfg.downsample)  # Even if no stage downsamples.
   return dict(
       img_size=img_size, in_chans=cfg.in_chans, stem=cfg.stem, patch_size=cfg.patch_size,
@@ -215,7 +217,22 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
       downsample_options=_options(cfg.downsample_options, cfg.downsample),
       drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate,
       attn_drop_rate=cfg.attn_drop_rate, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-      gelu_approximate=cfg.gelu_approximate)
+      gelu_approximate=cfg.gelu_approximate, attention=cfg.attention)
+
+
+def _check_attention(cfg: ml_collections.ConfigDict) -> None:
+  """model.attention names a core that can run this config here."""
+  _check(cfg.attention in ATTENTION_CORES,
+         f'model.attention={cfg.attention!r} is not one of {sorted(ATTENTION_CORES)}')
+  if cfg.attention == 'cudnn':
+    _check(jax.default_backend() == 'gpu',
+           f"model.attention='cudnn' needs an NVIDIA GPU; this backend is "
+           f"{jax.default_backend()!r}: use 'einsum'")
+    _check(cfg.dtype == 'bfloat16',
+           f"model.attention='cudnn' needs model.dtype='bfloat16', got {cfg.dtype!r}")
+    _check(cfg.attn_drop_rate == 0.0,
+           f"model.attention='cudnn' has no attention dropout: model.attn_drop_rate="
+           f'{cfg.attn_drop_rate} must be 0')
 
 
 def _build_classifier(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> Classifier:

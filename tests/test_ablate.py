@@ -434,3 +434,24 @@ def test_total_steps_of_a_segmentation_sweep_reads_the_canvas_split(canvas_dir):
   run.config.data.data_dir = canvas_dir
   run.config.train.update(batch_size=16, num_epochs=2.0, num_steps=0)
   assert ablate.total_steps(run.config) == 2 * 64 // 16
+
+
+@pytest.mark.parametrize('config', [downsample.get_config(), upsample.get_config()],
+                         ids=['downsample_fashion_mnist', 'upsample_segmentation'])
+def test_committed_results_match_their_sweep_config(tmp_path, config):
+  """Rerunning a committed sweep collects its results: a config change that
+  alters what those runs trained would raise here (see ablate.ADDED_FIELDS)."""
+  sweep = ablate.Sweep(config, str(tmp_path), os.path.join(REPO, 'docs', 'results'))
+  committed = os.listdir(os.path.join(sweep.output_dir, 'runs'))
+  finished = [run for run in sweep.runs if sweep.is_finished(run)]
+  assert committed and sorted(f'{run.name}.json' for run in finished) == sorted(committed)
+
+
+def test_added_field_at_its_old_behaviour_keeps_the_fingerprint():
+  config = sweep_config()
+  before = config.to_dict()
+  del before['model']['attention']  # The config as it was before the field existed.
+  old = ml_collections.ConfigDict(before)
+  assert ablate.config_fingerprint(config) == ablate.config_fingerprint(old)
+  config.model.attention = 'cudnn'
+  assert ablate.config_fingerprint(config) != ablate.config_fingerprint(old)

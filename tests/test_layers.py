@@ -1,5 +1,6 @@
 """Window attention and Swin blocks against step-by-step references."""
 
+import functools
 import itertools
 
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 
 from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
 from hierarchical_vit.layers import windows as win
+from hierarchical_vit.layers.attention import ATTENTION_CORES, cudnn_attention
 from hierarchical_vit.layers.common import dense, layer_norm, norm_dense
 
 
@@ -82,6 +84,25 @@ def test_window_attention_matches_numpy(masked):
     assert mask.shape == (2, 6, 6) and (mask != 0).any()
   np.testing.assert_allclose(module(jnp.asarray(x), mask), _numpy_window_attention(module, x, mask),
                              rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('masked', [False, True])
+def test_cudnn_attention_core_matches_numpy(masked):
+  """The cudnn core's padding, bias tiling and layout, through XLA's
+  implementation of the same jax.nn.dot_product_attention call (cuDNN's needs a GPU)."""
+  module = WindowAttention(16, 4, (3, 3), rngs=nnx.Rngs(0), attention='cudnn')  # 9 -> 10 tokens
+  assert module.core is ATTENTION_CORES['cudnn'] is cudnn_attention
+  module.core = functools.partial(cudnn_attention, implementation='xla')
+  x = np.random.default_rng(1).normal(size=(4, 9, 16)).astype(np.float32)
+  mask = win.shifted_window_mask(6, 3, (3, 3), (1, 0)) if masked else None
+  np.testing.assert_allclose(module(jnp.asarray(x), mask), _numpy_window_attention(module, x, mask),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_attention_cores_are_registered_and_unknown_names_are_refused():
+  assert set(ATTENTION_CORES) == {'einsum', 'cudnn'}
+  with pytest.raises(ValueError, match=r"model.attention='flash' is not one of \['cudnn', 'einsum'\]"):
+    WindowAttention(16, 4, (2, 3), rngs=nnx.Rngs(0), attention='flash')
 
 
 def _affected_tokens(block: SwinBlock, size: int, token: tuple[int, int]) -> set:

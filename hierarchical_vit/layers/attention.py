@@ -1,4 +1,14 @@
-"""Window multi-head self-attention with a learned relative position bias."""
+"""Window multi-head self-attention with a learned relative position bias.
+
+The attention core (softmax(q k^T * scale + bias) v) is picked by name from
+ATTENTION_CORES (config.model.attention):
+
+  einsum:  two einsums and an f32 softmax, any backend, with attention dropout.
+  cudnn:   cuDNN's fused attention through jax.nn.dot_product_attention; NVIDIA
+           GPUs, bfloat16, no attention dropout.
+"""
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +18,50 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.common import TRUNC_NORMAL, dense, on_tokens
+
+# core(q, k, v, bias, scale, dropout) -> (B', N, heads, d), for q, k, v:
+# (B', N, heads, d) windows and bias: (G, heads, N, N) float32, G dividing B'
+# (window b uses bias[b % G]: the shift mask repeats per image).
+AttentionCore = Callable[..., jax.Array]
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float,
+                     dropout: nnx.Dropout) -> jax.Array:
+  """Logits and softmax in float32, probabilities cast back to v's dtype."""
+  b, n, h, _ = q.shape
+  g = bias.shape[0]
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k).astype(jnp.float32)
+  logits = (logits.reshape(b // g, g, h, n, n) + bias).reshape(b, h, n, n)
+  probs = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype))
+  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float,
+                    dropout: nnx.Dropout, implementation: str = 'cudnn') -> jax.Array:
+  """cuDNN's fused attention kernel through jax.nn.dot_product_attention.
+
+  The kernel takes no dropout, and trains with a bias only on even window
+  lengths (Swin's 7 x 7 = 49), so an odd window gets one zero token that no
+  query attends to, cropped after. implementation='xla' runs the same call on
+  any backend (tests).
+  """
+  del dropout  # Model validation rejects attn_drop_rate > 0 with this core.
+  b, n = q.shape[:2]
+  g = bias.shape[0]
+  if n % 2:
+    q, k, v = (jnp.pad(t, ((0, 0), (0, 1), (0, 0), (0, 0))) for t in (q, k, v))
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 1), (0, 1))).at[..., n].set(win.MASK_VALUE)
+  if g > 1:  # Tiled to one bias per window: the kernel only broadcasts size-1 dims.
+    bias = jnp.broadcast_to(bias, (b // g, *bias.shape)).reshape(b, *bias.shape[1:])
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), scale=scale,
+                                     implementation=implementation)
+  return out[:, :n]
+
+
+ATTENTION_CORES: dict[str, AttentionCore] = {
+    'einsum': einsum_attention,
+    'cudnn': cudnn_attention,
+}
 
 
 class WindowAttention(nnx.Module):
@@ -20,9 +74,12 @@ class WindowAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, window: win.Window, *, rngs: nnx.Rngs,
                qkv_bias: bool = True, attn_drop_rate: float = 0.0, proj_drop_rate: float = 0.0,
-               dtype: DTypeLike | None = None):
+               attention: str = 'einsum', dtype: DTypeLike | None = None):
     if dim % num_heads:
       raise ValueError(f'num_heads={num_heads} does not divide the width {dim}')
+    if attention not in ATTENTION_CORES:
+      raise ValueError(f'model.attention={attention!r} is not one of {sorted(ATTENTION_CORES)}')
+    self.core = ATTENTION_CORES[attention]
     self.num_heads = num_heads
     self.window = tuple(window)
     self.scale = (dim // num_heads) ** -0.5
@@ -46,12 +103,8 @@ class WindowAttention(nnx.Module):
     bw, n, c = x.shape
     qkv = on_tokens(self.qkv, x).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B * nW, N, heads, head_dim)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q * self.scale, k)
-    logits = logits.astype(jnp.float32) + self.relative_position_bias()
+    bias = self.relative_position_bias()[None]  # (1, heads, N, N)
     if mask is not None:
-      nw = mask.shape[0]
-      logits = logits.reshape(bw // nw, nw, self.num_heads, n, n) + mask[None, :, None]
-      logits = logits.reshape(bw, self.num_heads, n, n)
-    probs = self.attn_drop(jax.nn.softmax(logits, axis=-1).astype(v.dtype))
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(bw, n, c)
+      bias = bias + mask[:, None]  # (nW, heads, N, N)
+    out = self.core(q, k, v, bias, self.scale, self.attn_drop).reshape(bw, n, c)
     return self.proj_drop(on_tokens(self.proj, out))

@@ -23,13 +23,14 @@ class SwinBlock(nnx.Module):
   def __init__(self, dim: int, num_heads: int, window: win.Window, shift: win.Window, *,
                rngs: nnx.Rngs, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-               gelu_approximate: bool = False, dtype: DTypeLike | None = None):
+               gelu_approximate: bool = False, attention: str = 'einsum',
+               dtype: DTypeLike | None = None):
     self.window = tuple(window)
     self.shift = tuple(shift)
     self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
     self.attn = WindowAttention(dim, num_heads, self.window, rngs=rngs, qkv_bias=qkv_bias,
                                 attn_drop_rate=attn_drop_rate, proj_drop_rate=drop_rate,
-                                dtype=dtype)
+                                attention=attention, dtype=dtype)
     self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, drop_rate=drop_rate,
                    gelu_approximate=gelu_approximate, dtype=dtype)
