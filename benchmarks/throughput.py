@@ -35,6 +35,8 @@ from flax import nnx
 
 from configs import base
 from hierarchical_vit import report, tcmalloc
+from hierarchical_vit.layers.attention import ATTENTION_CORES
+from hierarchical_vit.models import build_model
 from hierarchical_vit.presets import apply_preset
 from hierarchical_vit.training import optimizer as optimizer_lib
 from hierarchical_vit.training import trainer
@@ -65,14 +67,15 @@ def _rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def model_config(bench: BenchConfig, gelu_approximate: bool,
-                 dtype: str = 'float32') -> ml_collections.ConfigDict:
+def model_config(bench: BenchConfig, gelu_approximate: bool, dtype: str = 'float32',
+                 attention: str = 'einsum') -> ml_collections.ConfigDict:
   """Full config (train defaults of configs/base.py) for a benchmark model."""
   config = base.get_config()
   apply_preset(config.model, bench.preset)
   config.model.num_classes = NUM_CLASSES
   config.model.gelu_approximate = gelu_approximate
   config.model.dtype = dtype
+  config.model.attention = attention
   return config
 
 
@@ -127,10 +130,14 @@ class Ours:
         self.state['params'], self.batch, self.rest).compile()
     self.eval_compile_s = time.perf_counter() - start
     self.train_batch = train_batch
-    eval_model = nnx.merge(eval_graphdef, params, self.rest)
-    self.num_params = report.count_params(eval_model)
+    self.num_params = report.count_params(nnx.merge(eval_graphdef, params, self.rest))
+    # Model FLOPs: counted in float32 (bf16's casts are not the model's work) with
+    # the einsum core (same function as a fused kernel, which counts as 0).
+    f32_model = config.model.copy_and_resolve_references()
+    f32_model.dtype, f32_model.attention = 'float32', 'einsum'
+    flops_model = nnx.eval_shape(lambda: build_model(f32_model, rngs=nnx.Rngs(0)))
     self.forward_flops_per_image = (
-        report.forward_flops(eval_model, self.batch['image'].shape) / batch)
+        report.forward_flops(flops_model, self.batch['image'].shape) / batch)
 
   def memory(self) -> dict[str, float]:
     """XLA's static buffer sizes of the compiled train step, MiB."""
@@ -224,10 +231,10 @@ def _timm_available() -> bool:
 
 def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
               rounds: int, with_timm: bool, dtype: str = 'float32',
-              timm_compile: bool = False) -> dict[str, Any]:
+              timm_compile: bool = False, attention: str = 'einsum') -> dict[str, Any]:
   """Interleaved timed rounds of ours (and timm) on CONFIGS[name]."""
   bench = CONFIGS[name]
-  config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype)
+  config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype, attention=attention)
   ours = Ours(config, batch)
   timm_model = Timm(bench, config, batch, timm_compile) if with_timm else None
   contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train,
@@ -244,7 +251,8 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
     peaks.append(peak())
 
   result = {
-      'config': name, 'gelu': gelu, 'dtype': dtype, 'timm_compile': timm_compile,
+      'config': name, 'gelu': gelu, 'dtype': dtype, 'attention': attention,
+      'timm_compile': timm_compile,
       'batch': batch, 'params': int(ours.num_params),
       'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
       'peak_gflops': statistics.median(peaks), 'peak_matmul': f'{peak.dtype} {peak.n}^2',
@@ -306,7 +314,7 @@ def main(argv):
   for name in names:
     for gelu in gelus:
       results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
-                               with_timm, _DTYPE.value, _TIMM_COMPILE.value))
+                               with_timm, _DTYPE.value, _TIMM_COMPILE.value, _ATTENTION.value))
       print(json.dumps(results[-1]), flush=True)
   summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
@@ -335,6 +343,8 @@ if __name__ == '__main__':
                             'Our GELU form (timm always uses exact erf).')
   _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                              'Compute dtype of both (ours: model.dtype; timm: autocast).')
+  _ATTENTION = flags.DEFINE_enum('attention', 'einsum', list(ATTENTION_CORES),
+                                 'Our attention core (model.attention).')
   _TIMM = flags.DEFINE_bool('timm', True, 'Time timm beside ours if it imports.')
   _TIMM_COMPILE = flags.DEFINE_bool('timm_compile', False,
                                     "Run timm's model through torch.compile (compiled at warm-up).")

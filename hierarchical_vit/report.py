@@ -12,6 +12,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from hierarchical_vit.layers.attention import WindowAttention, einsum_attention
 from hierarchical_vit.models import build_model, input_shape
 
 
@@ -30,16 +31,26 @@ def params_by_module(model: nnx.Module) -> dict[str, int]:
 def forward_flops(model: nnx.Module, input_shape: tuple[int, ...]) -> float:
   """FLOPs of one eval-mode forward pass on an input of `input_shape` (B, H, W, C).
 
-  Counted on the lowered (unoptimized) HLO, which is the same on every
+  Counted by XLA:CPU on the lowered (unoptimized) HLO, whatever the default
   backend: a compiled GPU executable hides its cuBLAS and Triton GEMMs from
-  XLA's cost analysis (it reported 2.2 of Swin-T's 9.1 GFLOP per image).
+  XLA's cost analysis (it reported 2.2 of Swin-T's 9.1 GFLOP per image), and
+  the GPU client analyses no lowered HLO.
   """
+  # Fused attention kernels compute what the einsum core does, but a custom call
+  # counts 0 FLOPs and cuDNN's does not lower for XLA:CPU.
+  model = nnx.clone(model)
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, WindowAttention):
+      module.core = einsum_attention
   graphdef, state = nnx.split(model)
 
   def forward(state, x):
     return nnx.merge(graphdef, state)(x)
 
-  x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
+  on_cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on_cpu)
+  state = jax.tree.map(lambda a: abstract(a.shape, a.dtype), state)
+  x = abstract(input_shape, jnp.float32)
   cost = jax.jit(forward).lower(state, x).cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older jax returns one dict per device.
     cost = cost[0]

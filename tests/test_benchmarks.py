@@ -61,3 +61,10 @@ def test_matmul_peak_multiplies_in_the_benchmark_dtype(dtype):
   assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
   assert peak.flops == 2 * 64 ** 3 * 2
   assert peak() > 0
+
+
+def test_model_config_selects_the_attention_core():
+  bench = throughput.CONFIGS['swin_t_224']
+  assert throughput.model_config(bench, gelu_approximate=False).model.attention == 'einsum'
+  config = throughput.model_config(bench, False, dtype='bfloat16', attention='cudnn')
+  assert (config.model.attention, config.model.dtype) == ('cudnn', 'bfloat16')

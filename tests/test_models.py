@@ -11,7 +11,8 @@ from flax import nnx
 
 from configs import base
 from hierarchical_vit import presets, resampling
-from hierarchical_vit.models import build_model
+from hierarchical_vit.layers.attention import ATTENTION_CORES
+from hierarchical_vit.models import Classifier, build_model, encoder_kwargs
 from hierarchical_vit.report import count_params, forward_flops, model_report
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
@@ -179,3 +180,25 @@ def test_forward_flops_match_swin_t_matmul_count():
   expected += 2 * 768 * 1000  # head
   counted = forward_flops(model, (1, 224, 224, 3))
   assert expected <= counted <= 1.05 * expected, (counted, expected)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(attention='flash'), r"model.attention='flash' is not one of \['cudnn', 'einsum'\]"),
+    (dict(attention='cudnn', dtype='bfloat16'), r"model.attention='cudnn' needs an NVIDIA GPU"),
+])
+def test_attention_field_is_validated(overrides, message):
+  if jax.default_backend() == 'gpu':
+    pytest.skip('the GPU check is the CPU-only case of this test')
+  with pytest.raises(ValueError, match=message):
+    build_model(tiny_model_config(**overrides), rngs=nnx.Rngs(0))
+
+
+def test_forward_flops_count_a_fused_attention_core_as_the_einsum_one():
+  """cuDNN's kernel does not lower for XLA:CPU, where FLOPs are counted."""
+  kwargs = encoder_kwargs(tiny_model_config())
+  counts = {}
+  for core in ('einsum', 'cudnn'):
+    model = Classifier(num_classes=5, rngs=nnx.Rngs(0), **dict(kwargs, attention=core))
+    counts[core] = forward_flops(model, (2, 16, 16, 1))
+    assert model.encoder.stages[0].blocks[0].attn.core is ATTENTION_CORES[core]
+  assert counts['cudnn'] == counts['einsum'] > 0
