@@ -11,7 +11,7 @@ from flax import nnx
 
 from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
 from hierarchical_vit.layers import windows as win
-from hierarchical_vit.layers.attention import ATTENTION_CORES, cudnn_attention
+from hierarchical_vit.layers.attention import ATTENTION_CORES, cudnn_attention, einsum_attention
 from hierarchical_vit.layers.common import dense, layer_norm, norm_dense
 
 
@@ -97,6 +97,40 @@ def test_cudnn_attention_core_matches_numpy(masked):
   mask = win.shifted_window_mask(6, 3, (3, 3), (1, 0)) if masked else None
   np.testing.assert_allclose(module(jnp.asarray(x), mask), _numpy_window_attention(module, x, mask),
                              rtol=1e-4, atol=1e-5)
+
+
+def _softmax_attention(q, k, v, bias, scale, dropout):
+  """Textbook order: normalized weights, dropout, then the value product."""
+  b, n, h, _ = q.shape
+  g = bias.shape[0]
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k)
+  logits = (logits.reshape(b // g, g, h, n, n) + bias).reshape(b, h, n, n)
+  return jnp.einsum('bhqk,bkhd->bqhd', dropout(jax.nn.softmax(logits, axis=-1)), v)
+
+
+def _attention_inputs(windows=8, n=9, heads=2, d=4, groups=4):
+  keys = jax.random.split(jax.random.key(3), 4)
+  q, k, v = (jax.random.normal(keys[i], (windows, n, heads, d)) * 3 for i in range(3))
+  return q, k, v, jax.random.normal(keys[3], (groups, heads, n, n))
+
+
+def test_einsum_core_dropout_on_unnormalized_weights_equals_dropout_on_softmax():
+  """Normalizing after the value product commutes with dropout on the weights."""
+  q, k, v, bias = _attention_inputs()
+  keep = jax.random.bernoulli(jax.random.key(4), 0.7, (8, 2, 9, 9))
+  dropout = lambda w: jnp.where(keep, w / 0.7, 0.0)
+  np.testing.assert_allclose(einsum_attention(q, k, v, bias, 0.5, dropout),
+                             _softmax_attention(q, k, v, bias, 0.5, dropout), rtol=1e-5, atol=1e-5)
+
+
+def test_einsum_core_gradients_match_the_softmax_order():
+  """The max subtracted before exp is a constant to autodiff: gradients are exact."""
+  q, k, v, bias = _attention_inputs()
+  loss = lambda core: lambda q, k, v, bias: jnp.sum(jnp.sin(core(q, k, v, bias, 0.5, lambda w: w)))
+  ours = jax.grad(loss(einsum_attention), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  reference = jax.grad(loss(_softmax_attention), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_attention_cores_are_registered_and_unknown_names_are_refused():
