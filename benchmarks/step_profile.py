@@ -1,0 +1,174 @@
+r"""Where a train (or eval) step's time goes, op by op, on XLA:CPU.
+
+Traces a few steps of `benchmarks.throughput`'s jitted step with jax.profiler,
+maps each executed op (XLA:CPU runs one thunk per fusion) back to the compiled
+HLO, and prints:
+
+  - matmuls grouped by shape: time per step, GFLOP, achieved GFLOP/s;
+  - every other op grouped by fusion kind (LayerNorm, GELU, transposes, ...).
+
+Op times are summed over the threads that ran them, so their total can exceed
+the step's wall time when XLA:CPU runs independent ops side by side.
+
+  python -m benchmarks.step_profile --config=swin_t_32 --mode=train
+"""
+
+import collections
+import glob
+import gzip
+import json
+import math
+import re
+import tempfile
+import time
+from typing import Any
+
+import jax
+from absl import app, flags
+
+from benchmarks import throughput
+from hierarchical_vit import tcmalloc
+
+_DEF = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]')
+_DOT = re.compile(r'= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)')
+_CALLS = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?calls=%([\w.\-]+)')
+# Profiler bookkeeping around the ops themselves.
+_NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool', 'PjitFunction', 'ThreadpoolListener', '$',
+            'end: ', 'CommonPjRt', 'Handle ', 'ParseArguments', 'AllocateOutput')
+
+
+def _dims(text: str) -> list[int]:
+  return [int(d) for d in text.split(',') if d]
+
+
+def hlo_dots(hlo_text: str) -> dict[str, tuple[float, str]]:
+  """{op name: (matmul FLOPs, 'lhs x rhs -> out' shapes)} of a compiled HLO module.
+
+  An op is a dot itself or a fusion whose called computation holds dots.
+  """
+  computations: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line.startswith((' ', '}')) and line.rstrip().endswith('{'):
+      current = line.split()[1 if line.startswith('ENTRY') else 0].lstrip('%')
+      computations[current] = []
+    elif current is not None and line.startswith(' '):
+      computations[current].append(line)
+
+  dots_in: dict[str, tuple[float, list[str]]] = {}
+  own_dots: dict[str, tuple[str, tuple[float, str]]] = {}
+  for name, lines in computations.items():
+    shapes = {m.group(1): _dims(m.group(3)) for m in map(_DEF.match, lines) if m}
+    flops, descriptions = 0.0, []
+    for line in lines:
+      dot = _DOT.search(line)
+      if not dot:
+        continue
+      out, lhs, rhs, rest = _dims(dot.group(1)), dot.group(2), dot.group(3), dot.group(4)
+      contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+      k = math.prod(shapes[lhs][d] for d in _dims(contracting.group(1))) if contracting else 1
+      op_flops = 2.0 * math.prod(out) * k
+      description = f'{shapes[lhs]} x {shapes[rhs]} -> {out}'
+      flops += op_flops
+      descriptions.append(description)
+      own_dots[_DEF.match(line).group(1)] = (name, (op_flops, description))
+    dots_in[name] = (flops, descriptions)
+
+  result, called = {}, set()
+  for lines in computations.values():
+    for call in map(_CALLS.match, lines):
+      if call:
+        called.add(call.group(2))
+        if dots_in.get(call.group(2), (0.0,))[0]:
+          flops, descriptions = dots_in[call.group(2)]
+          result[call.group(1)] = (flops, ' + '.join(descriptions))
+  # Dots inside a called computation run as part of their caller's op.
+  result.update({name: dot for name, (computation, dot) in own_dots.items()
+                 if computation not in called})
+  return result
+
+
+def op_times(trace_events: list[dict[str, Any]], steps: int) -> dict[str, float]:
+  """{op name: seconds per step} from a perfetto trace's complete ('X') events."""
+  times: dict[str, float] = collections.Counter()
+  for event in trace_events:
+    if event.get('ph') == 'X' and not event['name'].startswith(_NOT_OPS):
+      times[event['name']] += event.get('dur', 0) * 1e-6 / steps
+  return dict(times)
+
+
+def summarize(times: dict[str, float], dots: dict[str, tuple[float, str]]) -> dict[str, Any]:
+  """Matmuls grouped by shape and the other ops grouped by fusion kind."""
+  by_shape: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
+  by_kind: dict[str, float] = collections.Counter()
+  for name, seconds in times.items():
+    if name in dots:
+      flops, description = dots[name]
+      group = by_shape[description]
+      group[0] += seconds
+      group[1] += flops
+      group[2] += 1
+    else:
+      by_kind[re.sub(r'\.\d+$', '', name)] += seconds
+  matmuls = sorted(({'shapes': k, 's': v[0], 'gflop': v[1] / 1e9, 'count': v[2],
+                     'gflop_s': v[1] / v[0] / 1e9 if v[0] else 0.0}
+                    for k, v in by_shape.items()), key=lambda r: -r['s'])
+  others = sorted(({'kind': k, 's': v} for k, v in by_kind.items()), key=lambda r: -r['s'])
+  matmul_s = sum(r['s'] for r in matmuls)
+  matmul_gflop = sum(r['gflop'] for r in matmuls)
+  return {'matmul_s': matmul_s, 'matmul_gflop': matmul_gflop,
+          'matmul_gflop_s': matmul_gflop / matmul_s if matmul_s else 0.0,
+          'other_s': sum(r['s'] for r in others), 'matmuls': matmuls, 'others': others}
+
+
+def profile(name: str, mode: str, gelu: str, batch: int, steps: int) -> dict[str, Any]:
+  """Traces `steps` steps of the benchmark config `name` and summarizes them."""
+  config = throughput.model_config(throughput.CONFIGS[name], gelu_approximate=gelu == 'tanh')
+  ours = throughput.Ours(config, batch)
+  run = ours.train if mode == 'train' else ours.eval
+  compiled = ours.train_step if mode == 'train' else ours.eval_step
+  run(2)  # Warm-up.
+  wall = run(steps) / steps
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      run(steps)
+    (trace_file,) = glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True)
+    with gzip.open(trace_file) as f:
+      events = json.load(f)['traceEvents']
+  summary = summarize(op_times(events, steps), hlo_dots(compiled.as_text()))
+  return {'config': name, 'mode': mode, 'gelu': gelu, 'batch': batch, 'step_s': wall,
+          'date': time.strftime('%Y-%m-%d %H:%M'), **summary}
+
+
+def format_summary(result: dict[str, Any], rows: int) -> str:
+  lines = [f"{result['config']} {result['mode']} step, batch {result['batch']}: "
+           f"{result['step_s'] * 1e3:.0f} ms wall; ops {1e3 * (result['matmul_s'] + result['other_s']):.0f} ms "
+           f"= matmuls {result['matmul_s'] * 1e3:.0f} ms ({result['matmul_gflop']:.1f} GFLOP at "
+           f"{result['matmul_gflop_s']:.0f} GFLOP/s) + other {result['other_s'] * 1e3:.0f} ms",
+           '', '| matmul (lhs x rhs -> out) | count | ms/step | GFLOP | GFLOP/s |', '|---|---|---|---|---|']
+  lines += [f"| {r['shapes']} | {r['count']} | {r['s'] * 1e3:.1f} | {r['gflop']:.2f} | {r['gflop_s']:.0f} |"
+            for r in result['matmuls'][:rows]]
+  lines += ['', '| other op kind | ms/step |', '|---|---|']
+  lines += [f"| {r['kind']} | {r['s'] * 1e3:.1f} |" for r in result['others'][:rows]]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  result = profile(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value)
+  print(format_summary(result, _ROWS.value))
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  _CONFIG = flags.DEFINE_enum('config', 'swin_t_32', list(throughput.CONFIGS), 'Benchmark model.')
+  _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Which step to profile.')
+  _GELU = flags.DEFINE_enum('gelu', 'tanh', ['tanh', 'erf'], 'Our GELU form.')
+  _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
+  _STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps (times are per step).')
+  _ROWS = flags.DEFINE_integer('rows', 25, 'Rows per printed table.')
+  _OUTPUT = flags.DEFINE_string('output', '', 'Write the summary here as JSON.')
+  tcmalloc.reexec_with_tcmalloc()
+  app.run(main)

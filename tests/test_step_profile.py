@@ -1,0 +1,50 @@
+"""The step profiler's HLO and trace bookkeeping (no timing asserted)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import step_profile
+
+
+def _compiled_text(fn, *shapes):
+  return jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)).compile().as_text()
+
+
+def test_hlo_dots_counts_matmul_flops_of_plain_and_fused_dots():
+  def fn(x, w, v):
+    return jnp.tanh(x @ w), jnp.einsum('bij,bjk->bik', v, v)  # (64, 32) @ (32, 16); batched
+  dots = step_profile.hlo_dots(_compiled_text(fn, (64, 32), (32, 16), (4, 8, 8)))
+  flops = sorted(f for f, _ in dots.values())
+  assert flops == [2 * 4 * 8 * 8 * 8, 2 * 64 * 32 * 16]
+  descriptions = ' '.join(d for _, d in dots.values())
+  assert '[64, 32] x [32, 16] -> [64, 16]' in descriptions
+
+
+def test_op_times_averages_ops_per_step_and_skips_bookkeeping():
+  events = [{'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 4000},
+            {'ph': 'X', 'name': 'ynn_fusion.3', 'dur': 2000},
+            {'ph': 'X', 'name': 'ThunkExecutor::Execute', 'dur': 9000},
+            {'ph': 'X', 'name': 'end: ynn_fusion.3', 'dur': 1},
+            {'ph': 'M', 'name': 'thread_name'}]
+  assert step_profile.op_times(events, steps=2) == pytest.approx({'ynn_fusion.3': 3e-3})
+
+
+def test_summarize_groups_matmuls_by_shape_and_the_rest_by_kind():
+  times = {'ynn_fusion.1': 0.010, 'ynn_fusion.2': 0.030, 'transpose_copy_fusion.7': 0.002,
+           'transpose_copy_fusion.9': 0.003, 'wrapped_reduce': 0.001}
+  dots = {'ynn_fusion.1': (1e9, 'A'), 'ynn_fusion.2': (3e9, 'A')}
+  summary = step_profile.summarize(times, dots)
+  assert summary['matmuls'] == [{'shapes': 'A', 's': pytest.approx(0.04), 'gflop': 4.0,
+                                 'count': 2, 'gflop_s': pytest.approx(100.0)}]
+  assert summary['others'][0] == {'kind': 'transpose_copy_fusion', 's': pytest.approx(0.005)}
+  assert summary['other_s'] == pytest.approx(0.006)
+  assert summary['matmul_gflop_s'] == pytest.approx(100.0)
+
+
+def test_profile_of_a_real_step_accounts_for_its_matmuls():
+  result = step_profile.profile('small', 'eval', 'tanh', batch=8, steps=1)
+  # The small Swin's forward at 32x32: ~96 MFLOP per image, nearly all matmuls.
+  assert 0.8 * 96e-3 * 8 < result['matmul_gflop'] < 96e-3 * 8 * 1.05
+  assert result['matmul_s'] > 0 and result['other_s'] > 0
+  assert 'GFLOP/s' in step_profile.format_summary(result, rows=5)
