@@ -225,14 +225,14 @@ def _check_attention(cfg: ml_collections.ConfigDict) -> None:
   _check(cfg.attention in ATTENTION_CORES,
          f'model.attention={cfg.attention!r} is not one of {sorted(ATTENTION_CORES)}')
   if cfg.attention == 'cudnn':
-    _check(jax.default_backend() == 'gpu',
-           f"model.attention='cudnn' needs an NVIDIA GPU; this backend is "
-           f"{jax.default_backend()!r}: use 'einsum'")
     _check(cfg.dtype == 'bfloat16',
            f"model.attention='cudnn' needs model.dtype='bfloat16', got {cfg.dtype!r}")
     _check(cfg.attn_drop_rate == 0.0,
            f"model.attention='cudnn' has no attention dropout: model.attn_drop_rate="
            f'{cfg.attn_drop_rate} must be 0')
+    _check(jax.default_backend() == 'gpu',
+           f"model.attention='cudnn' needs an NVIDIA GPU; this backend is "
+           f"{jax.default_backend()!r}: use 'einsum'")
 
 
 def _build_classifier(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> Classifier:

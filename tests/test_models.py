@@ -184,13 +184,24 @@ def test_forward_flops_match_swin_t_matmul_count():
 
 @pytest.mark.parametrize('overrides, message', [
     (dict(attention='flash'), r"model.attention='flash' is not one of \['cudnn', 'einsum'\]"),
-    (dict(attention='cudnn', dtype='bfloat16'), r"model.attention='cudnn' needs an NVIDIA GPU"),
+    (dict(attention='cudnn'), r"model.attention='cudnn' needs model.dtype='bfloat16', got 'float32'"),
+    (dict(attention='cudnn', dtype='bfloat16', attn_drop_rate=0.1),
+     r"model.attention='cudnn' has no attention dropout: model.attn_drop_rate=0.1 must be 0"),
 ])
 def test_attention_field_is_validated(overrides, message):
-  if jax.default_backend() == 'gpu':
-    pytest.skip('the GPU check is the CPU-only case of this test')
   with pytest.raises(ValueError, match=message):
     build_model(tiny_model_config(**overrides), rngs=nnx.Rngs(0))
+
+
+def test_cudnn_attention_builds_only_on_a_gpu():
+  config = tiny_model_config(attention='cudnn', dtype='bfloat16')
+  if jax.default_backend() == 'gpu':
+    assert build_model(config, rngs=nnx.Rngs(0)).encoder.stages[0].blocks[0].attn.core is (
+        ATTENTION_CORES['cudnn'])
+  else:
+    with pytest.raises(ValueError, match=r"model.attention='cudnn' needs an NVIDIA GPU; this "
+                                         r"backend is 'cpu': use 'einsum'"):
+      build_model(config, rngs=nnx.Rngs(0))
 
 
 def test_forward_flops_count_a_fused_attention_core_as_the_einsum_one():
