@@ -71,7 +71,6 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.image_size = 32          # Images are brought to image_size x image_size ...
   d.resize_mode = 'pad'      # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear).
   d.num_workers = 0          # grain worker processes (0 = in the main process).
-  d.shuffle_buffer = 0       # Not read: array_record sources are shuffled globally.
   # Augmentation (training split only).
   d.crop_padding = 4         # Random crop after padding each side by this (0 = off).
   d.hflip = True             # Random horizontal flip (turn off for digits).

@@ -326,18 +326,24 @@ def finished_step(records: Sequence[dict]) -> int | None:
 # trains exactly what the config did before the field existed: at that value a
 # field stays out of the fingerprint, so those results remain valid.
 ADDED_FIELDS = {('model', 'attention'): 'einsum'}
+# Config fields removed since results were committed, none of which changed
+# what a run trained: hashed at the one value they ever had, so those results
+# remain valid.
+REMOVED_FIELDS = {('data', 'shuffle_buffer'): 0}
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   """A hash of what a run trains: its config without the sweep section and
-  data_dir (a committed result stays valid on a machine with another data dir)
-  and without ADDED_FIELDS at their old behaviour."""
+  data_dir (a committed result stays valid on a machine with another data dir),
+  ADDED_FIELDS left out at their old behaviour, REMOVED_FIELDS put back."""
   trained = config.to_dict()
   trained.pop('sweep', None)
   trained.get('data', {}).pop('data_dir', None)
   for (section, field), old_behaviour in ADDED_FIELDS.items():
     if trained.get(section, {}).get(field, old_behaviour) == old_behaviour:
       trained.get(section, {}).pop(field, None)
+  for (section, field), value in REMOVED_FIELDS.items():
+    trained.setdefault(section, {}).setdefault(field, value)
   text = json.dumps(trained, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -447,11 +447,13 @@ def test_committed_results_match_their_sweep_config(tmp_path, config):
   assert committed and sorted(f'{run.name}.json' for run in finished) == sorted(committed)
 
 
-def test_added_field_at_its_old_behaviour_keeps_the_fingerprint():
+def test_added_and_removed_fields_keep_the_fingerprint_of_what_was_trained():
   config = sweep_config()
   before = config.to_dict()
-  del before['model']['attention']  # The config as it was before the field existed.
+  del before['model']['attention']  # The config as it was before the field existed...
+  before['data']['shuffle_buffer'] = 0  # ... and before this one was removed.
   old = ml_collections.ConfigDict(before)
+  assert 'shuffle_buffer' not in config.data
   assert ablate.config_fingerprint(config) == ablate.config_fingerprint(old)
   config.model.attention = 'cudnn'
   assert ablate.config_fingerprint(config) != ablate.config_fingerprint(old)
