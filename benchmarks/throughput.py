@@ -131,8 +131,8 @@ class Ours:
     self.eval_compile_s = time.perf_counter() - start
     self.train_batch = train_batch
     self.num_params = report.count_params(nnx.merge(eval_graphdef, params, self.rest))
-    # Model FLOPs: counted in float32 (bf16's casts are not the model's work) with
-    # the einsum core (same function as a fused kernel, which counts as 0).
+    # Model FLOPs: counted in float32 (bf16's casts are not the model's work);
+    # 'cudnn' only validates in bfloat16, and report counts any core as einsum.
     f32_model = config.model.copy_and_resolve_references()
     f32_model.dtype, f32_model.attention = 'float32', 'einsum'
     flops_model = nnx.eval_shape(lambda: build_model(f32_model, rngs=nnx.Rngs(0)))

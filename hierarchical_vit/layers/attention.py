@@ -3,7 +3,8 @@
 The attention core (softmax(q k^T * scale + bias) v) is picked by name from
 ATTENTION_CORES (config.model.attention):
 
-  einsum:  two einsums and an f32 softmax, any backend, with attention dropout.
+  einsum:  two einsums, an f32 softmax normalized after the value product, any
+           backend, with attention dropout.
   cudnn:   cuDNN's fused attention through jax.nn.dot_product_attention; NVIDIA
            GPUs, bfloat16, no attention dropout.
 """
