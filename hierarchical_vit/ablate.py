@@ -63,7 +63,7 @@ from ml_collections import config_flags
 from hierarchical_vit import data, report
 from hierarchical_vit.analysis import aggregate
 from hierarchical_vit.models import build_model, input_shape
-from hierarchical_vit.training import trainer
+from hierarchical_vit.training import config_history, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAME_PATTERN = re.compile(r'^[A-Za-z0-9_.+-]+$')
@@ -322,27 +322,19 @@ def finished_step(records: Sequence[dict]) -> int | None:
   return steps[-1] if steps else None
 
 
-# Config fields added after results were committed, with the value that
-# trains exactly what the config did before the field existed: at that value a
-# field stays out of the fingerprint, so those results remain valid.
-ADDED_FIELDS = {('model', 'attention'): 'einsum'}
-# Config fields removed since results were committed, none of which changed
-# what a run trained: hashed at the one value they ever had, so those results
-# remain valid.
-REMOVED_FIELDS = {('data', 'shuffle_buffer'): 0}
-
-
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   """A hash of what a run trains: its config without the sweep section and
   data_dir (a committed result stays valid on a machine with another data dir),
-  ADDED_FIELDS left out at their old behaviour, REMOVED_FIELDS put back."""
+  fields added since results were committed left out at their old behaviour
+  and removed ones put back (training/config_history.py), so those results
+  remain valid."""
   trained = config.to_dict()
   trained.pop('sweep', None)
   trained.get('data', {}).pop('data_dir', None)
-  for (section, field), old_behaviour in ADDED_FIELDS.items():
+  for (section, field), old_behaviour in config_history.ADDED_FIELDS.items():
     if trained.get(section, {}).get(field, old_behaviour) == old_behaviour:
       trained.get(section, {}).pop(field, None)
-  for (section, field), value in REMOVED_FIELDS.items():
+  for (section, field), value in config_history.REMOVED_FIELDS.items():
     trained.setdefault(section, {}).setdefault(field, value)
   text = json.dumps(trained, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]

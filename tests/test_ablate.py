@@ -440,7 +440,7 @@ def test_total_steps_of_a_segmentation_sweep_reads_the_canvas_split(canvas_dir):
                          ids=['downsample_fashion_mnist', 'upsample_segmentation'])
 def test_committed_results_match_their_sweep_config(tmp_path, config):
   """Rerunning a committed sweep collects its results: a config change that
-  alters what those runs trained would raise here (see ablate.ADDED_FIELDS)."""
+  alters what those runs trained would raise here (see training/config_history.py)."""
   sweep = ablate.Sweep(config, str(tmp_path), os.path.join(REPO, 'docs', 'results'))
   committed = os.listdir(os.path.join(sweep.output_dir, 'runs'))
   finished = [run for run in sweep.runs if sweep.is_finished(run)]

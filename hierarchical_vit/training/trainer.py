@@ -35,6 +35,7 @@ from hierarchical_vit import interop
 from hierarchical_vit import parallel
 from hierarchical_vit.models import build_model, input_shape
 from hierarchical_vit.training import checkpointing
+from hierarchical_vit.training import config_history
 from hierarchical_vit.training import metrics as metrics_lib
 from hierarchical_vit.training import optimizer as optimizer_lib
 from hierarchical_vit.training import tasks
@@ -196,14 +197,15 @@ def init_model(config: ml_collections.ConfigDict, init_from: str = ''
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in workdir was trained with (its config.json); JSON lists
-  become tuples, as in configs/."""
+  """The config a run in workdir was trained with (its config.json), in
+  today's fields (config_history.upgrade); JSON lists become tuples, as in
+  configs/."""
   def tuples(x):
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
-    return ml_collections.ConfigDict(tuples(json.load(f)))
+    return ml_collections.ConfigDict(tuples(config_history.upgrade(json.load(f))))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ from configs import cifar
 from tests.training.conftest import read_metrics, run_script, tiny_config, write_config_file
 from hierarchical_vit import data
 from hierarchical_vit.training import checkpointing
+from hierarchical_vit.training import config_history
 from hierarchical_vit.training import trainer
 
 
@@ -127,6 +128,37 @@ def test_eval_script_writes_json_and_png(trained):
   assert len(report['per_class_accuracy']) == 10
   assert os.path.getsize(os.path.join(workdir, 'confusion_test_6.png')) > 0
   assert 'test accuracy (step 6)' in out
+
+
+def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
+  """A workdir from before model.attention existed and data.shuffle_buffer was
+  removed loads as today's config and restores the same weights."""
+  config, workdir, _ = trained
+  old = str(tmp_path / 'old')
+  shutil.copytree(workdir, old)
+  with open(os.path.join(old, 'config.json')) as f:
+    saved = json.load(f)
+  del saved['model']['attention']
+  saved['data']['shuffle_buffer'] = 0
+  with open(os.path.join(old, 'config.json'), 'w') as f:
+    json.dump(saved, f)
+
+  loaded = trainer.load_config(old)
+  assert loaded.to_dict() == trainer.load_config(workdir).to_dict()
+  assert loaded.model.attention == 'einsum' and 'shuffle_buffer' not in loaded.data
+  got, want = trainer.restore_trained(loaded, old), trainer.restore_trained(config, workdir)
+  assert got.step == want.step == 6
+  jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
+
+
+def test_config_history_fills_only_what_is_missing():
+  saved = {'model': {'attention': 'cudnn', 'name': 'classifier'}, 'data': {'name': 'x'}}
+  assert config_history.upgrade(saved) == saved
+  old = {'model': {'name': 'classifier'}, 'data': {'name': 'x', 'shuffle_buffer': 0}}
+  upgraded = config_history.upgrade(old)
+  assert upgraded == {'model': {'name': 'classifier', 'attention': 'einsum'},
+                      'data': {'name': 'x'}}
+  assert old['data'] == {'name': 'x', 'shuffle_buffer': 0}  # The input is left as it was.
 
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
