@@ -180,6 +180,14 @@ _REPORTS = {
 }
 
 
+def _eval_mesh_config(mesh_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Data parallel over this machine's devices: the weights are restored
+  replicated, so the training run's mesh (which may name devices this machine
+  lacks) does not matter."""
+  return ml_collections.ConfigDict(
+      {**mesh_config.to_dict(), 'strategy': 'data_parallel', 'shape': ()})
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int = -1, split: str = '',
                         num_overlays: int = 4) -> dict:
@@ -187,9 +195,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   split = split or config.data.eval_split
   tasks.get_task(config.task)  # ValueError naming the valid tasks.
   task_report = _REPORTS[config.task]
-  mesh = parallel.create_mesh(config.mesh)
+  mesh = parallel.create_mesh(_eval_mesh_config(config.mesh))
   info = data.get_dataset_info(config.data, task=config.task)
-  trainer.check_config(config, info, jax.process_count())
+  trainer.check_config(config, info, jax.process_count(), jax.device_count())
   trained = trainer.restore_trained(config, workdir, step, mesh)
   eval_graphdef, params, rest, step = (trained.eval_graphdef, trained.params, trained.rest,
                                        trained.step)

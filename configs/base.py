@@ -90,7 +90,9 @@ def get_data_config() -> ml_collections.ConfigDict:
 def get_train_config() -> ml_collections.ConfigDict:
   """Optimization and the loop."""
   t = ml_collections.ConfigDict()
-  t.batch_size = 128         # Global batch (all devices, all processes).
+  # Global batch (all devices, all processes); batch_size / grad_accum_steps
+  # must divide by the device count.
+  t.batch_size = 128
   t.num_epochs = 10.0        # Length of training in epochs (ignored if num_steps > 0).
   t.num_steps = 0            # If > 0, train exactly this many optimizer steps.
   t.learning_rate = 1e-3     # Peak AdamW learning rate (for batch_size, not rescaled).
@@ -108,7 +110,7 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 500  # Also at every eval, at the end and on SIGTERM.
   # Last N checkpoints kept, plus the best by the task's metric (tasks.Task.best_metric).
   t.keep_checkpoints = 2
-  t.eval_batch_size = 256    # Global, like batch_size; must divide by the process count.
+  t.eval_batch_size = 256    # Global, like batch_size; must divide by the device count.
   t.init_from = ''           # Path to pretrained weights (see hierarchical_vit.interop).
   return t
 

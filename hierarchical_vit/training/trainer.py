@@ -15,6 +15,7 @@ it in place. The train state is a dict of arrays:
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import threading
@@ -57,11 +58,14 @@ def compute_steps(train_config: ml_collections.ConfigDict,
 
 
 def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
-                 process_count: int = 1) -> None:
-  """Raises ValueError, naming the field, where config cannot run on the data set.
+                 process_count: int = 1, device_count: int = 1) -> None:
+  """Raises ValueError, naming the field, where config cannot run on the data set
+  and devices.
 
   A model with fewer outputs than the data has classes would train on
   all-zero one-hot targets without an error, so the shapes must match exactly.
+  Batches are split over every device, so they must divide evenly: checked
+  here, before a first evaluation could fail an epoch into the run.
   """
   m, tc = config.model, config.train
   got = {'model.num_classes': m.num_classes, 'model.in_chans': m.in_chans,
@@ -73,13 +77,57 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       raise ValueError(f'{field}={value} does not match data {info.name!r} '
                        f'(data.image_size={config.data.image_size}), which needs '
                        f'{field}={want[field]}')
+  for field in ('grad_accum_steps', 'log_every_steps', 'checkpoint_every_steps'):
+    if tc[field] < 1:
+      raise ValueError(f'train.{field}={tc[field]} must be >= 1')
+  if tc.eval_every_steps < 0:
+    raise ValueError(f'train.eval_every_steps={tc.eval_every_steps} must be >= 0 '
+                     '(0 = at the end of each epoch)')
   divisible = {'train.batch_size': (tc.batch_size, 'train.grad_accum_steps',
                                     tc.grad_accum_steps),
-               'train.eval_batch_size': (tc.eval_batch_size, 'the process count',
-                                         process_count)}
+               'train.batch_size // train.grad_accum_steps': (
+                   tc.batch_size // tc.grad_accum_steps, 'the device count', device_count),
+               'train.eval_batch_size': (tc.eval_batch_size, 'the device and process counts',
+                                         math.lcm(device_count, process_count))}
   for field, (value, by, divisor) in divisible.items():
     if value % divisor:
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if workdir holds a run trained with another config.
+
+  Resuming under a changed config would silently change the run (a longer
+  num_steps stretches the cosine schedule mid-run) or fail to restore its
+  state; only where the data is read from and how the run is executed
+  (_RESUME_MAY_CHANGE) may differ.
+  """
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    return
+  saved, new = _flat(load_config(workdir).to_dict()), _flat(config.to_dict())
+  changed = sorted(k for k in saved.keys() | new.keys()
+                   if saved.get(k) != new.get(k) and not k.startswith(_RESUME_MAY_CHANGE))
+  if changed:
+    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed)
+    raise ValueError(
+        f'{workdir} holds a run trained with another config ({diffs}). Resume it '
+        'with its own config (its config.json) or start this one in a new workdir.')
+
+
+_RESUME_MAY_CHANGE = ('data.data_dir', 'data.num_workers', 'mesh.', 'sweep.',
+                      'train.log_every_steps', 'train.checkpoint_every_steps',
+                      'train.keep_checkpoints')
+
+
+def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': value} of a nested dict, with lists as tuples."""
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      flat.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      flat[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
+  return flat
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -293,9 +341,12 @@ def _check_finite(step: int, scalars: dict[str, float], last_saved: int | None):
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/config.json atomically: a killed write leaves the old one."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    path = os.path.join(workdir, 'config.json')
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json(indent=2))
+    os.replace(path + '.tmp', path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -305,13 +356,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Returns the final train and eval metrics (plus 'step').
   """
   tc = config.train
-  os.makedirs(workdir, exist_ok=True)
-  save_config(config, workdir)
   mesh = parallel.create_mesh(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   task = tasks.get_task(config.task)
   info = data.get_dataset_info(config.data, task=config.task)
-  check_config(config, info, jax.process_count())
+  check_config(config, info, jax.process_count(), jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  check_resumable(config, workdir)
+  save_config(config, workdir)
   steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
   micro_batch_size = tc.batch_size // tc.grad_accum_steps
 

@@ -16,8 +16,10 @@ import pytest
 from configs import cifar
 from tests.training.conftest import read_metrics, run_script, tiny_config, write_config_file
 from hierarchical_vit import data
+from hierarchical_vit import parallel
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import config_history
+from hierarchical_vit.training import optimizer as optimizer_lib
 from hierarchical_vit.training import trainer
 
 
@@ -110,6 +112,8 @@ def test_non_finite_loss_stops_without_saving(trained, tmp_path):
   resumed = str(tmp_path / 'nan')
   shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
+  # Steps 4+ diverge under a NaN learning rate, which a resume must not change.
+  os.remove(os.path.join(resumed, 'config.json'))
   config = tiny_config(config.data.data_dir, learning_rate=float('nan'))
   with pytest.raises(FloatingPointError,
                      match=r'Non-finite .* step 4.*checkpoint \(step 3\)'):
@@ -230,7 +234,11 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.grad_accum_steps', 3, r'train.batch_size=128 must be divisible by '
                                   r'train.grad_accum_steps \(3\)'),
     ('train.eval_batch_size', 255, r'train.eval_batch_size=255 must be divisible by the '
-                                   r'process count \(2\)'),
+                                   r'device and process counts \(2\)'),
+    ('train.log_every_steps', 0, r'train.log_every_steps=0 must be >= 1'),
+    ('train.checkpoint_every_steps', 0, r'train.checkpoint_every_steps=0 must be >= 1'),
+    ('train.grad_accum_steps', 0, r'train.grad_accum_steps=0 must be >= 1'),
+    ('train.eval_every_steps', -1, r'train.eval_every_steps=-1 must be >= 0'),
 ])
 def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
   config = cifar.get_config('cifar10,cifar_small')
@@ -238,3 +246,109 @@ def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
   config[section][key] = value
   with pytest.raises(ValueError, match=message):
     trainer.check_config(config, _info(cifar.get_config()), process_count=2)
+
+
+def test_batches_that_do_not_split_over_the_devices_are_refused():
+  config = cifar.get_config('cifar10,cifar_small')
+  config.train.update(batch_size=128, grad_accum_steps=4, eval_batch_size=64)
+  trainer.check_config(config, _info(config), device_count=8)  # 32 and 64 split.
+  config.train.batch_size = 144
+  with pytest.raises(ValueError, match=r'train.batch_size // train.grad_accum_steps=36 must '
+                                       r'be divisible by the device count \(8\)'):
+    trainer.check_config(config, _info(config), device_count=8)
+  config.train.update(batch_size=128, eval_batch_size=60)
+  with pytest.raises(ValueError, match=r'train.eval_batch_size=60 must be divisible by the '
+                                       r'device and process counts \(8\)'):
+    trainer.check_config(config, _info(config), process_count=2, device_count=8)
+
+
+def _config_json(workdir: str) -> str:
+  with open(os.path.join(workdir, 'config.json')) as f:
+    return f.read()
+
+
+def test_resuming_under_another_config_is_refused_and_changes_nothing(trained, tmp_path):
+  config, workdir, _ = trained
+  saved = _config_json(workdir)
+  longer = config.copy_and_resolve_references()
+  longer.train.num_steps = 12  # Would stretch the cosine schedule mid-run.
+  with pytest.raises(ValueError, match=r'another config \(train.num_steps: 6 -> 12\)'):
+    trainer.train_and_evaluate(longer, workdir)
+  wrong = config.copy_and_resolve_references()
+  wrong.model.num_classes = 100  # Refused by check_config, before anything is written.
+  with pytest.raises(ValueError, match='model.num_classes=100'):
+    trainer.train_and_evaluate(wrong, workdir)
+  assert _config_json(workdir) == saved
+  assert not os.path.exists(os.path.join(workdir, 'config.json.tmp'))
+
+
+def test_where_data_is_read_and_how_the_run_is_executed_may_change_on_resume(trained):
+  config, workdir, _ = trained
+  moved = config.copy_and_resolve_references()
+  moved.data.update(data_dir='/elsewhere', num_workers=2)
+  moved.train.update(log_every_steps=7, checkpoint_every_steps=5, keep_checkpoints=4)
+  moved.mesh.strategy = 'fsdp'
+  trainer.check_resumable(moved, workdir)
+  moved.train.learning_rate *= 2
+  with pytest.raises(ValueError, match=r'train.learning_rate'):
+    trainer.check_resumable(moved, workdir)
+
+
+def test_eval_runs_data_parallel_on_the_devices_it_has():
+  """eval.py restores weights replicated, so a run trained on a (2, 4) FSDP mesh
+  evaluates on one device."""
+  eval_script = importlib.import_module('eval')
+  config = cifar.get_config('cifar10,cifar_small')
+  config.mesh.update(strategy='fsdp', shape=(2, 4))
+  with pytest.raises(ValueError, match='does not use all'):
+    parallel.create_mesh(config.mesh)
+  mesh = parallel.create_mesh(eval_script._eval_mesh_config(config.mesh))
+  assert dict(mesh.shape) == {'data': jax.device_count(), 'fsdp': 1}
+
+
+def _run_steps(config, images, labels, steps: int) -> list[dict]:
+  """States after each optimizer step of make_train_step on fixed data, the
+  batch split into config.train.grad_accum_steps micro-batches."""
+  graphdef, _, params, rest = trainer.init_model(config)
+  schedule = optimizer_lib.create_learning_rate_schedule(config.train, 10, 100)
+  tx = optimizer_lib.create_optimizer(config.train, schedule)
+  state = trainer.create_train_state(config, params, tx)
+  train_step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
+  micro = len(labels) // config.train.grad_accum_steps
+  states = [state]
+  for _ in range(steps):
+    for i in range(config.train.grad_accum_steps):
+      batch = {'image': images[i * micro:(i + 1) * micro],
+               'label': labels[i * micro:(i + 1) * micro]}
+      state, _ = train_step(state, batch, rest)
+    states.append(jax.device_get(state))
+  return states
+
+
+def test_accumulation_equals_the_big_batch_and_ema_follows_the_params():
+  """2 micro-batches of 16 take the step one batch of 32 takes (the loss is a
+  mean, so the accumulated gradient is the big batch's), and the EMA is
+  ema <- d * ema + (1 - d) * params once per optimizer step."""
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(32, 32, 32, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
+  decay = 0.9
+  runs = {}
+  for accum in (1, 2):
+    config = tiny_config('', grad_accum_steps=accum, ema_decay=decay, warmup_epochs=0.0)
+    config.model.drop_path_rate = 0.0  # Dropout masks would differ per micro-batch.
+    runs[accum] = _run_steps(config, images, labels, steps=3)
+  big, accumulated = runs[1], runs[2]
+  for a, b in zip(big[1:], accumulated[1:]):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6),
+                 a['params'], b['params'])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6),
+                 a['ema_params'], b['ema_params'])
+  ema = big[0]['params']
+  for state in big[1:]:
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, state['params'])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
+                 ema, state['ema_params'])
+  assert int(accumulated[-1]['step']) == 6 and int(big[-1]['step']) == 3
+  moved = jax.tree.map(lambda x, y: np.abs(x - y).max(), big[0]['params'], big[-1]['params'])
+  assert max(jax.tree.leaves(moved)) > 1e-3  # The steps did train.
