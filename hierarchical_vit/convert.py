@@ -14,6 +14,10 @@ their keys), and so does the output's (.npz ours; .pth/.safetensors timm).
   # a CIFAR-scale model: override the preset's fields.
   python -m hierarchical_vit.convert --input=ours.npz --output=timm.pth \
       --preset=cifar_small --num_classes=100
+
+Weights carry no activation: timm's and the official Swin use the exact (erf)
+GELU, so a model trained with model.gelu_approximate=True (the tanh form, as
+configs/cifar.py does) gives logits that differ at ~1e-3 in timm.
 """
 
 from collections.abc import Sequence
