@@ -105,7 +105,9 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
   """An endless, checkpointable iterator over this process's training batches.
 
   Each process reads a disjoint shard of the train split, reshuffled every
-  epoch; order and augmentation depend only on `seed`.
+  epoch. Example order and augmentation depend only on `seed` (and the
+  sharding); which examples share a batch also depends on data.num_workers,
+  as grain batches inside each worker.
 
   Returns:
     An iterator of {'image': float32 (b, H, W, C), 'label': int32 (b,)} (for
@@ -139,9 +141,10 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   """One pass over an eval split in fixed-size, masked batches.
 
   Process i reads the i-th contiguous 1/process_count of the split. Every
-  process yields the same number of batches (so collectives line up); padding
-  entries repeat a real example with mask False, so across processes each
-  example has mask True exactly once. Iterating again makes another pass.
+  process yields the same number of batches (so collectives line up), a
+  multiple of max(data.num_workers, 1); padding entries repeat a real example
+  with mask False, so across processes each example has mask True exactly
+  once. Iterating again makes another pass.
 
   Yields:
     {'image': float32 (batch_size, H, W, C), 'label': int32 (batch_size,)
@@ -155,7 +158,11 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   per_process = math.ceil(len(split_source) / process_count)
   start = min(process_index * per_process, len(split_source))
   stop = min(start + per_process, len(split_source))
-  num_batches = math.ceil(per_process / batch_size)
+  # grain batches inside each worker, and worker w reads records w, w + W, ...:
+  # only a whole number of batches per worker keeps every batch full (the
+  # extra batches are all padding).
+  workers = max(data_config.num_workers, 1)
+  num_batches = math.ceil(per_process / (batch_size * workers)) * workers
   source = _PaddedRange(split_source, start, stop, num_batches * batch_size)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=False,
                                         num_epochs=1)
@@ -179,11 +186,24 @@ def _variable_size(info: tfds.core.DatasetInfo) -> bool:
   return None in info.features['image'].shape
 
 
-def _mean_std(data_config: ml_collections.ConfigDict
+def _mean_std(data_config: ml_collections.ConfigDict,
+              info: tfds.core.DatasetInfo
               ) -> tuple[tuple[float, ...], tuple[float, ...]]:
-  default_mean, default_std = transforms.MEAN_STD[data_config.name]
-  return (tuple(data_config.mean) or default_mean,
-          tuple(data_config.std) or default_std)
+  """data.mean / data.std, each () meaning the data set's default."""
+  channels = info.features['image'].shape[-1]
+  valid = ' or '.join(map(str, sorted({1, channels})))
+  values = []
+  for field, default in zip(('mean', 'std'),
+                            transforms.MEAN_STD[data_config.name]):
+    value = tuple(data_config[field])
+    # normalize() broadcasts: a wrong length would silently change the
+    # number of channels the model sees.
+    if value and len(value) not in (1, channels):
+      raise ValueError(
+          f'data.{field}={value!r} has {len(value)} values; expected {valid} '
+          f'(one per image channel of {data_config.name!r}, or one for all).')
+    values.append(value or default)
+  return tuple(values)
 
 
 def _train_ops(data_config: ml_collections.ConfigDict,
@@ -201,7 +221,7 @@ def _train_ops(data_config: ml_collections.ConfigDict,
     ops.append(transforms.AutoAugment(data_config.augment,
                                       data_config.randaugment_num_ops,
                                       data_config.randaugment_magnitude))
-  ops.append(transforms.Normalize(*_mean_std(data_config)))
+  ops.append(transforms.Normalize(*_mean_std(data_config, info)))
   if data_config.random_erasing > 0:
     ops.append(transforms.RandomErasing(data_config.random_erasing))
   return ops
@@ -213,14 +233,15 @@ def _eval_ops(data_config: ml_collections.ConfigDict,
   size = data_config.image_size
   resize = (transforms.CentreCrop(size) if _variable_size(info) else
             transforms.ToSize(size, data_config.resize_mode))
-  return [resize, transforms.Normalize(*_mean_std(data_config))]
+  return [resize, transforms.Normalize(*_mean_std(data_config, info))]
 
 
 def _segmentation_train_ops(data_config: ml_collections.ConfigDict,
                             info: tfds.core.DatasetInfo
                             ) -> list[grain.transforms.Transformation]:
   """Joint geometry only: photometric ops and erasing would need label rules."""
-  del info  # Variable-size images are resized whole (no joint Inception crop).
+  # No joint Inception crop: variable-size images go through ToSize too, so
+  # 'pad' centre-crops (or pads) them and 'resize' squashes them whole.
   # (mixup / cutmix run on device: tasks.py refuses them.)
   for field, off in (('augment', ''), ('random_erasing', 0.0)):
     if data_config[field]:
@@ -231,17 +252,18 @@ def _segmentation_train_ops(data_config: ml_collections.ConfigDict,
                             dense_label=True),
           transforms.CropFlip(data_config.crop_padding, data_config.hflip,
                               dense_label=True),
-          transforms.Normalize(*_mean_std(data_config), dense_label=True)]
+          transforms.Normalize(*_mean_std(data_config, info),
+                               dense_label=True)]
 
 
 def _segmentation_eval_ops(data_config: ml_collections.ConfigDict,
                            info: tfds.core.DatasetInfo
                            ) -> list[grain.transforms.Transformation]:
   """Metrics are computed at image_size x image_size, after ToSize."""
-  del info
   return [transforms.ToSize(data_config.image_size, data_config.resize_mode,
                             dense_label=True),
-          transforms.Normalize(*_mean_std(data_config), dense_label=True)]
+          transforms.Normalize(*_mean_std(data_config, info),
+                               dense_label=True)]
 
 
 def _classification_names(name: str,

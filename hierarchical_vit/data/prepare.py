@@ -69,10 +69,16 @@ class _LocalMnist(tfds_mnist.MNIST, skip_registration=True):
     return {split: self._generate(prefix)
             for split, prefix in _SPLIT_FILES.items()}
 
+  def split_sizes(self) -> dict[str, int]:
+    """Examples per split that generation writes."""
+    return {split: _limited(len(read_idx(_idx_path(
+        self.source_dir, f'{prefix}-labels-idx1-ubyte'))), self.limit)
+            for split, prefix in _SPLIT_FILES.items()}
+
   def _generate(self, prefix: str) -> Iterator[tuple[int, dict]]:
     images = read_idx(_idx_path(self.source_dir, f'{prefix}-images-idx3-ubyte'))
     labels = read_idx(_idx_path(self.source_dir, f'{prefix}-labels-idx1-ubyte'))
-    n = len(labels) if self.limit is None else min(self.limit, len(labels))
+    n = _limited(len(labels), self.limit)
     # Keys are file positions, as upstream uses, so tfds' key-hash shuffle
     # gives the same example order as a regular download.
     for index in range(n):
@@ -118,12 +124,16 @@ class _FashionMnistCanvas(tfds.core.GeneratorBasedBuilder,
     del dl_manager  # Nothing to download.
     return {split: self._generate_examples(split) for split in self.SPLIT_SIZES}
 
+  def split_sizes(self) -> dict[str, int]:
+    """Examples per split that generation writes."""
+    return {split: _limited(n, self.limit)
+            for split, n in self.SPLIT_SIZES.items()}
+
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
     prefix = _SPLIT_FILES[split]
     images = read_idx(_idx_path(self.source_dir, f'{prefix}-images-idx3-ubyte'))
     labels = read_idx(_idx_path(self.source_dir, f'{prefix}-labels-idx1-ubyte'))
-    n = self.SPLIT_SIZES[split]
-    n = n if self.limit is None else min(self.limit, n)
+    n = _limited(self.SPLIT_SIZES[split], self.limit)
     split_id = list(self.SPLIT_SIZES).index(split)
     for index in range(n):
       # One generator per canvas: any canvas can be regenerated on its own.
@@ -134,6 +144,10 @@ class _FashionMnistCanvas(tfds.core.GeneratorBasedBuilder,
 
 _BUILDERS = {'mnist': _LocalMnist, 'fashion_mnist': _LocalFashionMnist,
              'fashion_mnist_canvas': _FashionMnistCanvas}
+
+
+def _limited(n: int, limit: int | None) -> int:
+  return n if limit is None else min(limit, n)
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -182,12 +196,22 @@ def prepare(dataset: str, data_dir: str | os.PathLike,
             limit: int | None = None) -> tfds.core.DatasetBuilder:
   """Writes `dataset` into `data_dir` as tfds array_record; returns the builder.
 
+  An existing data set is reused if its split sizes are those asked for;
+  otherwise this raises ValueError rather than overwrite it.
+
   Args:
     dataset: 'fashion_mnist', 'mnist' or 'fashion_mnist_canvas'.
     data_dir: tfds data dir; the data set lands in data_dir/NAME/VERSION.
     source: directory with the IDX files; None searches DEFAULT_SOURCES.
     limit: keep only the first `limit` examples of each split (for tests).
   """
+  return _prepare(dataset, data_dir, source, limit)[0]
+
+
+def _prepare(dataset: str, data_dir: str | os.PathLike,
+             source: str | os.PathLike | None,
+             limit: int | None) -> tuple[tfds.core.DatasetBuilder, bool]:
+  """prepare(), and whether it wrote the data set (False: reused)."""
   if dataset not in _BUILDERS:
     raise ValueError(f'--dataset={dataset!r} is not valid; valid choices: {sorted(_BUILDERS)}.')
   builder_cls = _BUILDERS[dataset]
@@ -196,10 +220,30 @@ def prepare(dataset: str, data_dir: str | os.PathLike,
                         file_format='array_record')
   builder.source_dir = source_dir
   builder.limit = limit
+  if builder.is_prepared():
+    _check_reusable(builder, limit)
+    return builder, False
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       # Feature statistics would need TF; split sizes are computed anyway.
       compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  return builder
+  return builder, True
+
+
+def _check_reusable(builder: tfds.core.DatasetBuilder,
+                    limit: int | None) -> None:
+  """Refuses an existing data set of other split sizes (e.g. another --limit).
+
+  tfds would silently reuse it; overwriting could throw away a full data set
+  for a test slice, so the user decides.
+  """
+  found = {k: v.num_examples for k, v in builder.info.splits.items()}
+  wanted = builder.split_sizes()
+  if found != wanted:
+    asked = 'no --limit' if limit is None else f'--limit={limit}'
+    raise ValueError(
+        f'{builder.data_dir} holds {found} examples, but {asked} asks for '
+        f'{wanted}. Delete {builder.data_dir} to write it anew, or pass the '
+        '--limit it was prepared with.')
 
 
 def main() -> None:
@@ -211,9 +255,15 @@ def main() -> None:
   parser.add_argument('--limit', type=int, default=None,
                       help='Examples per split to keep (default: all).')
   args = parser.parse_args()
-  builder = prepare(args.dataset, args.data_dir, args.source, args.limit)
-  print(f'Wrote {builder.info.full_name} to {builder.data_dir}: ' + ', '.join(
-      f'{k}={v.num_examples}' for k, v in builder.info.splits.items()))
+  builder, wrote = _prepare(args.dataset, args.data_dir, args.source,
+                            args.limit)
+  sizes = ', '.join(f'{k}={v.num_examples}'
+                    for k, v in builder.info.splits.items())
+  if wrote:
+    print(f'Wrote {builder.info.full_name} to {builder.data_dir}: {sizes}')
+  else:
+    print(f'{builder.info.full_name} is already prepared in '
+          f'{builder.data_dir}: {sizes}')
 
 
 if __name__ == '__main__':

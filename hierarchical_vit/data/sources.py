@@ -1,8 +1,9 @@
 """tfds array_record sources: open a split, read metadata, explain missing data.
 
-Everything here is offline: files are checked before tfds is asked for them
-and tfds is always called with `download=False`, so a missing data set fails
-at once with a `MissingDataError` that says how to prepare it.
+Everything here is offline: files are checked before tfds is asked for them,
+and tfds.builder / as_data_source only read what is on disk (they never
+download), so a missing data set fails at once with a `MissingDataError` that
+says how to prepare it.
 """
 
 import os

@@ -79,6 +79,11 @@ def _check_choice(field: str, value: str, choices) -> None:
     raise ValueError(f'{field}={value!r} is not valid; valid choices: {sorted(choices)}.')
 
 
+def _check_count(field: str, value: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    raise ValueError(f'{field}={value!r} is not valid; valid: an integer >= 0.')
+
+
 def to_size(image: np.ndarray, size: int, mode: str,
             dense_label: bool = False) -> np.ndarray:
   """(H, W, C) -> (size, size, C) by 'pad' (centre pad / crop) or 'resize'.
@@ -264,7 +269,8 @@ class ToSize(grain.transforms.Map):
   dense_label: bool = False
 
   def __post_init__(self):
-    _check_choice('data.resize_mode', self.mode, RESIZE_MODES)  # Here, not per example.
+    # Fails when the pipeline is built, not first inside a grain worker.
+    _check_choice('data.resize_mode', self.mode, RESIZE_MODES)
 
   def map(self, example: dict) -> dict:
     out = {**example, 'image': to_size(example['image'], self.size, self.mode)}
@@ -303,6 +309,9 @@ class CropFlip(grain.transforms.RandomMap):
   hflip: bool
   dense_label: bool = False
 
+  def __post_init__(self):
+    _check_count('data.crop_padding', self.padding)
+
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     arrays = {'image': example['image']}
     if self.dense_label:
@@ -326,6 +335,12 @@ class AutoAugment(grain.transforms.RandomMap):
 
   def __post_init__(self):
     _check_choice('data.augment', self.policy, AUGMENTS)
+    _check_count('data.randaugment_num_ops', self.num_ops)
+    # Levels are magnitude / 10 (see rand_augment): negative ones make invalid
+    # op arguments, and above 10 they would be silently clipped.
+    if not 0 <= self.magnitude <= 10:
+      raise ValueError(f'data.randaugment_magnitude={self.magnitude!r} is not '
+                       'valid; valid: a number in [0, 10].')
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
     augment = AUGMENTS[self.policy]

@@ -1,6 +1,7 @@
 """The public pipeline: shapes, determinism, checkpoints, sharding, eval masks."""
 
 import itertools
+import re
 
 import grain
 import numpy as np
@@ -64,7 +65,9 @@ def test_get_state_set_state_resumes_exactly(fake_data_dir):
   config = _config(fake_data_dir, 'cifar10', augment='randaugment',
                    random_erasing=0.5)
   iterator = data.create_train_iterator(config, global_batch_size=8, seed=0)
-  _take(iterator, 5)  # Past the 64-example epoch boundary after 8 batches.
+  # 5 x 8 = 40 of the 64-example epoch: the 6 batches compared below cross
+  # into the reshuffled second epoch.
+  _take(iterator, 5)
   state = iterator.get_state()
   expected = _take(iterator, 6)
   restored = data.create_train_iterator(config, global_batch_size=8, seed=0)
@@ -122,9 +125,45 @@ def test_bad_choices_fail_when_the_pipeline_is_built(fake_data_dir, field, value
                                global_batch_size=8, seed=0)
 
 
+@pytest.mark.parametrize('field, value, valid', [
+    ('randaugment_num_ops', -1, 'an integer >= 0'),
+    ('randaugment_magnitude', -5, 'a number in [0, 10]'),
+    ('crop_padding', -2, 'an integer >= 0'),
+])
+def test_bad_augmentation_values_fail_when_the_pipeline_is_built(
+    fake_data_dir, field, value, valid):
+  config = _config(fake_data_dir, 'cifar10', augment='randaugment',
+                   **{field: value})
+  with pytest.raises(ValueError, match=re.escape(
+      f'data.{field}={value!r} is not valid; valid: {valid}')):
+    data.create_train_iterator(config, global_batch_size=8, seed=0)
+
+
+@pytest.mark.parametrize('field', ['mean', 'std'])
+def test_mean_std_must_match_the_image_channels(fashion_mnist_dir, field):
+  # ImageNet statistics on 1-channel images would broadcast to 3 channels.
+  config = _config(fashion_mnist_dir, **{field: (0.485, 0.456, 0.406)})
+  message = (f'data.{field}=(0.485, 0.456, 0.406) has 3 values; expected 1 '
+             "(one per image channel of 'fashion_mnist', or one for all)")
+  for create in (
+      lambda: data.create_train_iterator(config, global_batch_size=8, seed=0),
+      lambda: data.create_eval_iterator(config, batch_size=8)):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      create()
+
+
+def test_one_mean_std_value_serves_all_channels(fake_data_dir):
+  config = _config(fake_data_dir, 'cifar10', mean=(0.5,), std=(0.25,))
+  batch = next(iter(data.create_eval_iterator(config, batch_size=8)))
+  assert batch['image'].shape == (8, 32, 32, 3)
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
 @pytest.mark.parametrize('process_count,batch_size', [(1, 8), (3, 8), (4, 50)])
-def test_eval_sees_every_example_once(fake_data_dir, process_count, batch_size):
-  config = _config(fake_data_dir, 'cifar10')
+def test_eval_sees_every_example_once(fake_data_dir, process_count, batch_size,
+                                      num_workers):
+  # grain batches inside each worker: without care the last ones come out short.
+  config = _config(fake_data_dir, 'cifar10', num_workers=num_workers)
   runs = [list(data.create_eval_iterator(config, batch_size=batch_size,
                                          process_index=i,
                                          process_count=process_count))
@@ -135,7 +174,8 @@ def test_eval_sees_every_example_once(fake_data_dir, process_count, batch_size):
   all_batches = list(itertools.chain(*runs))
   assert all(b['image'].shape == (batch_size, 32, 32, 3) for b in all_batches)
   assert all(b['mask'].dtype == np.bool_ for b in all_batches)
-  reference = list(data.create_eval_iterator(config, batch_size=50))[0]
+  reference = list(data.create_eval_iterator(
+      _config(fake_data_dir, 'cifar10'), batch_size=50))[0]
   assert sorted(masked) == sorted(_image_keys([reference]))
 
 
@@ -153,8 +193,15 @@ def test_imagenet_train_and_eval(fake_data_dir):
   assert set(batches[0].keys()) == {'image', 'label', 'mask'}
 
 
-def test_pipeline_reports_missing_data(tmp_path):
-  with pytest.raises(data.MissingDataError, match='hierarchical_vit.data.prepare'):
-    data.create_train_iterator(_config(tmp_path), global_batch_size=8, seed=0)
-  assert issubclass(data.MissingDataError, FileNotFoundError)
-  assert sources.SUPPORTED_DATASETS[0] == 'fashion_mnist'
+@pytest.mark.parametrize('create', [
+    lambda config: data.get_dataset_info(config),
+    lambda config: data.create_train_iterator(config, global_batch_size=8,
+                                              seed=0),
+    lambda config: data.create_eval_iterator(config, batch_size=8),
+])
+def test_pipeline_reports_missing_data(tmp_path, create):
+  with pytest.raises(data.MissingDataError) as error:
+    create(_config(tmp_path))
+  message = str(error.value)
+  assert "'fashion_mnist'" in message and str(tmp_path) in message
+  assert sources.prepare_command('fashion_mnist', tmp_path) in message

@@ -1,5 +1,6 @@
 """prepare.py writes Fashion-MNIST as tfds does; sources.py opens or explains."""
 
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,33 @@ def test_prepared_layout_matches_upstream(fashion_mnist_dir):
   assert info.features['image'].shape == (28, 28, 1)
   assert info.features['label'].names[:2] == ['T-shirt/top', 'Trouser']
   assert info.supervised_keys == ('image', 'label')
+
+
+def _split_sizes(builder) -> dict[str, int]:
+  return {k: v.num_examples for k, v in builder.info.splits.items()}
+
+
+def test_prepare_reuses_only_a_data_set_of_the_same_limit(tmp_path, capsys,
+                                                          monkeypatch):
+  args = ['prepare', '--dataset=fashion_mnist', f'--data_dir={tmp_path}',
+          f'--source={FASHION_MNIST_SOURCE}', '--limit=20']
+  monkeypatch.setattr('sys.argv', args)
+  prepare.main()
+  assert 'Wrote fashion_mnist/3.0.1' in capsys.readouterr().out
+  prepare.main()  # Same limit: reused, and says so.
+  out = capsys.readouterr().out
+  assert 'Wrote' not in out and 'already prepared' in out
+  builder = prepare.prepare('fashion_mnist', tmp_path, FASHION_MNIST_SOURCE,
+                            limit=20)
+  assert _split_sizes(builder) == {'train': 20, 'test': 20}
+  version_dir = str(tmp_path / 'fashion_mnist' / '3.0.1')
+  for limit, asked in ((30, '--limit=30'), (None, 'no --limit')):
+    with pytest.raises(ValueError, match=re.escape(asked) + '.*Delete '
+                       + re.escape(version_dir)):
+      prepare.prepare('fashion_mnist', tmp_path, FASHION_MNIST_SOURCE, limit)
+  # Refusing left the existing data set as it was.
+  assert _split_sizes(tfds.builder('fashion_mnist', data_dir=tmp_path)) == {
+      'train': 20, 'test': 20}
 
 
 def test_read_idx_parses_header(tmp_path):
