@@ -17,14 +17,14 @@ def get_model_config() -> ml_collections.ConfigDict:
   # num_classes, img_size and in_chans must match the data (train.py checks):
   # its classes (per-pixel classes for segmentation), data.image_size, its channels.
   m.num_classes = 10
-  m.img_size = 32            # Input height = width in pixels (int) or (H, W).
+  m.img_size = 32            # Input height = width in pixels (square inputs).
   m.in_chans = 3             # Input channels.
   # Stem: 'patch' = non-overlapping conv patchify (kernel = stride = patch_size)
   # + LayerNorm (Swin); 'conv' = overlapping 3x3 conv stack reaching stride
   # patch_size (better for small images trained from scratch).
   m.stem = 'patch'
   m.patch_size = 4           # Stem stride: tokens are img_size / patch_size.
-  m.embed_dim = 96           # Channels of stage 0; each downsample doubles it.
+  m.embed_dim = 96           # Channels of stage 0; each downsampler doubles it (x4: space_to_depth).
   m.depths = (2, 2, 6, 2)    # Swin blocks per stage.
   m.num_heads = (3, 6, 12, 24)  # Attention heads per stage; must divide width.
   m.window_size = 7          # Attention window (shrinks to the stage if larger).
@@ -41,9 +41,11 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.attention = 'einsum'
   # Downsampler between encoder stages: a name in
   # hierarchical_vit.resampling.DOWNSAMPLERS: patch_merge | avg_pool | max_pool
-  # | conv | space_to_depth | depthwise_conv_pool. Width doubles per stage.
+  # | conv | space_to_depth | depthwise_conv_pool. Width doubles per stage
+  # (space_to_depth: x4, it keeps every value).
   m.downsample = 'patch_merge'
-  # Options per downsampler name; only the selected name's dict is used.
+  # Options per downsampler name (its constructor's keywords, checked); only
+  # the selected name's dict is used.
   m.downsample_options = ml_collections.ConfigDict({
       'conv': {'kernel_size': 2},            # 2 (stride 2) or 3 (stride 2, pad 1).
       'depthwise_conv_pool': {'kernel_size': 3},  # PiT: depthwise stride-2 conv.
@@ -52,6 +54,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   # hierarchical_vit.resampling.UPSAMPLERS: patch_expand | interpolate |
   # transposed_conv | pixel_shuffle. Width halves per stage.
   m.upsample = 'patch_expand'
+  # Options per upsampler name, as for downsample_options; never 'factor',
+  # which the decoder sets (2 between levels, patch_size for the last).
   m.upsample_options = ml_collections.ConfigDict({
       'interpolate': {'method': 'bilinear'},  # bilinear | nearest | bicubic.
   })

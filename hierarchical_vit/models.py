@@ -7,6 +7,7 @@ be built and tested alone.
 
 import functools
 import math
+import numbers
 from typing import Sequence
 
 import jax
@@ -51,14 +52,14 @@ class Encoder(nnx.Module):
     self.resolutions, self.dims = [], []
     stages, downsamplers = [], []
     for i, (depth, heads) in enumerate(zip(depths, num_heads)):
-      if dim % heads:
-        raise ValueError(f'model.num_heads[{i}]={heads} does not divide stage {i} width {dim}')
       if i > 0:
         down = resampling.make_downsampler(downsample, dim, rngs=rngs, dtype=dtype,
                                            **downsample_options)
         dim = down.out_features
         downsamplers.append(down)
         res = _halve(res)
+      if dim % heads:
+        raise ValueError(f'model.num_heads[{i}]={heads} does not divide stage {i} width {dim}')
       self.resolutions.append(res)
       self.dims.append(dim)
       stages.append(SwinStage(dim, depth, heads, res, window_size, rngs=rngs,
@@ -188,6 +189,11 @@ def _check(condition: bool, message: str) -> None:
     raise ValueError(message)
 
 
+def _check_positive_int(value, field: str) -> None:
+  _check(isinstance(value, numbers.Integral) and value >= 1,
+         f'{field}={value!r} must be a positive int')
+
+
 def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   """Validates config.model's encoder fields and returns Encoder's arguments."""
   depths, heads = tuple(cfg.depths), tuple(cfg.num_heads)
@@ -196,9 +202,11 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
          f'model.depths={depths} must be a non-empty tuple of positive ints')
   _check(len(heads) == n, f'model.num_heads={heads} has {len(heads)} entries but '
          f'model.depths={depths} has {n}')
+  for i, h in enumerate(heads):
+    _check_positive_int(h, f'model.num_heads[{i}]')
   _check(cfg.stem in STEMS, f'model.stem={cfg.stem!r} is not one of {sorted(STEMS)}')
-  _check(cfg.patch_size >= 1, f'model.patch_size={cfg.patch_size} must be >= 1')
-  _check(cfg.window_size >= 1, f'model.window_size={cfg.window_size} must be >= 1')
+  for field in ('in_chans', 'embed_dim', 'patch_size', 'window_size'):
+    _check_positive_int(cfg[field], f'model.{field}')
   img_size = _pair(cfg.img_size)
   _check(min(img_size) >= 1, f'model.img_size={cfg.img_size} must be positive')
   global_attention = tuple(cfg.global_attention)
@@ -207,13 +215,19 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   for field in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
     _check(0.0 <= cfg[field] < 1.0, f'model.{field}={cfg[field]} must be in [0, 1)')
   _check(cfg.mlp_ratio > 0, f'model.mlp_ratio={cfg.mlp_ratio} must be > 0')
+  # Stage 0 is the narrowest (every downsampler widens), so its MLP empties first.
+  hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+  _check(hidden >= 1, f'model.mlp_ratio={cfg.mlp_ratio} gives stage 0 an MLP hidden width of '
+         f'int({cfg.embed_dim} * {cfg.mlp_ratio}) = {hidden}; it must be >= 1')
   _check_attention(cfg)
-  resampling.lookup('downsample', cfg.downsample)  # Even if no stage downsamples.
+  downsample_options = _options(cfg.downsample_options, cfg.downsample)
+  # Checked even if no stage downsamples.
+  resampling.check_options('downsample', cfg.downsample, downsample_options)
   return dict(
       img_size=img_size, in_chans=cfg.in_chans, stem=cfg.stem, patch_size=cfg.patch_size,
       embed_dim=cfg.embed_dim, depths=depths, num_heads=heads, window_size=cfg.window_size,
       global_attention=global_attention, downsample=cfg.downsample,
-      downsample_options=_options(cfg.downsample_options, cfg.downsample),
+      downsample_options=downsample_options,
       drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate,
       attn_drop_rate=cfg.attn_drop_rate, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
       gelu_approximate=cfg.gelu_approximate, attention=cfg.attention)
@@ -244,8 +258,11 @@ def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> UNet:
   _check(len(decoder_depths) == levels and all(d >= 1 for d in decoder_depths),
          f'model.decoder_depths={tuple(cfg.decoder_depths)} must hold {levels} positive ints '
          '(deepest level first)')
+  upsample_options = _options(cfg.upsample_options, cfg.upsample)
+  resampling.check_options('upsample', cfg.upsample, upsample_options, reserved={
+      'factor': 'the decoder sets it (2 between levels, model.patch_size for the last)'})
   return UNet(num_classes=cfg.num_classes, decoder_depths=decoder_depths,
-              upsample=cfg.upsample, upsample_options=_options(cfg.upsample_options, cfg.upsample),
+              upsample=cfg.upsample, upsample_options=upsample_options,
               rngs=rngs, dtype=dtype, **kwargs)
 
 
@@ -258,4 +275,5 @@ def build_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> n
   if model_config.name not in MODELS:
     raise ValueError(f'model.name={model_config.name!r} is not a registered model; '
                      f'valid choices: {sorted(MODELS)}')
+  _check_positive_int(model_config.num_classes, 'model.num_classes')
   return MODELS[model_config.name](model_config, rngs, resolve_dtype(model_config.dtype))

@@ -39,6 +39,7 @@ def forward_flops(model: nnx.Module, input_shape: tuple[int, ...]) -> float:
   # Fused attention kernels compute what the einsum core does, but a custom call
   # counts 0 FLOPs and cuDNN's does not lower for XLA:CPU.
   model = nnx.clone(model)
+  model.eval()  # On the clone: the caller's model keeps its mode.
   for _, module in nnx.iter_graph(model):
     if isinstance(module, WindowAttention):
       module.core = einsum_attention
@@ -58,8 +59,8 @@ def forward_flops(model: nnx.Module, input_shape: tuple[int, ...]) -> float:
 
 
 def model_report(model: nnx.Module, input_shape: tuple[int, ...]) -> dict:
-  """{'params', 'params_by_module', 'gflops_per_image'} for an eval-mode model."""
-  model.eval()
+  """{'params', 'params_by_module', 'gflops_per_image'}; FLOPs of an eval-mode
+  forward, whatever mode `model` is in (it stays in it)."""
   return {
       'params': count_params(model),
       'params_by_module': params_by_module(model),

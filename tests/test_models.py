@@ -87,6 +87,26 @@ def test_dropout_and_drop_path_follow_train_eval():
   np.testing.assert_array_equal(model(x), model(x))
 
 
+@pytest.mark.parametrize('drop_path_rate', [0.0, 0.5])
+def test_drop_path_alone_makes_training_stochastic(drop_path_rate):
+  """With every dropout off, train and eval differ exactly when drop path is on."""
+  model = build_model(tiny_model_config(drop_rate=0.0, attn_drop_rate=0.0,
+                                        drop_path_rate=drop_path_rate), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+  model.train()
+  train = model(x)
+  model.eval()
+  assert np.allclose(train, model(x), rtol=1e-6, atol=1e-6) == (drop_path_rate == 0.0)
+
+
+def test_drop_path_rates_rise_linearly_over_all_blocks_like_timm():
+  """timm: torch.linspace(0, drop_path_rate, sum(depths)), block by block across stages."""
+  model = build_model(tiny_model_config(depths=(2, 1, 3), drop_path_rate=0.25), rngs=nnx.Rngs(0))
+  rates = [0.0 if block.drop_path.dropout is None else block.drop_path.dropout.rate
+           for stage in model.encoder.stages for block in stage.blocks]
+  np.testing.assert_allclose(rates, np.linspace(0.0, 0.25, 6))
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = build_model(tiny_model_config(dtype='bfloat16'), rngs=nnx.Rngs(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -94,13 +114,39 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_global_attention_stage_uses_whole_map_as_window():
-  model = build_model(tiny_model_config(global_attention=(1,)), rngs=nnx.Rngs(0))
-  assert model.encoder.stages[1].blocks[0].window == (4, 4)
-  assert model.encoder.stages[0].blocks[0].window == (4, 4)
+  # At img_size 32, stage 1 is 8 x 8 tokens: larger than window_size 4.
+  config = tiny_model_config(img_size=32, global_attention=(1,))
+  model = build_model(config, rngs=nnx.Rngs(0))
+  model.eval()
+  block = model.encoder.stages[1].blocks[0]
+  assert block.window == (8, 8) and model.encoder.stages[0].blocks[0].window == (4, 4)
+  # Its attention is plain attention over all 64 tokens as one window.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 32))
+  full = block.attn(x.reshape(2, 64, 32)).reshape(x.shape)
+  np.testing.assert_allclose(block._attention(x), full, rtol=1e-5, atol=1e-5)
   model = build_model(tiny_model_config(img_size=32, depths=(2, 1, 1), global_attention=(0,)),
                       rngs=nnx.Rngs(0))
   assert model.encoder.stages[0].blocks[0].window == (16, 16)
   assert model.encoder.stages[0].blocks[1].shift == (0, 0)
+
+
+@pytest.mark.parametrize('global_attention', [(), (1,)])
+def test_global_attention_reaches_across_the_map(global_attention):
+  """In an unshifted 4 x 4-window block, token (7, 7) of an 8 x 8 map ignores
+  token (0, 0); in a global stage it attends to it."""
+  model = build_model(tiny_model_config(img_size=32, global_attention=global_attention),
+                      rngs=nnx.Rngs(0))
+  model.eval()
+  block = model.encoder.stages[1].blocks[0]
+  x, dx = jax.random.normal(jax.random.key(0), (2, 1, 8, 8, 32))
+  moved = block(x.at[:, 0, 0].add(10 * dx[:, 0, 0]))[:, 7, 7] - block(x)[:, 7, 7]
+  assert bool(jnp.any(jnp.abs(moved) > 1e-6)) == bool(global_attention)
+
+
+def test_num_heads_are_checked_against_their_own_stage_width():
+  # Stage 1 is 2 * 16 = 32 wide after patch merging, so 32 heads divide it.
+  model = build_model(tiny_model_config(num_heads=(2, 32, 4)), rngs=nnx.Rngs(0))
+  assert model.encoder.dims[1] == 32 and model.encoder.stages[1].blocks[0].attn.num_heads == 32
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -108,7 +154,18 @@ def test_global_attention_stage_uses_whole_map_as_window():
     (dict(downsample='strided'), r"model.downsample='strided'.*avg_pool.*patch_merge"),
     (dict(name='unet', upsample='deconv'), r"model.upsample='deconv'.*patch_expand"),
     (dict(num_heads=(3, 2, 4)), r'model.num_heads\[0\]=3 does not divide stage 0 width 16'),
+    (dict(num_heads=(2, 3, 4)), r'model.num_heads\[1\]=3 does not divide stage 1 width 32'),
+    (dict(downsample='space_to_depth', num_heads=(2, 2, 3)),
+     r'model.num_heads\[2\]=3 does not divide stage 2 width 256'),
     (dict(num_heads=(2, 2)), r'model.num_heads=\(2, 2\) has 2 entries'),
+    (dict(num_heads=(2, 0, 4)), r'model.num_heads\[1\]=0 must be a positive int'),
+    (dict(embed_dim=0), r'model.embed_dim=0 must be a positive int'),
+    (dict(embed_dim=-16), r'model.embed_dim=-16 must be a positive int'),
+    (dict(in_chans=0), r'model.in_chans=0 must be a positive int'),
+    (dict(num_classes=0), r'model.num_classes=0 must be a positive int'),
+    (dict(name='unet', num_classes=0), r'model.num_classes=0 must be a positive int'),
+    (dict(mlp_ratio=0.01),
+     r'model.mlp_ratio=0.01 gives stage 0 an MLP hidden width of int\(16 \* 0.01\) = 0'),
     (dict(window_size=0), r'model.window_size=0'),
     (dict(stem='hybrid'), r"model.stem='hybrid'.*'conv', 'patch'"),
     (dict(global_attention=(3,)), r'model.global_attention=\(3,\)'),
@@ -117,6 +174,18 @@ def test_global_attention_stage_uses_whole_map_as_window():
     (dict(name='unet', decoder_depths=(1,)), r'model.decoder_depths=\(1,\)'),
     (dict(downsample='conv', downsample_options={'conv': {'kernel_size': 4}}),
      r'model.downsample_options.conv.kernel_size=4'),
+    (dict(downsample_options={'patch_merge': {'kernel_size': 3}}),
+     r"model.downsample_options.patch_merge.kernel_size is not an option of downsampler "
+     r"'patch_merge'; valid keys: \[\]"),
+    (dict(downsample='conv', downsample_options={'conv': {'kernel': 3}}),
+     r"model.downsample_options.conv.kernel is not .*valid keys: \['kernel_size'\]"),
+    (dict(name='unet', upsample='interpolate', upsample_options={'interpolate': {'mode': 'x'}}),
+     r"model.upsample_options.interpolate.mode is not .*valid keys: \['method'\]"),
+    # The decoder sets the factor: 1 broke the skip concat, 4 silently cropped.
+    (dict(name='unet', upsample_options={'patch_expand': {'factor': 1}}),
+     r'model.upsample_options.patch_expand.factor=1 cannot be set: the decoder sets it'),
+    (dict(name='unet', upsample_options={'patch_expand': {'factor': 4}}),
+     r'model.upsample_options.patch_expand.factor=4 cannot be set'),
 ])
 def test_config_errors_name_the_field(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -159,6 +228,18 @@ def test_report_counts_params_and_flops():
   mlp_flops = sum(2 * 2 * 4 * d * d * r[0] * r[1]
                   for d, r in zip(model.encoder.dims, model.encoder.resolutions))
   assert report['gflops_per_image'] * 1e9 > mlp_flops
+
+
+def test_report_counts_an_eval_forward_and_keeps_the_model_mode():
+  model = build_model(tiny_model_config(drop_rate=0.1, drop_path_rate=0.1), rngs=nnx.Rngs(0))
+  shape = (2, 16, 16, 1)
+  model.eval()
+  eval_flops = forward_flops(model, shape)
+  model.train()
+  assert forward_flops(model, shape) == eval_flops  # Not the dropout masks' work too.
+  report = model_report(model, shape)
+  assert report['gflops_per_image'] == pytest.approx(eval_flops / 2 / 1e9)
+  assert not model.head_drop.deterministic  # Still in train mode.
 
 
 def test_forward_flops_match_swin_t_matmul_count():

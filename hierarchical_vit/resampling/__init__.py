@@ -7,6 +7,8 @@ Every entry is an nnx.Module class constructed as
 width it produces as `.out_features`.
 """
 
+import inspect
+
 from flax import nnx
 
 from hierarchical_vit.resampling.downsample import DOWNSAMPLERS
@@ -15,6 +17,8 @@ from hierarchical_vit.resampling.upsample import UPSAMPLERS
 
 
 _REGISTRIES = {'downsample': DOWNSAMPLERS, 'upsample': UPSAMPLERS}
+# Constructor arguments the models fill in themselves, never config options.
+_SET_BY_MODEL = frozenset({'self', 'in_features', 'out_features', 'rngs', 'dtype'})
 
 
 def lookup(kind: str, name: str) -> type[nnx.Module]:
@@ -25,6 +29,24 @@ def lookup(kind: str, name: str) -> type[nnx.Module]:
     raise ValueError(f'model.{kind}={name!r} is not a registered {kind}r; '
                      f'valid choices: {sorted(registry)}')
   return registry[name]
+
+
+def check_options(kind: str, name: str, options: dict,
+                  reserved: dict[str, str] | None = None) -> None:
+  """ValueError naming `model.<kind>_options.<name>.<key>` for an option that
+  the module `name` does not take, or that the caller sets itself (`reserved`
+  maps such keys to the reason), instead of a TypeError from the constructor."""
+  reserved = reserved or {}
+  prefix = f'model.{kind}_options.{name}'
+  for key, reason in reserved.items():
+    if key in options:
+      raise ValueError(f'{prefix}.{key}={options[key]!r} cannot be set: {reason}')
+  params = inspect.signature(lookup(kind, name).__init__).parameters
+  valid = sorted(set(params) - _SET_BY_MODEL - set(reserved))
+  for key in options:
+    if key not in valid:
+      raise ValueError(f'{prefix}.{key} is not an option of {kind}r {name!r}; '
+                       f'valid keys: {valid}')
 
 
 def make_downsampler(name: str, in_features: int, out_features: int | None = None, *,
