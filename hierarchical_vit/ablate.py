@@ -63,7 +63,7 @@ from ml_collections import config_flags
 from hierarchical_vit import data, report
 from hierarchical_vit.analysis import aggregate
 from hierarchical_vit.models import build_model, input_shape
-from hierarchical_vit.training import config_history, trainer
+from hierarchical_vit.training import config_history, tasks, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAME_PATTERN = re.compile(r'^[A-Za-z0-9_.+-]+$')
@@ -116,6 +116,13 @@ def expand_sweep(config: ml_collections.ConfigDict) -> list[Run]:
   sweep = config.sweep
   if not sweep.seeds:
     raise ValueError(f'sweep.seeds={sweep.seeds!r} is empty')
+  if len(set(sweep.seeds)) != len(sweep.seeds):
+    raise ValueError(f'sweep.seeds={tuple(sweep.seeds)} repeats a seed: its runs would '
+                     'share a workdir and count twice')
+  metrics = tasks.get_task(config.task).eval_metrics
+  if sweep.metric not in metrics:
+    raise ValueError(f'sweep.metric={sweep.metric!r} is not an eval metric of task '
+                     f'{config.task!r}; valid choices: {list(metrics)}')
   names = [v['name'] for v in sweep.variants]
   for name in names:
     if not _NAME_PATTERN.match(name):
@@ -397,32 +404,41 @@ class Sweep:
   def committed_result(self, run: Run) -> str:
     return os.path.join(self.output_dir, 'runs', f'{run.name}.json')
 
-  def is_finished(self, run: Run) -> bool:
-    """Whether a result of this run exists; raises if it was trained with
-    another config (e.g. the sweep's epochs changed since)."""
+  def result_path(self, run: Run) -> str | None:
+    """This run's result (local copy preferred), None if it has none; raises if
+    the result was trained with another config (e.g. the sweep's epochs
+    changed since) or carries no fingerprint to tell."""
     for path in (self.local_result(run), self.committed_result(run)):
       if not os.path.exists(path):
         continue
       with open(path, encoding='utf-8') as f:
         recorded = json.load(f).get('config_fingerprint')
       expected = config_fingerprint(run.config)
-      if recorded is not None and recorded != expected:
+      if recorded is None:
+        raise ValueError(
+            f'{path}: the result of run {run.name} carries no config fingerprint, so it '
+            'cannot be checked against this sweep; delete it (to use a committed copy, '
+            f'or to retrain) or pass another --results_dir and --workdir.')
+      if recorded != expected:
         raise ValueError(
             f'{path}: run {run.name} was trained with another config (fingerprint '
             f'{recorded}, now {expected}). Delete it and {self.run_dir(run)} to retrain, '
             'or pass another --results_dir and --workdir.')
-      return True
-    return False
+      return path
+    return None
+
+  def is_finished(self, run: Run) -> bool:
+    return self.result_path(run) is not None
 
   def results(self) -> list[dict[str, Any]]:
-    """Every finished run's result, in sweep order (local copy preferred)."""
+    """Every finished run's result, in sweep order; raises on a result of
+    another config, so that one is never aggregated with this sweep's."""
     results = []
     for run in self.runs:
-      for path in (self.local_result(run), self.committed_result(run)):
-        if os.path.exists(path):
-          with open(path, encoding='utf-8') as f:
-            results.append(json.load(f))
-          break
+      path = self.result_path(run)
+      if path is not None:
+        with open(path, encoding='utf-8') as f:
+          results.append(json.load(f))
     return results
 
   def train(self, run: Run, train_fn: TrainFn) -> tuple[list[dict], float, bool]:

@@ -16,6 +16,7 @@ from configs import base
 from configs.ablations import downsample, upsample
 from hierarchical_vit import ablate, information
 from hierarchical_vit.analysis import aggregate, stats
+from hierarchical_vit.training import tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -105,6 +106,25 @@ def test_bad_sweeps_raise():
     ablate.expand_sweep(config)
   with pytest.raises(ValueError, match='no field sweep'):
     ablate.expand_sweep(base.get_config())
+  config = sweep_config()
+  config.sweep.seeds = (0, 0)
+  with pytest.raises(ValueError, match=r'sweep.seeds=\(0, 0\) repeats a seed'):
+    ablate.expand_sweep(config)
+  config = sweep_config()
+  config.sweep.metric = 'eval/acuracy'
+  with pytest.raises(ValueError, match=r"sweep.metric='eval/acuracy' is not an eval metric of "
+                                       r"task 'classification'.*'eval/top5_accuracy'"):
+    ablate.expand_sweep(config)
+
+
+@pytest.mark.parametrize('task', sorted(tasks.TASKS))
+def test_sweepable_metrics_are_what_the_task_reports(task):
+  totals = {'classification': {'loss': 2.0, 'top1': 1.0, 'top5': 2.0, 'count': 4.0},
+            'segmentation': {'loss': 2.0, 'pixels': 8.0, 'count': 2.0,
+                             'confusion': np.eye(3) * 2}}[task]
+  summary = tasks.get_task(task).summarize(totals)
+  assert set(tasks.get_task(task).eval_metrics) <= set(summary)
+  assert tasks.get_task(task).best_metric in tasks.get_task(task).eval_metrics
 
 
 def test_select_runs():
@@ -167,6 +187,16 @@ def test_result_of_another_config_is_refused_not_reused(tmp_path):
                                        r'trained with another config'):
     other.execute(other.runs, trainer, fake_cost)
   assert len(trainer.calls) == 2
+  with pytest.raises(ValueError, match='trained with another config'):
+    other.results()  # Nor is it aggregated, e.g. after --only trained other runs.
+  committed = tmp_path / 'c/toy/runs/patch_merge-seed0.json'
+  unfingerprinted = json.loads(committed.read_text())
+  del unfingerprinted['config_fingerprint']
+  committed.write_text(json.dumps(unfingerprinted))
+  fresh = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path / 'd'), str(tmp_path / 'c'))
+  with pytest.raises(ValueError, match=r'patch_merge-seed0 carries no config fingerprint'):
+    fresh.is_finished(fresh.runs[0])  # A result that cannot be checked is not reused.
+
 
 def test_interrupted_run_raises_then_resumes(tmp_path):
   sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path))

@@ -32,6 +32,8 @@ class Task:
   """The task-specific pieces of the loop (see the module docstring)."""
   # Eval metric (higher is better) that picks the best checkpoint.
   best_metric: str
+  # The scalar eval metrics `summarize` returns that a sweep may compare.
+  eval_metrics: tuple[str, ...]
   # config -> TargetsFn; raises ValueError on options the task cannot use.
   make_targets: Callable[[ml_collections.ConfigDict], TargetsFn]
   # (logits, targets, label_smoothing) -> mean training loss.
@@ -199,11 +201,15 @@ def _segmentation_summary(totals: dict[str, Any]) -> dict[str, Any]:
 
 TASKS: dict[str, Task] = {
     'classification': Task(
-        best_metric='eval/accuracy', make_targets=_classification_targets,
+        best_metric='eval/accuracy',
+        eval_metrics=('eval/accuracy', 'eval/top5_accuracy', 'eval/loss'),
+        make_targets=_classification_targets,
         loss=cross_entropy_loss, accuracy=_classification_accuracy,
         eval_sums=_classification_sums, summarize=_classification_summary),
     'segmentation': Task(
-        best_metric='eval/miou', make_targets=_segmentation_targets,
+        best_metric='eval/miou',
+        eval_metrics=('eval/miou', 'eval/pixel_accuracy', 'eval/loss'),
+        make_targets=_segmentation_targets,
         loss=segmentation_loss, accuracy=_pixel_accuracy,
         eval_sums=_segmentation_sums, summarize=_segmentation_summary),
 }
