@@ -34,6 +34,7 @@ from absl import logging
 from flax import nnx
 
 from hierarchical_vit.layers.attention import WindowAttention
+from hierarchical_vit.resampling.downsample import DOWNSAMPLERS, PatchMerge
 
 Weights = dict[str, np.ndarray]
 
@@ -302,10 +303,27 @@ def load_weights(model: nnx.Module, path: str, *, finetune: bool = False) -> Non
   logging.info('Loaded %d arrays from %s.', len(weights), path)
 
 
+def _check_timm_downsamplers(model: nnx.Module) -> None:
+  """Raises ValueError unless every downsampler is Swin's patch merging.
+
+  The pooling downsamplers also name their params `norm` and `reduction`, so
+  `to_timm` maps them by name, but with LayerNorm(C) and C -> 2C shapes where
+  timm expects LayerNorm(4C) and 4C -> 2C: timm's strict load would fail.
+  """
+  names = {cls: name for name, cls in DOWNSAMPLERS.items()}
+  for down in getattr(getattr(model, 'encoder', None), 'downsamplers', ()):
+    if not isinstance(down, PatchMerge):
+      name = names.get(type(down), type(down).__name__)
+      raise ValueError(f'model.downsample={name!r} has no timm Swin counterpart; only '
+                       "model.downsample='patch_merge' exports to timm (save as .npz instead).")
+
+
 def save_weights(model: nnx.Module, path: str) -> None:
   """Writes model's params as ours (.npz) or as a timm state dict (.pth/.safetensors)."""
   weights = get_weights(model)
   suffix = _suffix(path)
+  if suffix != '.npz':
+    _check_timm_downsamplers(model)
   if suffix == '.npz':
     np.savez(path, **weights)
   elif suffix == '.safetensors':

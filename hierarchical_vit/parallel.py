@@ -97,25 +97,40 @@ def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
   if axes != AXES:
     raise ValueError(f'mesh.axes={axes} is not valid: the sharding rules use the axes {AXES}; '
                      'pick the layout with mesh.strategy and mesh.shape instead.')
-  shape = list(mesh_config.shape or _DEFAULT_SHAPES[_strategy(mesh_config)])
-  num_devices = jax.device_count()
-  if len(shape) != len(AXES):
-    raise ValueError(f'mesh.shape={tuple(shape)} needs one size per axis of {AXES}.')
-  if shape.count(-1) > 1:
-    raise ValueError(f'At most one -1 in mesh.shape, got {shape}.')
-  if -1 in shape:
-    known = int(np.prod([s for s in shape if s != -1]))
-    if num_devices % known:
-      raise ValueError(f'{num_devices} devices do not split into mesh {shape}.')
-    shape[shape.index(-1)] = num_devices // known
-  if int(np.prod(shape)) != num_devices:
-    raise ValueError(f'Mesh {dict(zip(axes, shape))} does not use all '
-                     f'{num_devices} devices.')
+  # Checked even with an explicit shape: state_shardings reads it later.
+  strategy = _strategy(mesh_config)
+  shape = _mesh_shape(tuple(mesh_config.shape or _DEFAULT_SHAPES[strategy]),
+                      jax.device_count())
   # Auto axes: plain jit sharding propagation (jax>=0.7 defaults to Explicit).
   # Devices come in process order, so each process holds a contiguous block
   # of the batch (what make_array_from_process_local_data expects).
-  return jax.make_mesh(tuple(shape), axes,
-                       axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+  return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+
+
+def _mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
+  """mesh.shape with its -1 filled in; ValueError unless it uses all devices."""
+  field = f'mesh.shape={shape}'
+  if len(shape) != len(AXES):
+    raise ValueError(f'{field} needs one size per axis of {AXES}.')
+  if not all(_is_int(s) and (s > 0 or s == -1) for s in shape):
+    raise ValueError(f'{field} is not valid: each size must be a positive int or -1 '
+                     '(the devices left over).')
+  if shape.count(-1) > 1:
+    raise ValueError(f'{field} is not valid: at most one size may be -1.')
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if num_devices % known:
+      raise ValueError(f'{field} is not valid: {num_devices} devices do not split into it; '
+                       f'the sizes other than -1 must multiply to a divisor of {num_devices}.')
+    return tuple(num_devices // known if s == -1 else int(s) for s in shape)
+  if known != num_devices:
+    raise ValueError(f'{field} does not use all {num_devices} devices: the sizes must '
+                     f'multiply to {num_devices}, or one of them be -1.')
+  return tuple(int(s) for s in shape)
+
+
+def _is_int(x: Any) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _strategy(mesh_config: ml_collections.ConfigDict) -> str:

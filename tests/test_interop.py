@@ -107,6 +107,18 @@ def test_export_loads_into_timm_strictly(tmp_path):
   assert_same_weights(numpy_state_dict(target), numpy_state_dict(source))
 
 
+@pytest.mark.parametrize('downsample', ['avg_pool', 'max_pool', 'conv', 'depthwise_conv_pool',
+                                        'space_to_depth'])
+def test_export_to_timm_refuses_other_downsamplers(tmp_path, downsample):
+  # avg_pool / max_pool name their params `norm` and `reduction` like patch
+  # merging but with other shapes; space_to_depth has none: all must be refused.
+  model = our_swin('cifar_small', downsample=downsample)
+  path = str(tmp_path / 'timm.safetensors')
+  with pytest.raises(ValueError, match=f"model.downsample='{downsample}' has no timm Swin"):
+    interop.save_weights(model, path)
+  interop.save_weights(model, str(tmp_path / 'ours.npz'))  # Our own format still works.
+
+
 def timm_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
   """microsoft/Swin-Transformer's layout: downsample at the END of stage i - 1,
   head 'head.*', and the persistent index / mask buffers it saves."""

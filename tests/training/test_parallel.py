@@ -1,22 +1,82 @@
 """Mesh construction and the FSDP sharding rule."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+
 import ml_collections
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from hierarchical_vit import parallel
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def test_create_mesh_fills_minus_one():
-  mesh = parallel.create_mesh(ml_collections.ConfigDict(
-      {'axes': ('data', 'fsdp'), 'shape': (-1, 1)}))
-  assert mesh.axis_names == ('data', 'fsdp')
-  assert mesh.devices.size == mesh.shape['data']
+
+# Builds one mesh per (strategy, shape) in argv[1] on 8 CPU devices; prints the
+# mesh shapes, or 'ErrorType: message', as JSON.
+_CREATE_MESHES = """
+import json, sys
+import ml_collections
+from hierarchical_vit import parallel
+results = []
+for strategy, shape in json.loads(sys.argv[1]):
+  config = ml_collections.ConfigDict(
+      {'axes': ('data', 'fsdp'), 'strategy': strategy, 'shape': tuple(shape)})
+  try:
+    results.append(dict(parallel.create_mesh(config).shape))
+  except Exception as error:  # Any type: the test checks it is a ValueError.
+    results.append(f'{type(error).__name__}: {error}')
+print(json.dumps(results))
+"""
+
+# (strategy, shape) -> the mesh shape, or a regex 'ErrorType: message' must match.
+_EIGHT_DEVICE_CASES = {
+    ('data_parallel', (2, -1)): {'data': 2, 'fsdp': 4},
+    ('fsdp', (-1, 2)): {'data': 4, 'fsdp': 2},
+    ('data_parallel', ()): {'data': 8, 'fsdp': 1},
+    ('fsdp', ()): {'data': 1, 'fsdp': 8},
+    ('data_parallel', (0, -1)):
+        r'^ValueError: mesh.shape=\(0, -1\) is not valid: each size must be a positive int or -1',
+    ('data_parallel', (-2, -4)):
+        r'^ValueError: mesh.shape=\(-2, -4\) is not valid: each size must be a positive int',
+    ('data_parallel', (3, -1)):
+        r'^ValueError: mesh.shape=\(3, -1\) is not valid: 8 devices do not split',
+    ('data_parallel', (-1, -1)):
+        r'^ValueError: mesh.shape=\(-1, -1\) is not valid: at most one size may be -1',
+    ('data_parallel', (2, 2)): r'^ValueError: mesh.shape=\(2, 2\) does not use all 8 devices',
+    ('bogus', (2, 4)):
+        r"^ValueError: mesh.strategy='bogus' is not valid; valid choices: data_parallel, fsdp",
+}
+
+
+@pytest.fixture(scope='module')
+def eight_device_meshes() -> dict:
+  """create_mesh's result for each of _EIGHT_DEVICE_CASES, on 8 CPU devices.
+
+  A subprocess, since the device count is fixed when jax starts.
+  """
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  cases = list(_EIGHT_DEVICE_CASES)
+  proc = subprocess.run([sys.executable, '-c', _CREATE_MESHES, json.dumps(cases)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  return dict(zip(cases, json.loads(proc.stdout.splitlines()[-1])))
+
+
+@pytest.mark.parametrize('case', list(_EIGHT_DEVICE_CASES), ids=str)
+def test_create_mesh_on_eight_devices(eight_device_meshes, case):
+  expected, got = _EIGHT_DEVICE_CASES[case], eight_device_meshes[case]
+  if isinstance(expected, dict):
+    assert got == expected
+  else:
+    assert isinstance(got, str) and re.search(expected, got), got
 
 
 @pytest.mark.parametrize('mesh, message', [
-    ({'axes': ('data', 'fsdp'), 'shape': (1, 1000)}, 'does not use all'),
-    ({'axes': ('data', 'fsdp'), 'shape': (-1, -1)}, 'At most one -1'),
     ({'axes': ('data', 'fsdp'), 'shape': (-1,)}, r"mesh.shape=\(-1,\) needs one size per axis"),
     ({'axes': ('batch', 'model'), 'shape': (-1, 1)},
      r"mesh.axes=\('batch', 'model'\) is not valid.*\('data', 'fsdp'\)"),
@@ -24,6 +84,7 @@ def test_create_mesh_fills_minus_one():
      "mesh.strategy='zero3' is not valid; valid choices: data_parallel, fsdp"),
 ])
 def test_create_mesh_rejects_bad_config(mesh, message):
+  mesh = {'strategy': 'data_parallel', **mesh}
   with pytest.raises(ValueError, match=message):
     parallel.create_mesh(ml_collections.ConfigDict(mesh))
 
