@@ -230,8 +230,10 @@ class ConcurrentTrainer(FakeTrainer):
     super().__init__()
     self.barrier = threading.Barrier(parties, timeout=20)
     self.fail = fail
+    self.started = []
 
   def __call__(self, run: ablate.Run, workdir: str) -> None:
+    self.started.append(run.name)
     if run.name == self.fail:
       self.calls.append(run.name)
       self.barrier.abort()
@@ -253,7 +255,8 @@ def test_failed_run_stops_later_runs_from_starting(tmp_path):
   trainer = ConcurrentTrainer(parties=2, fail='patch_merge-seed0')
   with pytest.raises((RuntimeError, threading.BrokenBarrierError)):
     sweep.execute(sweep.runs, trainer, fake_cost, runs_at_once=2)
-  assert len(trainer.calls) <= 2  # The failed run and at most the one beside it.
+  # The failed run and the one beside it started; nothing after them.
+  assert sorted(trainer.started) == ['patch_merge-seed0', 'patch_merge-seed1']
 
 
 def test_cpu_slots_split_cpus_disjointly():
