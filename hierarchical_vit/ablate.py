@@ -123,6 +123,10 @@ def expand_sweep(config: ml_collections.ConfigDict) -> list[Run]:
   if sweep.metric not in metrics:
     raise ValueError(f'sweep.metric={sweep.metric!r} is not an eval metric of task '
                      f'{config.task!r}; valid choices: {list(metrics)}')
+  for variant in sweep.variants:
+    if set(variant) != {'name', 'overrides'}:
+      raise ValueError(f'sweep.variants entry {dict(variant)} must have exactly the keys '
+                       "'name' and 'overrides'")
   names = [v['name'] for v in sweep.variants]
   for name in names:
     if not _NAME_PATTERN.match(name):
@@ -486,11 +490,16 @@ class Sweep:
       for _ in range(runs_at_once):
         start_next()
       finished = 0
+      failures: list[tuple[str, Exception]] = []
       while running:
         done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
         for future in done:
           run = running.pop(future)
-          records, wall_time, resumed = future.result()  # A failure stops new starts.
+          try:
+            records, wall_time, resumed = future.result()
+          except Exception as e:
+            failures.append((run.name, e))  # No new starts; the running ones finish.
+            continue
           key = run.config.model.to_json()
           if key not in costs:
             costs[key] = cost_fn(run.config.model)
@@ -500,7 +509,18 @@ class Sweep:
           finished += 1
           logging.info('Run %d/%d, %s: %s = %s.', finished, len(todo), run.name,
                        self.config.sweep.metric, result['eval'].get(self.config.sweep.metric))
-          start_next()
+          if not failures:
+            start_next()
+    _raise_failures(failures)
+
+
+def _raise_failures(failures: Sequence[tuple[str, Exception]]) -> None:
+  """Re-raises a single failure as it was; several as one error naming each."""
+  if len(failures) == 1:
+    raise failures[0][1]
+  if failures:
+    raise RuntimeError(f'{len(failures)} runs failed: ' + '; '.join(
+        f'{name}: {type(e).__name__}: {e}' for name, e in failures)) from failures[0][1]
 
 
 def main(argv):

@@ -107,6 +107,10 @@ def test_bad_sweeps_raise():
   with pytest.raises(ValueError, match='no field sweep'):
     ablate.expand_sweep(base.get_config())
   config = sweep_config()
+  config.sweep.variants = ({'name': 'a', 'override': {'seed': 1}},)
+  with pytest.raises(ValueError, match="must have exactly the keys 'name' and 'overrides'"):
+    ablate.expand_sweep(config)
+  config = sweep_config()
   config.sweep.seeds = (0, 0)
   with pytest.raises(ValueError, match=r'sweep.seeds=\(0, 0\) repeats a seed'):
     ablate.expand_sweep(config)
@@ -259,6 +263,16 @@ def test_failed_run_stops_later_runs_from_starting(tmp_path):
   assert sorted(trainer.started) == ['patch_merge-seed0', 'patch_merge-seed1']
 
 
+def test_every_failure_of_runs_at_once_is_reported(tmp_path):
+  def fail(run: ablate.Run, workdir: str) -> None:
+    raise RuntimeError(f'{run.name} broke')
+  sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path))
+  with pytest.raises(RuntimeError, match='^2 runs failed: ') as raised:
+    sweep.execute(sweep.runs, fail, fake_cost, runs_at_once=2)
+  assert 'patch_merge-seed0 broke' in str(raised.value)
+  assert 'avg_pool-seed0 broke' in str(raised.value)
+
+
 def test_cpu_slots_split_cpus_disjointly():
   assert ablate.cpu_slots([0, 1], 1) == [{0, 1}]
   assert ablate.cpu_slots([3, 1, 2, 0], 2) == [{0, 1}, {2, 3}]
@@ -396,6 +410,9 @@ def test_grid_cell_that_is_no_variant_raises():
   config.sweep.grid.cell = '{row}+{column}'
   with pytest.raises(ValueError, match=r"sweep.grid cell \(row 'expand', column 'merge'\) = "
                                        r"'expand\+merge'"):
+    ablate.expand_sweep(config)
+  config.sweep.grid.cell = '{row}+{col}'
+  with pytest.raises(ValueError, match=r"sweep.grid.cell='\{row\}\+\{col\}' may only use"):
     ablate.expand_sweep(config)
 
 

@@ -49,8 +49,12 @@ def metric_of(result: Result, metric: str) -> float:
 
 def grid_cells(grid: ml_collections.ConfigDict) -> dict[tuple[str, str], str]:
   """{(row, column): variant name} of a sweep.grid."""
-  return {(row, column): grid.cell.format(row=row, column=column)
-          for row in grid.rows for column in grid.columns}
+  try:
+    return {(row, column): grid.cell.format(row=row, column=column)
+            for row in grid.rows for column in grid.columns}
+  except (KeyError, IndexError) as e:
+    raise ValueError(f'sweep.grid.cell={grid.cell!r} may only use the placeholders '
+                     '{row} and {column}') from e
 
 
 def by_variant(results: Sequence[Result]) -> dict[str, list[Result]]:
