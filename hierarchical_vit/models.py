@@ -87,7 +87,10 @@ class Decoder(nnx.Module):
   blocks; finally upsample by the patch size back to input resolution.
 
   Upsampled maps are cropped to the skip's size, so odd sizes (where the
-  encoder rounded up) line up.
+  encoder rounded up) line up. One difference from Swin-Unet, which skips each
+  stage's input: the skips here are the stages' outputs (level 0's is stage 0's
+  output, not the raw patch embedding), so every skip has been through its
+  stage's attention.
   """
 
   def __init__(self, *, dims: Sequence[int], resolutions: Sequence[Resolution],
