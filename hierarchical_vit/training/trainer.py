@@ -95,7 +95,8 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ValueError if workdir holds a run trained with another config.
+  """Raises ValueError if workdir's run (its config.json) was trained with
+  another config. Called when there is a checkpoint to resume from.
 
   Resuming under a changed config would silently change the run (a longer
   num_steps stretches the cosine schedule mid-run) or fail to restore its
@@ -361,15 +362,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   task = tasks.get_task(config.task)
   info = data.get_dataset_info(config.data, task=config.task)
   check_config(config, info, jax.process_count(), jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
-  check_resumable(config, workdir)
-  save_config(config, workdir)
   steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
   micro_batch_size = tc.batch_size // tc.grad_accum_steps
 
+  os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.create_checkpoint_manager(
       workdir, tc.keep_checkpoints, best_metric=task.best_metric)
   last_saved = manager.latest_step()
+  if last_saved is not None:
+    check_resumable(config, workdir)
+  save_config(config, workdir)
   # Pretrained weights only start a run: a resumed one restores its own.
   graphdef, eval_graphdef, params, rest = init_model(
       config, tc.init_from if last_saved is None else '')

@@ -282,6 +282,17 @@ def test_resuming_under_another_config_is_refused_and_changes_nothing(trained, t
   assert not os.path.exists(os.path.join(workdir, 'config.json.tmp'))
 
 
+def test_a_workdir_without_checkpoints_takes_a_new_config(data_dir, tmp_path):
+  """A run that failed before its first checkpoint has nothing to resume."""
+  workdir = str(tmp_path / 'fresh')
+  os.makedirs(workdir)
+  trainer.save_config(tiny_config(data_dir, num_steps=12), workdir)
+  final = trainer.train_and_evaluate(tiny_config(data_dir, num_steps=2,
+                                                 checkpoint_every_steps=1), workdir)
+  assert final['step'] == 2
+  assert trainer.load_config(workdir).train.num_steps == 2
+
+
 def test_where_data_is_read_and_how_the_run_is_executed_may_change_on_resume(trained):
   config, workdir, _ = trained
   moved = config.copy_and_resolve_references()
