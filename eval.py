@@ -10,7 +10,9 @@ config.task:
                   matrix, plus overlay_<split>_<step>_<i>.png (input, ground
                   truth, prediction, colour-coded) for --num_overlays images.
 The config is the workdir's config.json (written by train.py) unless --config
-is given. Uses the EMA weights when the run kept them.
+is given; --config=configs/saved.py:WORKDIR loads that same config.json and
+takes --config.* overrides (e.g. --config.train.eval_batch_size=64). Uses the
+EMA weights when the run kept them.
 """
 
 import dataclasses

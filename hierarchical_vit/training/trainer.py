@@ -112,7 +112,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
     diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed)
     raise ValueError(
         f'{workdir} holds a run trained with another config ({diffs}). Resume it '
-        'with its own config (its config.json) or start this one in a new workdir.')
+        f'with its own config (--config=configs/saved.py:{workdir}) or start this one '
+        'in a new workdir.')
 
 
 _RESUME_MAY_CHANGE = ('data.data_dir', 'data.num_workers', 'mesh.', 'sweep.',

@@ -282,6 +282,26 @@ def test_resuming_under_another_config_is_refused_and_changes_nothing(trained, t
   assert not os.path.exists(os.path.join(workdir, 'config.json.tmp'))
 
 
+def test_saved_config_resumes_and_evaluates_with_overrides(trained, tmp_path):
+  """configs/saved.py:WORKDIR is the run's own config: train.py accepts it for
+  the run, and eval.py takes --config.* overrides on it."""
+  config, workdir, _ = trained
+  run = str(tmp_path / 'run')
+  shutil.copytree(workdir, run)
+  proc = run_script(['train.py', f'--config=configs/saved.py:{run}', f'--workdir={run}'])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert trainer.load_config(run).to_dict() == config.to_dict()
+  proc = run_script(['eval.py', f'--config=configs/saved.py:{run}', f'--workdir={run}',
+                     '--config.train.eval_batch_size=32'])
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  report = json.load(open(os.path.join(run, 'eval_test_6.json')))
+  assert report['num_examples'] == 256
+  with pytest.raises(ValueError, match=f'--config=configs/saved.py:{run}'):
+    trainer.check_resumable(tiny_config(config.data.data_dir, num_steps=7), run)
+
+
 def test_a_workdir_without_checkpoints_takes_a_new_config(data_dir, tmp_path):
   """A run that failed before its first checkpoint has nothing to resume."""
   workdir = str(tmp_path / 'fresh')
