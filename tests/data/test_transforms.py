@@ -99,3 +99,37 @@ def test_centre_crop_and_random_resized_crop_shapes():
   assert transforms.centre_crop(image, 32).shape == (32, 32, 3)
   out = transforms.random_resized_crop(image, 32, np.random.default_rng(0))
   assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_centre_crop_keeps_the_centre():
+  """An image whose only marked pixels lie outside the centre square that a
+  crop_fraction of 1 keeps (of the shorter side's size) loses them all."""
+  image = np.zeros((40, 80, 1), np.uint8)
+  image[:, :18] = image[:, -18:] = 255  # Left and right margins outside the 40x40 centre.
+  image[10:30, 30:50] = 100  # Inside it.
+  out = transforms.centre_crop(image, 40, crop_fraction=1.0)
+  assert out.max() == 100 and (out == 100).sum() == 20 * 20
+
+
+def test_random_resized_crop_samples_a_box_within_scale_and_ratio(monkeypatch):
+  """Inception crop: a sub-array of the image with area fraction in scale and
+  aspect ratio in ratio (up to rounding), resized to size."""
+  image = _image(60, 90, 3)
+  boxes = []
+  real_resize = transforms.resize
+  def recording_resize(crop, height, width):
+    boxes.append(crop)
+    return real_resize(crop, height, width)
+  monkeypatch.setattr(transforms, 'resize', recording_resize)
+  for seed in range(200):
+    transforms.random_resized_crop(image, 32, np.random.default_rng(seed),
+                                   scale=(0.2, 0.5), ratio=(0.5, 2.0))
+  areas, aspects = [], []
+  for crop in boxes:
+    ch, cw = crop.shape[:2]
+    assert np.shares_memory(crop, image)  # A view: a box of the image itself.
+    areas.append(ch * cw / (60 * 90))
+    aspects.append(cw / ch)
+  assert 0.2 - 0.02 <= min(areas) and max(areas) <= 0.5 + 0.02
+  assert 0.5 - 0.05 <= min(aspects) and max(aspects) <= 2.0 + 0.1
+  assert max(areas) - min(areas) > 0.2 and max(aspects) / min(aspects) > 3  # Spread.
