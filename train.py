@@ -1,9 +1,10 @@
 r"""Trains a hierarchical ViT; re-running with the same workdir resumes.
 
 A resume must use the config the run started with (the workdir's config.json):
-only where the data is read from and how the run is executed (data_dir,
-num_workers, mesh, logging and checkpoint intervals) may change; anything else
-is refused, since it would silently change what is trained.
+only where the data is read from and how the run is executed (data_dir, mesh,
+logging and checkpoint intervals) may change; anything else is refused, since
+it would silently change what is trained (data.num_workers included: grain's
+saved iterator state is per worker).
 
   python train.py --config=configs/base.py --workdir=workdirs/run1 \
       --config.train.num_epochs=5

@@ -116,9 +116,10 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         'in a new workdir.')
 
 
-_RESUME_MAY_CHANGE = ('data.data_dir', 'data.num_workers', 'mesh.', 'sweep.',
-                      'train.log_every_steps', 'train.checkpoint_every_steps',
-                      'train.keep_checkpoints')
+# Not data.num_workers: grain's checkpointed iterator state is per worker (it
+# refuses another count), and the count decides which examples share a batch.
+_RESUME_MAY_CHANGE = ('data.data_dir', 'mesh.', 'sweep.', 'train.log_every_steps',
+                      'train.checkpoint_every_steps', 'train.keep_checkpoints')
 
 
 def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:

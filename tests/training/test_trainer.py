@@ -316,13 +316,27 @@ def test_a_workdir_without_checkpoints_takes_a_new_config(data_dir, tmp_path):
 def test_where_data_is_read_and_how_the_run_is_executed_may_change_on_resume(trained):
   config, workdir, _ = trained
   moved = config.copy_and_resolve_references()
-  moved.data.update(data_dir='/elsewhere', num_workers=2)
+  moved.data.data_dir = '/elsewhere'
   moved.train.update(log_every_steps=7, checkpoint_every_steps=5, keep_checkpoints=4)
   moved.mesh.strategy = 'fsdp'
   trainer.check_resumable(moved, workdir)
   moved.train.learning_rate *= 2
   with pytest.raises(ValueError, match=r'train.learning_rate'):
     trainer.check_resumable(moved, workdir)
+
+
+def test_resuming_with_another_worker_count_is_refused_by_name(trained):
+  """grain restores its iterator state only into the same worker count."""
+  config, workdir, _ = trained
+  workers = config.copy_and_resolve_references()
+  workers.data.num_workers = 2
+  with pytest.raises(ValueError, match=r'data.num_workers: 0 -> 2'):
+    trainer.check_resumable(workers, workdir)
+  two = data.create_train_iterator(workers.data, global_batch_size=8, seed=0)
+  next(two)
+  state = two.get_state()
+  with pytest.raises(ValueError, match='Worker count'):  # What the check saves users from.
+    data.create_train_iterator(config.data, global_batch_size=8, seed=0).set_state(state)
 
 
 def test_eval_runs_data_parallel_on_the_devices_it_has():
