@@ -34,8 +34,7 @@ def forward_flops(model: nnx.Module, input_shape: tuple[int, ...]) -> float:
   Counted by XLA:CPU on the lowered (unoptimized) HLO, whatever the default
   backend: a compiled GPU executable hides its cuBLAS and Triton GEMMs from
   XLA's cost analysis (it reported 2.2 of Swin-T's 28.3 GFLOP per training
-  image), and
-  the GPU client analyses no lowered HLO.
+  image), and the GPU client analyses no lowered HLO.
   """
   # Fused attention kernels compute what the einsum core does, but a custom call
   # counts 0 FLOPs and cuDNN's does not lower for XLA:CPU.

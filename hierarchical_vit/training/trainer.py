@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx
+from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
 from hierarchical_vit import data
@@ -105,7 +105,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   """
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     return
-  saved, new = _flat(load_config(workdir).to_dict()), _flat(config.to_dict())
+  saved, new = _flat(load_config(workdir)), _flat(config)
   changed = sorted(k for k in saved.keys() | new.keys()
                    if saved.get(k) != new.get(k) and not k.startswith(_RESUME_MAY_CHANGE))
   if changed:
@@ -122,15 +122,10 @@ _RESUME_MAY_CHANGE = ('data.data_dir', 'mesh.', 'sweep.', 'train.log_every_steps
                       'train.checkpoint_every_steps', 'train.keep_checkpoints')
 
 
-def _flat(tree: dict, prefix: str = '') -> dict[str, Any]:
-  """{'a.b': value} of a nested dict, with lists as tuples."""
-  flat = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      flat.update(_flat(v, f'{prefix}{k}.'))
-    else:
-      flat[f'{prefix}{k}'] = tuple(v) if isinstance(v, list) else v
-  return flat
+def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{'a.b': value} of a config, with lists as tuples (as load_config gives)."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
