@@ -7,6 +7,10 @@ clipping, label smoothing) with torch's AdamW. Contestants are interleaved in
 rounds (ours, timm, ours eval, timm eval, matmul peak) so that load from other
 processes hits them alike; figures are medians over rounds.
 
+Ratios ours/timm are paired: each round's ratio compares the two sides timed
+back to back in that round; the figure is the median over rounds, printed with
+the lowest and highest round so that a table shows how far one round moves it.
+
 MFU = (3 x forward FLOPs per image, from XLA's cost analysis) x img/s / peak,
 with the peak a jitted matmul in the benchmark's dtype (2048^2 on CPU, 8192^2
 on accelerators) timed in the same rounds.
@@ -229,6 +233,14 @@ def _timm_available() -> bool:
   return True
 
 
+def paired_ratio(ours_s: list[float], timm_s: list[float]) -> dict[str, float]:
+  """Median, min and max over rounds of timm's time / ours (a speedup)."""
+  if len(ours_s) != len(timm_s) or not ours_s:
+    raise ValueError(f'need one timm time per round of ours, got {len(timm_s)} and {len(ours_s)}')
+  ratios = [t / o for o, t in zip(ours_s, timm_s)]
+  return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios)}
+
+
 def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
               rounds: int, with_timm: bool, dtype: str = 'float32',
               timm_compile: bool = False, attention: str = 'einsum') -> dict[str, Any]:
@@ -237,10 +249,12 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
   config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype, attention=attention)
   ours = Ours(config, batch)
   timm_model = Timm(bench, config, batch, timm_compile) if with_timm else None
-  contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train,
-                                                    'ours_eval': ours.eval}
+  contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train}
+  if timm_model:  # Each of ours is timed next to its timm counterpart.
+    contestants['timm_train'] = timm_model.train
+  contestants['ours_eval'] = ours.eval
   if timm_model:
-    contestants.update(timm_train=timm_model.train, timm_eval=timm_model.eval)
+    contestants['timm_eval'] = timm_model.eval
   for fn in contestants.values():  # Warm-up: allocators, caches, torch's first step.
     fn(1)
   times = {k: [] for k in contestants}
@@ -268,7 +282,9 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
     result['timm_train_mfu'] = (result['timm_train_img_s'] * result['train_gflop_per_img']
                                 / result['peak_gflops'])
     for mode in ('train', 'eval'):
-      result[f'{mode}_ratio'] = result[f'ours_{mode}_img_s'] / result[f'timm_{mode}_img_s']
+      ratio = paired_ratio(times[f'ours_{mode}'], times[f'timm_{mode}'])
+      result[f'{mode}_ratio'] = ratio['median']
+      result[f'{mode}_ratio_range'] = [ratio['min'], ratio['max']]
   return result
 
 
@@ -293,6 +309,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for _, key, fmt in columns:
       if key is None:
         cells.append(f'{r["train_compile_s"]:.1f} / {r["eval_compile_s"]:.1f}')
+      elif f'{key}_range' in r:  # A paired ratio: the median (lowest-highest round).
+        cells.append(fmt.format(r[key]) + ' ({:.2f}-{:.2f})'.format(*r[f'{key}_range']))
       else:
         cells.append(fmt.format(r[key]) if key in r else '-')
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -338,7 +356,7 @@ if __name__ == '__main__':
       'configs', None, 'Names in CONFIGS; default: small,swin_t_32 on CPU, all three elsewhere.')
   _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
   _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed round and contestant.')
-  _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Interleaved timed rounds; figures are medians.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timed rounds; figures are medians.')
   _GELU = flags.DEFINE_enum('gelu', 'both', ['tanh', 'erf', 'both'],
                             'Our GELU form (timm always uses exact erf).')
   _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],

@@ -34,6 +34,17 @@ def test_format_table_has_a_row_per_result_and_dashes_for_missing_timm():
   assert lines[2].split(' | ')[3] == '-'
   assert '| 0.75 |' in lines[3] and '| 1.10 |' in lines[3] and '25%' in lines[3]
   assert '5.9 / 0.8' in lines[2]
+  paired = dict(with_timm, train_ratio_range=[0.7, 0.8])
+  assert '| 0.75 (0.70-0.80) |' in throughput.format_table([paired])
+
+
+def test_paired_ratio_compares_the_sides_within_each_round():
+  # Round ratios (timm / ours): 2.0, 1.0, 1.5, 1.0. The ratio of the two
+  # medians would read 2.5 / 1.5 = 1.67.
+  ratio = throughput.paired_ratio([1.0, 1.0, 2.0, 4.0], [2.0, 1.0, 3.0, 4.0])
+  assert ratio == {'median': 1.25, 'min': 1.0, 'max': 2.0}
+  with pytest.raises(ValueError, match='one timm time per round'):
+    throughput.paired_ratio([1.0, 1.0], [1.0])
 
 
 def test_bfloat16_runs_both_sides_in_bfloat16():
