@@ -2,12 +2,12 @@ r"""Trains a hierarchical ViT; re-running with the same workdir resumes.
 
 A resume must use the config the run started with (the workdir's config.json):
 only where the data is read from and how the run is executed (data_dir, mesh,
-logging and checkpoint intervals) may change; anything else is refused, since
+sweep, logging and checkpoint intervals, keep_checkpoints) may change; anything else is refused, since
 it would silently change what is trained (data.num_workers included: grain's
 saved iterator state is per worker).
 
   python train.py --config=configs/base.py --workdir=workdirs/run1 \
-      --config.train.num_epochs=5
+      --config.data.data_dir=data --config.train.num_epochs=5
 
 Multi-process (every process runs the same command; docs/scaling.md):
 

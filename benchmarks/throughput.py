@@ -297,7 +297,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
              ('ours eval img/s', 'ours_eval_img_s', '{:.0f}'),
              ('timm eval img/s', 'timm_eval_img_s', '{:.0f}'),
              ('eval ratio', 'eval_ratio', '{:.2f}'),
-             ('train MFU', 'ours_train_mfu', '{:.0%}'),
+             ('ours MFU', 'ours_train_mfu', '{:.0%}'),
              ('timm MFU', 'timm_train_mfu', '{:.0%}'),
              ('peak GFLOP/s', 'peak_gflops', '{:.0f}'),
              ('compile s (train/eval)', None, None),

@@ -18,7 +18,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   # its classes (per-pixel classes for segmentation), data.image_size, its channels.
   m.num_classes = 10
   m.img_size = 32            # Input height = width in pixels (square inputs).
-  m.in_chans = 3             # Input channels.
+  m.in_chans = 1             # Input channels (1: data.name's default, Fashion-MNIST).
   # Stem: 'patch' = non-overlapping conv patchify (kernel = stride = patch_size)
   # + LayerNorm (Swin); 'conv' = overlapping 3x3 conv stack reaching stride
   # patch_size (better for small images trained from scratch).
@@ -28,10 +28,12 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.depths = (2, 2, 6, 2)    # Swin blocks per stage.
   m.num_heads = (3, 6, 12, 24)  # Attention heads per stage; must divide width.
   m.window_size = 7          # Attention window (shrinks to the stage if larger).
-  m.global_attention = ()    # Stage indices that use global attention instead.
+  m.global_attention = ()    # Encoder stage indices that use global attention instead.
   m.mlp_ratio = 4.0          # MLP hidden width / block width.
   m.qkv_bias = True          # Bias on the q, k, v projection (Swin: True).
-  m.gelu_approximate = False  # tanh GELU: ~2x cheaper on CPU; False = exact erf (Swin/timm).
+  # tanh GELU in the Swin blocks: ~2x cheaper on CPU; False = exact erf (Swin/timm).
+  # The 'conv' stem, not part of Swin, always uses tanh.
+  m.gelu_approximate = False
   m.drop_rate = 0.0          # Dropout after attention projection, MLP, head.
   m.attn_drop_rate = 0.0     # Dropout on attention probabilities.
   m.drop_path_rate = 0.1     # Stochastic depth, linearly increasing per block.
@@ -73,10 +75,12 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.train_split = 'train'    # tfds split names; slices work, e.g. 'train[:90%]'.
   d.eval_split = 'test'      # Evaluated during training and by eval.py.
   d.image_size = 32          # Images are brought to image_size x image_size ...
-  d.resize_mode = 'pad'      # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear).
+  # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear). Data of varying
+  # size (imagenet2012) ignores it: Inception crop in training, centre crop in eval.
+  d.resize_mode = 'pad'
   d.num_workers = 0          # grain worker processes (0 = in the main process).
   # Augmentation (training split only).
-  d.crop_padding = 4         # Random crop after padding each side by this (0 = off).
+  d.crop_padding = 4         # Random crop after padding each side by this (0 = off; fixed-size data).
   d.hflip = True             # Random horizontal flip (turn off for digits).
   d.augment = ''             # '' | 'trivial_augment' | 'randaugment'.
   d.randaugment_num_ops = 2      # augment='randaugment' only: ops per image ...

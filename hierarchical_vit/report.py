@@ -1,7 +1,7 @@
 """Parameter and FLOP report of a model.
 
-FLOPs come from XLA's cost analysis of the compiled forward pass, so they count
-what actually runs (attention, masks, resampling), not a hand formula.
+FLOPs come from XLA's cost analysis of the lowered forward pass, so they count
+every op of the model (attention, masks, resampling), not a hand formula.
 
 Usage: python -m hierarchical_vit.report --config=configs/fashion_mnist.py
 """

@@ -6,7 +6,8 @@ Usage:
 
 Each decoder upsampler (patch_expand, interpolate bilinear / nearest,
 transposed_conv, pixel_shuffle) is crossed with the encoder's patch_merge and
-avg_pool; comparisons pair merging and pooling under the same upsampler.
+avg_pool. Comparisons: merging against pooling under the same upsampler, and
+each other upsampler against patch_expand, both with patch_merge.
 """
 
 import ml_collections

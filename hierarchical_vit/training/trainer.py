@@ -58,9 +58,9 @@ def compute_steps(train_config: ml_collections.ConfigDict,
 
 
 def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
-                 process_count: int = 1, device_count: int = 1) -> None:
+                 process_count: int = 1, device_count: int = 1, training: bool = True) -> None:
   """Raises ValueError, naming the field, where config cannot run on the data set
-  and devices.
+  and devices; with training=False (eval.py), the training-only fields are not checked.
 
   A model with fewer outputs than the data has classes would train on
   all-zero one-hot targets without an error, so the shapes must match exactly.
@@ -77,18 +77,20 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       raise ValueError(f'{field}={value} does not match data {info.name!r} '
                        f'(data.image_size={config.data.image_size}), which needs '
                        f'{field}={want[field]}')
-  for field in ('grad_accum_steps', 'log_every_steps', 'checkpoint_every_steps'):
-    if tc[field] < 1:
-      raise ValueError(f'train.{field}={tc[field]} must be >= 1')
-  if tc.eval_every_steps < 0:
-    raise ValueError(f'train.eval_every_steps={tc.eval_every_steps} must be >= 0 '
-                     '(0 = at the end of each epoch)')
-  divisible = {'train.batch_size': (tc.batch_size, 'train.grad_accum_steps',
-                                    tc.grad_accum_steps),
-               'train.batch_size // train.grad_accum_steps': (
-                   tc.batch_size // tc.grad_accum_steps, 'the device count', device_count),
-               'train.eval_batch_size': (tc.eval_batch_size, 'the device and process counts',
+  divisible = {'train.eval_batch_size': (tc.eval_batch_size, 'the device and process counts',
                                          math.lcm(device_count, process_count))}
+  if training:
+    for field in ('grad_accum_steps', 'log_every_steps', 'checkpoint_every_steps'):
+      if tc[field] < 1:
+        raise ValueError(f'train.{field}={tc[field]} must be >= 1')
+    if tc.eval_every_steps < 0:
+      raise ValueError(f'train.eval_every_steps={tc.eval_every_steps} must be >= 0 '
+                       '(0 = at the end of each epoch)')
+    divisible = {'train.batch_size': (tc.batch_size, 'train.grad_accum_steps',
+                                      tc.grad_accum_steps),
+                 'train.batch_size // train.grad_accum_steps': (
+                     tc.batch_size // tc.grad_accum_steps, 'the device count', device_count),
+                 **divisible}
   for field, (value, by, divisor) in divisible.items():
     if value % divisor:
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')

@@ -216,7 +216,7 @@ def _info(config) -> data.DatasetInfo:
 
 
 @pytest.mark.parametrize('name, arg', [
-    ('quickstart', None), ('fashion_mnist', None), ('cifar', 'cifar10,cifar_small'),
+    ('base', None), ('quickstart', None), ('fashion_mnist', None), ('cifar', 'cifar10,cifar_small'),
     ('cifar', 'cifar100,cifar_swin_t'), ('swin_imagenet', 'swin_t'),
     ('swin_finetune_cifar10', None), ('segmentation', None), ('segmentation_pets', None)])
 def test_shipped_configs_match_their_data(name, arg):
@@ -260,6 +260,22 @@ def test_batches_that_do_not_split_over_the_devices_are_refused():
   with pytest.raises(ValueError, match=r'train.eval_batch_size=60 must be divisible by the '
                                        r'device and process counts \(8\)'):
     trainer.check_config(config, _info(config), process_count=2, device_count=8)
+
+
+def test_evaluation_checks_only_what_it_runs():
+  # A run trained with batch 144 on 2 devices, evaluated on 8 (eval.py).
+  config = cifar.get_config('cifar10,cifar_small')
+  config.train.update(batch_size=144, grad_accum_steps=1, eval_batch_size=64,
+                      log_every_steps=0)
+  trainer.check_config(config, _info(config), device_count=8, training=False)
+  with pytest.raises(ValueError, match='train.log_every_steps=0'):
+    trainer.check_config(config, _info(config), device_count=8)
+  config.train.eval_batch_size = 60
+  with pytest.raises(ValueError, match=r'train.eval_batch_size=60 must be divisible'):
+    trainer.check_config(config, _info(config), device_count=8, training=False)
+  config.model.num_classes = 100
+  with pytest.raises(ValueError, match='model.num_classes=100 does not match'):
+    trainer.check_config(config, _info(config), training=False)
 
 
 def _config_json(workdir: str) -> str:
