@@ -1,0 +1,61 @@
+"""Checkpoint retention: the latest `keep` plus the best by the task's metric."""
+
+import os
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+
+from hierarchical_vit.training import checkpointing
+
+
+def _iterator(position: int) -> grain.DatasetIterator:
+  iterator = iter(grain.MapDataset.range(100).to_iter_dataset())
+  for _ in range(position):
+    next(iterator)
+  return iterator
+
+
+def _save_all(workdir: str, metrics: dict[int, float], keep: int, best_metric: str):
+  manager = checkpointing.create_checkpoint_manager(workdir, keep, best_metric=best_metric)
+  for step, value in metrics.items():
+    state = {'step': jnp.asarray(step), 'params': {'w': jnp.full((3,), float(step))}}
+    checkpointing.save(manager, step, state, _iterator(step), {best_metric: value})
+  manager.wait_until_finished()
+  return manager
+
+
+def _steps_on_disk(workdir: str) -> list[int]:
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+
+
+def test_keeps_the_latest_n_and_the_best_not_the_worst(tmp_path):
+  # Non-monotonic: the best (step 20) is neither the first nor among the latest.
+  metrics = {10: 0.50, 20: 0.90, 30: 0.30, 40: 0.40, 50: 0.20}
+  manager = _save_all(str(tmp_path), metrics, keep=2, best_metric='eval/accuracy')
+  assert _steps_on_disk(str(tmp_path)) == [20, 40, 50]
+  assert manager.best_step() == 20
+  assert manager.latest_step() == 50
+
+
+def test_best_follows_the_named_metric(tmp_path):
+  # Segmentation names eval/miou; a run must not look for eval/accuracy.
+  metrics = {1: 0.2, 2: 0.1, 3: 0.7, 4: 0.6}
+  manager = _save_all(str(tmp_path), metrics, keep=1, best_metric='eval/miou')
+  assert _steps_on_disk(str(tmp_path)) == [3, 4]
+  assert manager.best_step() == 3
+
+
+def test_restore_returns_that_step_and_moves_the_data_iterator(tmp_path):
+  manager = _save_all(str(tmp_path), {1: 0.1, 2: 0.2}, keep=2, best_metric='eval/accuracy')
+  template = {'step': jnp.asarray(0), 'params': {'w': jnp.zeros((3,))}}
+  iterator = _iterator(0)
+  state = checkpointing.restore(manager, 1, template, iterator)
+  assert int(state['step']) == 1
+  np.testing.assert_array_equal(state['params']['w'], [1.0, 1.0, 1.0])
+  assert next(iterator) == 1  # Saved after one element: the next is the second.
+  # As eval.py reads: a fresh read-only manager, only the weights.
+  reader = checkpointing.create_checkpoint_manager(str(tmp_path), 2, read_only=True)
+  weights = checkpointing.restore_weights(reader, 2, {'params': template['params']})
+  assert set(weights) == {'params'}
+  np.testing.assert_array_equal(weights['params']['w'], [2.0, 2.0, 2.0])
