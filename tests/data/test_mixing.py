@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import base
 from hierarchical_vit.data import mixing
+from hierarchical_vit.training import tasks
 
 B, H, W = 6, 16, 12
 
@@ -38,12 +40,72 @@ def test_label_weights_equal_pixel_fractions(mixup_alpha, cutmix_alpha):
 
 def test_cutmix_pastes_a_rectangle():
   images, labels = _identity_batch()
+  # Seed 1 pastes a box (140 of 192 pixels): an empty paste would pass a
+  # rectangle check vacuously, so it fails here instead.
   mixed, _ = mixing.mix_batch(jax.random.key(1), images, labels,
                               mixup_alpha=0.0, cutmix_alpha=1.0)
   pasted = np.asarray(mixed[0, :, :, B - 1] == 1)
   rows, cols = np.nonzero(pasted)
-  if rows.size:
-    assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+  assert 0 < rows.size < H * W
+  assert pasted[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+
+
+# Labels in no particular order, so the mirror's class is not a fixed function
+# of the own class (e.g. not B - 1 - own).
+CLASSES = np.array([3, 0, 5, 1, 4, 2])
+
+
+def _source_batch():
+  """Image i holds i + noise in [0, 0.5): floor(pixel) names its source image."""
+  noise = np.random.default_rng(0).uniform(0, 0.5, (B, H, W, 3))
+  images = (np.arange(B)[:, None, None, None] + noise).astype(np.float32)
+  return images, np.eye(B, dtype=np.float32)[CLASSES]
+
+
+def _mix(seed, **alphas):
+  images, labels = _source_batch()
+  mixed, mixed_labels = mixing.mix_batch(jax.random.key(seed), images, labels,
+                                         **alphas)
+  return images, np.asarray(mixed), np.asarray(mixed_labels)
+
+
+def _own_and_partner_weights(mixed_labels):
+  """(own class weight, weight on the mirror's class) per row, checking that
+  no other class gets any weight."""
+  own = mixed_labels[np.arange(B), CLASSES]
+  partner = mixed_labels[np.arange(B), CLASSES[::-1]]
+  np.testing.assert_allclose(own + partner, 1.0, atol=1e-6)
+  return own, partner
+
+
+def test_mixup_mixes_each_image_with_its_mirror():
+  """The documented partner of example i is example B - 1 - i (the batch in
+  reverse). Pairing an image with itself would keep one-hot rows."""
+  for seed in range(4):
+    images, mixed, mixed_labels = _mix(seed, mixup_alpha=0.8, cutmix_alpha=0.0)
+    own, _ = _own_and_partner_weights(mixed_labels)
+    lam = own[0]
+    assert 0.0 < lam < 1.0, seed
+    np.testing.assert_allclose(own, lam, atol=1e-6)  # One lam per batch.
+    expected = lam * images + (1 - lam) * images[::-1]
+    np.testing.assert_allclose(mixed, expected, atol=1e-5)
+
+
+def test_cutmix_pastes_the_mirrors_pixels():
+  for seed in range(4):
+    images, mixed, mixed_labels = _mix(seed, mixup_alpha=0.0, cutmix_alpha=1.0)
+    own, _ = _own_and_partner_weights(mixed_labels)
+    source = np.floor(mixed).astype(int)
+    box = source[0, :, :, 0] == B - 1  # Where image 0 shows its mirror.
+    rows, cols = np.nonzero(box)
+    assert 0 < rows.size < H * W, seed  # Each of these seeds pastes a box.
+    assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+    # The same box in every example, filled with its own mirror's pixels
+    # (all channels), and the label weight is the area kept.
+    expected = np.where(box[None, :, :, None], images[::-1], images)
+    np.testing.assert_array_equal(mixed, expected)
+    np.testing.assert_allclose(own, 1.0 - box.mean(), atol=1e-6)
+    assert 0.0 < own[0] < 1.0
 
 
 def test_disabled_and_zero_prob_leave_batch_unchanged():
@@ -54,3 +116,31 @@ def test_disabled_and_zero_prob_leave_batch_unchanged():
                                               labels, **kwargs)
     np.testing.assert_array_equal(out_images, images)
     np.testing.assert_array_equal(out_labels, labels)
+
+
+@pytest.mark.parametrize('mixup_alpha,cutmix_alpha', [(0.8, 0.0), (0.0, 1.0)])
+def test_classification_targets_are_mixed_when_enabled(mixup_alpha,
+                                                       cutmix_alpha):
+  """The train step's targets (tasks.make_targets) go through the mixing: with
+  either alpha on, the targets are no longer one_hot(label)."""
+  config = base.get_config()
+  config.model.num_classes = B
+  config.data.update(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha)
+  images, one_hot = _source_batch()
+  batch = {'image': images, 'label': CLASSES}
+  out_images, targets = tasks.get_task('classification').make_targets(config)(
+      batch, jax.random.key(1))
+  assert not np.allclose(targets, one_hot)
+  own, _ = _own_and_partner_weights(np.asarray(targets))
+  assert ((0.0 < own) & (own < 1.0)).all()
+  assert not np.array_equal(np.asarray(out_images), images)
+
+
+def test_classification_targets_are_one_hot_without_mixing():
+  config = base.get_config()
+  config.model.num_classes = B
+  images, one_hot = _source_batch()
+  out_images, targets = tasks.get_task('classification').make_targets(config)(
+      {'image': images, 'label': CLASSES}, jax.random.key(1))
+  np.testing.assert_array_equal(targets, one_hot)
+  np.testing.assert_array_equal(out_images, images)

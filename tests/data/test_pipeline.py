@@ -7,10 +7,15 @@ import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
+import tensorflow_datasets as tfds
+from tests.conftest import prepare_slice
 
 from configs import base
+from configs import segmentation
 from hierarchical_vit import data
 from hierarchical_vit.data import sources
+from hierarchical_vit.training import tasks
 
 
 def _config(data_dir, name='fashion_mnist', **overrides):
@@ -205,3 +210,120 @@ def test_pipeline_reports_missing_data(tmp_path, create):
   message = str(error.value)
   assert "'fashion_mnist'" in message and str(tmp_path) in message
   assert sources.prepare_command('fashion_mnist', tmp_path) in message
+
+
+# ---------------------------------------------------------------------------
+# Which transforms the config switches on.
+
+
+@pytest.mark.parametrize('overrides', [{'augment': 'trivial_augment'},
+                                       {'augment': 'randaugment'}])
+def test_augment_changes_training_images(fake_data_dir, overrides):
+  # Same seed, same crop/flip: only the augmentation differs.
+  plain = _take(data.create_train_iterator(
+      _config(fake_data_dir, 'cifar10'), global_batch_size=16, seed=0), 2)
+  augmented = _take(data.create_train_iterator(
+      _config(fake_data_dir, 'cifar10', **overrides), global_batch_size=16,
+      seed=0), 2)
+  changed = 0
+  for a, b in zip(plain, augmented):
+    np.testing.assert_array_equal(a['label'], b['label'])  # Same examples.
+    changed += sum(not np.array_equal(a['image'][i], b['image'][i])
+                   for i in range(16))
+  assert changed > 16  # Most of the 32 (Identity or a weak level keeps some).
+
+
+def test_random_erasing_replaces_one_box_per_image(fake_data_dir):
+  plain = next(data.create_train_iterator(
+      _config(fake_data_dir, 'cifar10'), global_batch_size=16, seed=0))
+  erased = next(data.create_train_iterator(
+      _config(fake_data_dir, 'cifar10', random_erasing=1.0),
+      global_batch_size=16, seed=0))
+  np.testing.assert_array_equal(plain['label'], erased['label'])
+  noise = []
+  for a, b in zip(plain['image'], erased['image']):
+    # Every image (prob 1) differs from the plain one inside one box only.
+    rows, cols = np.nonzero((a != b).any(-1))
+    assert rows.size
+    box = np.zeros(a.shape[:2], bool)
+    box[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = True
+    np.testing.assert_array_equal(a[~box], b[~box])
+    assert box.mean() < 0.5
+    noise.append(b[box].ravel())
+  # The box holds N(0, 1) noise in normalized units: erasing runs after
+  # Normalize (noise written into uint8 pixels would come out near +-2).
+  noise = np.concatenate(noise)
+  assert abs(noise.mean()) < 0.1 and 0.9 < noise.std() < 1.1
+
+
+# cifar10's statistics, typed from the usual published values.
+CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465])
+CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616])
+
+
+def _pad(image, size):
+  """Centre zero-pad (size > 32) or centre crop (size < 32) of a 32 x 32 image."""
+  if size >= 32:
+    p = (size - 32) // 2
+    return np.pad(image, ((p, p), (p, p), (0, 0)))
+  c = (32 - size) // 2
+  return image[c:c + size, c:c + size]
+
+
+def _resize(image, size):
+  return np.asarray(Image.fromarray(image).resize((size, size),
+                                                  Image.BILINEAR))
+
+
+@pytest.mark.parametrize('resize_mode, size, reference', [
+    ('pad', 36, _pad), ('pad', 28, _pad), ('resize', 40, _resize)])
+def test_eval_batches_are_sized_and_normalized_only(fake_data_dir, resize_mode,
+                                                    size, reference):
+  # Even with every augmentation switched on: they are training-only.
+  config = _config(fake_data_dir, 'cifar10', resize_mode=resize_mode,
+                   image_size=size, augment='randaugment',
+                   random_erasing=1.0, mixup_alpha=0.8, cutmix_alpha=1.0)
+  batch = next(iter(data.create_eval_iterator(config, batch_size=8)))
+  records = tfds.builder('cifar10', data_dir=str(fake_data_dir)
+                         ).as_data_source('test')
+  for i in range(8):  # Eval reads the split in order.
+    image = records[i]['image']
+    expected = (reference(image, size) / 255.0 - CIFAR10_MEAN) / CIFAR10_STD
+    np.testing.assert_allclose(batch['image'][i], expected, atol=1e-5)
+    assert batch['label'][i] == records[i]['label'] and batch['mask'][i]
+
+
+@pytest.fixture(scope='module')
+def canvas_dir(tmp_path_factory):
+  """4 train and 4 test segmentation canvases."""
+  return prepare_slice(tmp_path_factory, 'fashion_mnist_canvas', 4)
+
+
+@pytest.mark.parametrize('field, value, valid', [
+    ('augment', 'trivial_augment', "''"),
+    ('random_erasing', 0.25, '0.0'),
+])
+def test_segmentation_refuses_photometric_augmentation(canvas_dir, field,
+                                                        value, valid):
+  # They would change what a pixel shows without changing its label.
+  config = _config(canvas_dir, 'fashion_mnist_canvas', image_size=64)
+  data.create_train_iterator(config, global_batch_size=2, seed=0,
+                             task='segmentation')  # Builds with them off.
+  config[field] = value
+  with pytest.raises(ValueError, match=re.escape(
+      f"data.{field}={value!r} is not supported for task 'segmentation'; "
+      f'valid: {valid}.')):
+    data.create_train_iterator(config, global_batch_size=2, seed=0,
+                               task='segmentation')
+
+
+@pytest.mark.parametrize('field', ['mixup_alpha', 'cutmix_alpha'])
+def test_segmentation_refuses_mixup_and_cutmix(field):
+  config = segmentation.get_config()
+  make_targets = tasks.get_task('segmentation').make_targets
+  make_targets(config)  # Fine with both off.
+  config.data[field] = 0.5
+  with pytest.raises(ValueError, match=re.escape(
+      f"data.{field}=0.5 is not supported for task 'segmentation'; "
+      'valid: 0.0.')):
+    make_targets(config)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from hierarchical_vit.data import transforms
 
@@ -68,11 +69,217 @@ def test_augment_ops_keep_shape_and_dtype(name, channels):
   assert out.shape == image.shape and out.dtype == np.uint8
 
 
-def test_geometric_ops_at_level_zero_are_identity():
+# Ops whose strength grows from nothing at level 0 (AutoContrast and Equalize
+# take no level): the module's table says Rotate/Shear/Translate 0, Solarize
+# threshold 256, Posterize 8 bits and enhancer factor 1 at level 0.
+LEVELLED_OPS = ('Identity', 'Rotate', 'Solarize', 'Posterize', 'Color',
+                'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+                'TranslateX', 'TranslateY')
+
+
+class _Draw:
+  """Stands in for the generator: its random() decides a signed op's sign."""
+
+  def __init__(self, value):
+    self.value = value
+
+  def random(self):
+    return self.value
+
+
+def _both_signs(image, name, level):
+  """The op's outputs for a low and a high random draw (one per sign)."""
+  return [transforms.apply_op(image, name, level, _Draw(u)) for u in (0.1, 0.9)]
+
+
+def _assert_one_each(outs, expected_a, expected_b, atol=0):
+  """outs are the two signs' outputs: one matches each expectation."""
+  def close(x, y):
+    return np.abs(x.astype(int) - y.astype(int)).max() <= atol
+  assert ((close(outs[0], expected_a) and close(outs[1], expected_b)) or
+          (close(outs[0], expected_b) and close(outs[1], expected_a)))
+
+
+@pytest.mark.parametrize('name', LEVELLED_OPS)
+def test_ops_at_level_zero_are_identity(name):
   image = _image(16, 16, 3)
-  for name in ('Identity', 'Rotate', 'ShearX', 'TranslateY', 'Brightness'):
-    out = transforms.apply_op(image, name, 0.0, np.random.default_rng(0))
-    np.testing.assert_array_equal(out, image, err_msg=name)
+  for out in _both_signs(image, name, 0.0):
+    np.testing.assert_array_equal(out, image)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_solarize_inverts_pixels_at_or_above_the_threshold(channels):
+  image = _image(16, 16, channels)
+  # Level 0.25: threshold 256 * (1 - 0.25) = 192 (an inverted level gives 64).
+  expected = np.where(image >= 192, 255 - image, image)
+  for out in _both_signs(image, 'Solarize', 0.25):
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_posterize_keeps_the_top_bits(channels):
+  image = _image(16, 16, channels)
+  # Level 0.75: 8 - round(4 * 0.75) = 5 bits kept (an inverted level keeps 7).
+  for out in _both_signs(image, 'Posterize', 0.75):
+    np.testing.assert_array_equal(out, image & 0b11111000)
+
+
+def _narrow_image(channels, size=16):
+  """Pixels in [60, 180), per channel ranges differing, so contrast ops act."""
+  rng = np.random.default_rng(3)
+  image = rng.integers(60, 180, (size, size, channels))
+  return (image - np.arange(channels) * 20).astype(np.uint8)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_autocontrast_stretches_each_channel_to_0_255(channels):
+  image = _narrow_image(channels)
+  x = image.astype(np.float64)
+  low, high = x.min((0, 1)), x.max((0, 1))
+  # PIL's lookup, int(v * scale + offset), can give 254 for the top value.
+  scale = 255 / (high - low)
+  expected = np.clip(np.floor(x * scale - low * scale), 0, 255)
+  np.testing.assert_array_equal(
+      transforms.apply_op(image, 'AutoContrast', 0.6, _Draw(0.1)), expected)
+
+
+def _equalize_channel(channel):
+  """PIL's equalize on one uint8 channel, step by step: the lookup maps value
+  v to (step // 2 + #pixels below v) // step (at most 255), where step is the
+  pixel count without the top value's, over 255."""
+  counts = np.bincount(channel.ravel(), minlength=256)
+  present = counts[counts > 0]
+  step = (present.sum() - present[-1]) // 255
+  assert step > 0  # PIL leaves the channel as it is otherwise.
+  below = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  return np.minimum((step // 2 + below) // step, 255)[channel]
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_equalize_flattens_each_channels_histogram(channels):
+  image = _narrow_image(channels, size=48)  # Enough pixels for step > 1.
+  expected = np.stack([_equalize_channel(image[..., c])
+                       for c in range(channels)], -1)
+  out = transforms.apply_op(image, 'Equalize', 0.6, _Draw(0.1))
+  np.testing.assert_array_equal(out, expected)
+  assert out.min() == 0 and out.max() > 240  # Spread over the full range.
+
+
+def _luma(x):
+  """PIL's 'L' conversion (ITU-R 601-2) of float pixels (H, W, C)."""
+  if x.shape[2] == 1:
+    return x
+  return (x * np.array([0.299, 0.587, 0.114])).sum(-1, keepdims=True)
+
+
+def _blend(degenerate, x, factor):
+  """ImageEnhance: degenerate + factor * (x - degenerate), truncated, clipped."""
+  return np.clip(np.floor(degenerate + factor * (x - degenerate)), 0, 255)
+
+
+def _smooth(x):
+  """PIL's SMOOTH filter (3x3, centre 5, others 1, / 13, rounded); the border
+  pixels stay as they are."""
+  kernel = np.ones((3, 3))
+  kernel[1, 1] = 5
+  out = x.copy()
+  h, w = x.shape[:2]
+  out[1:-1, 1:-1] = np.round(sum(
+      kernel[i, j] * x[i:i + h - 2, j:j + w - 2]
+      for i in range(3) for j in range(3)) / 13)
+  return out
+
+
+# Each enhancer's degenerate image (what factor 0 gives), from float pixels.
+DEGENERATE = {
+    'Brightness': np.zeros_like,
+    'Contrast': lambda x: np.full_like(x, np.round(_luma(x).mean())),
+    'Color': _luma,
+    'Sharpness': _smooth,
+}
+
+
+@pytest.mark.parametrize('name', sorted(DEGENERATE))
+@pytest.mark.parametrize('channels', [1, 3])
+def test_enhancers_scale_by_one_plus_or_minus_0_9_level(name, channels):
+  image = _narrow_image(channels)
+  x = image.astype(np.float64)
+  degenerate = DEGENERATE[name](x)
+  # Level 0.6: factors 1 + 0.54 and 1 - 0.54 (an inverted level, 0.4, gives
+  # 1 +- 0.36). atol 1: PIL blends in float32 and rounds luma in integers.
+  _assert_one_each(_both_signs(image, name, 0.6),
+                   _blend(degenerate, x, 1.54), _blend(degenerate, x, 0.46),
+                   atol=1)
+
+
+def _shift(image, dy, dx):
+  """out[y, x] = image[y + dy, x + dx], zero outside (content moves by -d)."""
+  h, w = image.shape[:2]
+  padded = np.zeros((h + 2 * abs(dy), w + 2 * abs(dx), image.shape[2]),
+                    image.dtype)
+  padded[abs(dy):abs(dy) + h, abs(dx):abs(dx) + w] = image
+  return padded[abs(dy) + dy:abs(dy) + dy + h, abs(dx) + dx:abs(dx) + dx + w]
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_translate_moves_by_0_45_level_of_its_own_side(channels):
+  # 20 rows x 30 columns at level 2/3: 0.45 * 2/3 of the side is 9 columns
+  # (TranslateX) or 6 rows (TranslateY), either direction. atol 1: the
+  # offsets are 9 and 6 only up to float rounding.
+  image = _image(20, 30, channels)
+  _assert_one_each(_both_signs(image, 'TranslateX', 2 / 3),
+                   _shift(image, 0, 9), _shift(image, 0, -9), atol=1)
+  _assert_one_each(_both_signs(image, 'TranslateY', 2 / 3),
+                   _shift(image, 6, 0), _shift(image, -6, 0), atol=1)
+
+
+def _pil(image):
+  return Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+
+
+def _array(pil, channels):
+  array = np.asarray(pil)
+  return array[..., None] if channels == 1 else array
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_shear_matches_pil_affine_on_its_own_axis(channels):
+  # Level 0.6: shear 0.3 * 0.6 = 0.18 either way. Output (x, y) samples input
+  # (x + s * y, y) for ShearX and (x, s * x + y) for ShearY.
+  image = _image(20, 30, channels)
+  def sheared(coeffs):
+    return _array(_pil(image).transform((30, 20), Image.AFFINE, coeffs,
+                                        Image.BILINEAR, fillcolor=0), channels)
+  _assert_one_each(_both_signs(image, 'ShearX', 0.6),
+                   sheared((1, 0.18, 0, 0, 1, 0)),
+                   sheared((1, -0.18, 0, 0, 1, 0)), atol=1)
+  _assert_one_each(_both_signs(image, 'ShearY', 0.6),
+                   sheared((1, 0, 0, 0.18, 1, 0)),
+                   sheared((1, 0, 0, -0.18, 1, 0)), atol=1)
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_rotate_turns_by_30_level_degrees(channels):
+  image = _image(20, 30, channels)
+  def rotated(degrees):
+    return _array(_pil(image).rotate(degrees, Image.BILINEAR, fillcolor=0),
+                  channels)
+  # Level 0.6: 18 degrees either way (an inverted level gives 12).
+  _assert_one_each(_both_signs(image, 'Rotate', 0.6), rotated(18),
+                   rotated(-18), atol=1)
+
+
+def test_rand_augment_applies_num_ops_at_magnitude_over_10(monkeypatch):
+  calls = []
+  monkeypatch.setattr(transforms, 'apply_op',
+                      lambda image, name, level, rng: calls.append(
+                          (name, level)) or image)
+  image = _image(8, 8)
+  for seed in range(10):
+    transforms.rand_augment(image, np.random.default_rng(seed), num_ops=3,
+                            magnitude=7)
+  assert len(calls) == 30 and {level for _, level in calls} == {0.7}
+  assert len({name for name, _ in calls}) > 5  # Random ops, not a fixed one.
 
 
 @pytest.mark.parametrize('policy', ['trivial_augment', 'randaugment'])
