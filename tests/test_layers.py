@@ -243,3 +243,45 @@ def test_norm_dense_gradients_match_the_unfolded_layers():
   unfolded = jax.grad(loss, argnums=(0, 1))(params, x, False)
   for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(unfolded)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _numpy_conv3x3(x, kernel, bias, stride):
+  """3x3 cross-correlation with one zero row/column on every side, by loops."""
+  b, h, w, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1  # (h + 2 - 3) // s + 1
+  out = np.zeros((b, ho, wo, kernel.shape[-1]), np.float64)
+  for i in range(ho):
+    for j in range(wo):
+      window = xp[:, stride * i:stride * i + 3, stride * j:stride * j + 3]
+      out[:, i, j] = np.einsum('byxc,yxco->bo', window, kernel)
+  return out + bias
+
+
+def _numpy_tanh_gelu(x):
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize('in_chans, embed_dim, patch', [(8, 8, 4), (3, 20, 8), (2, 16, 1)])
+def test_conv_stem_matches_numpy_layer_by_layer(in_chans, embed_dim, patch):
+  """Per layer: 3x3 conv (padding 1, stride 2; stride 1 for patch 1), LayerNorm (eps
+  1e-5), then tanh GELU except after the last layer. With equal widths (8, 8, 4) a
+  norm-before-conv stem would run too, and must still fail."""
+  stem = ConvStem(in_chans, embed_dim, patch, rngs=nnx.Rngs(0))
+  keys = iter(jax.random.split(jax.random.key(6), 3 * len(stem.convs)))
+  for conv, norm in zip(stem.convs, stem.norms):  # Non-trivial biases and affines.
+    conv.bias[...] = 0.3 * jax.random.normal(next(keys), conv.bias.shape)
+    norm.scale[...] = 1.0 + 0.5 * jax.random.normal(next(keys), norm.scale.shape)
+    norm.bias[...] = 0.5 * jax.random.normal(next(keys), norm.bias.shape)
+  x = np.random.default_rng(5).normal(size=(2, 9, 7, in_chans)).astype(np.float32)
+  ref = x.astype(np.float64)
+  stride = 1 if patch == 1 else 2
+  for k, (conv, norm) in enumerate(zip(stem.convs, stem.norms)):
+    ref = _numpy_conv3x3(ref, np.asarray(conv.kernel[...]), np.asarray(conv.bias[...]), stride)
+    mean, var = ref.mean(-1, keepdims=True), ref.var(-1, keepdims=True)
+    ref = (ref - mean) / np.sqrt(var + 1e-5) * np.asarray(norm.scale[...]) + np.asarray(
+        norm.bias[...])
+    if k < len(stem.convs) - 1:
+      ref = _numpy_tanh_gelu(ref)
+  assert ref.shape == (2, -(-9 // patch), -(-7 // patch), embed_dim)
+  np.testing.assert_allclose(stem(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)

@@ -295,3 +295,53 @@ def test_forward_flops_count_a_fused_attention_core_as_the_einsum_one():
     counts[core] = forward_flops(model, (2, 16, 16, 1))
     assert model.encoder.stages[0].blocks[0].attn.core is ATTENTION_CORES[core]
   assert counts['cudnn'] == counts['einsum'] > 0
+
+
+def _eval_unet_and_features(size=(15, 17)):
+  """A tiny 3-stage UNet in eval mode, its encoder's features for one odd-sized input,
+  and random skip projection biases (zero at init, which would hide a bias bug)."""
+  model = build_model(tiny_model_config(name='unet'), rngs=nnx.Rngs(0))
+  model.eval()
+  for k, proj in enumerate(model.decoder.skip_projections):
+    proj.bias[...] = 0.1 * jax.random.normal(jax.random.key(10 + k), proj.bias.shape)
+  x = jax.random.normal(jax.random.key(0), (2, *size, 1))
+  return model, model.encoder(x)
+
+
+def test_unet_decoder_equals_its_sublayers_composed_by_hand():
+  """Swin-Unet's order per level: upsample, crop to the skip, concatenate [x, skip]
+  (x first, as Swin-Unet's torch.cat([x, skip], -1)), project 2C -> C, run the stage;
+  then LayerNorm and the final upsampler. The concat and projection are numpy, so a
+  swapped concat order, a dropped skip or a skip from another level fails."""
+  model, features = _eval_unet_and_features()
+  decoder = model.decoder
+  # Stage outputs at 15 x 17 with patch 2: 8 x 9, 4 x 5, 2 x 3 tokens (ceil halving).
+  assert [f.shape[1:3] for f in features] == [(8, 9), (4, 5), (2, 3)]
+  x = decoder.bottleneck_norm(features[-1])
+  # Deepest level first; upsampling doubles, then crops to the skip's size.
+  for k, (skip, doubled) in enumerate([(features[1], (4, 6)), (features[0], (8, 10))]):
+    up = np.asarray(decoder.upsamplers[k](x))
+    assert up.shape[1:3] == doubled
+    up = up[:, :skip.shape[1], :skip.shape[2]]
+    joined = np.concatenate([up, np.asarray(skip)], axis=-1)
+    proj = decoder.skip_projections[k]
+    projected = joined @ np.asarray(proj.kernel[...]) + np.asarray(proj.bias[...])
+    x = decoder.stages[k](jnp.asarray(projected))
+  expected = decoder.final_upsampler(decoder.norm(x))[:, :15, :17]
+  np.testing.assert_allclose(decoder(features, (15, 17)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unet_decoder_output_depends_on_each_skip():
+  """Perturbing either encoder skip changes the decoder output, and differently for
+  the two levels; a decoder that ignored its skips would only see the deepest stage."""
+  model, features = _eval_unet_and_features()
+  base = np.asarray(model.decoder(features, (15, 17)))
+  changes = []
+  for level in (0, 1):  # Stage outputs used as skips; stage 2 is the bottleneck.
+    noise = jax.random.normal(jax.random.key(20 + level), features[level].shape)
+    perturbed = list(features)
+    perturbed[level] = features[level] + noise
+    change = np.asarray(model.decoder(perturbed, (15, 17))) - base
+    assert np.abs(change).max() > 1e-2, level
+    changes.append(change)
+  assert not np.allclose(changes[0], changes[1], atol=1e-3)

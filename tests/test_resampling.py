@@ -218,3 +218,55 @@ def test_pixel_shuffle_conv_equals_xla_convolution(factor):
   x = jax.random.normal(jax.random.key(2), (2, 3, 5, c))
   reference = module.norm(expand_patches(module.conv(x), factor))  # XLA's convolution.
   np.testing.assert_allclose(module(x), reference, rtol=1e-4, atol=1e-4)
+
+
+def _random_conv_downsample(c, out, kernel_size):
+  """ConvDownsample with random conv bias and norm affine (zeros and ones at init,
+  which would hide a missing bias or a norm applied in the wrong place)."""
+  module = DOWNSAMPLERS['conv'](c, out, kernel_size=kernel_size, rngs=nnx.Rngs(0))
+  keys = iter(jax.random.split(jax.random.key(4), 3))
+  module.conv.bias[...] = jax.random.normal(next(keys), (out,))
+  module.norm.scale[...] = 1.0 + jax.random.normal(next(keys), (out,))
+  module.norm.bias[...] = jax.random.normal(next(keys), (out,))
+  return module
+
+
+@pytest.mark.parametrize('h, w', [(6, 4), (5, 7)])
+def test_conv_downsample_kernel_2_is_space_to_depth_then_matmul_then_norm(h, w):
+  """Kernel 2 = stride 2: each output pixel sees exactly its own 2x2 block, so the conv
+  is the (dy, dx, c)-ordered block flattened times the (2, 2, C, C_out) kernel flattened
+  the same way, plus bias; LayerNorm comes after. Odd sizes are zero-padded bottom/right."""
+  c, out = 3, 5
+  module = _random_conv_downsample(c, out, 2)
+  kernel = np.asarray(module.conv.kernel[...])
+  assert kernel.shape == (2, 2, c, out)
+  x = np.random.default_rng(3).normal(size=(2, h, w, c)).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+  b, hp, wp, _ = xp.shape
+  blocks = xp.reshape(b, hp // 2, 2, wp // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  conv = blocks.reshape(b, hp // 2, wp // 2, 4 * c) @ kernel.reshape(4 * c, out)
+  conv += np.asarray(module.conv.bias[...])
+  ref = _ln(conv, np.asarray(module.norm.scale[...]), np.asarray(module.norm.bias[...]))
+  np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('h, w', [(7, 7), (8, 8), (7, 8)])
+def test_conv_downsample_kernel_3_pads_one_on_every_side(h, w):
+  """Kernel 3, stride 2, padding 1 all round: ceil(H/2) x ceil(W/2) outputs, output
+  (i, j) reading padded rows 2i..2i+2 and columns 2j..2j+2. 'SAME' would pad only the
+  bottom/right at even sizes, so the even size tells the two apart."""
+  c, out = 2, 4
+  module = _random_conv_downsample(c, out, 3)
+  kernel = np.asarray(module.conv.kernel[...])
+  x = np.random.default_rng(4).normal(size=(2, h, w, c)).astype(np.float32)
+  y = np.asarray(module(jnp.asarray(x)))
+  ho, wo = -(-h // 2), -(-w // 2)
+  assert y.shape == (2, ho, wo, out)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  scale, bias = np.asarray(module.norm.scale[...]), np.asarray(module.norm.bias[...])
+  # The top-left pixel reads the top/left padding, the bottom-right one the bottom/right
+  # padding at odd sizes; an interior one reads none.
+  for i, j in [(0, 0), (ho - 1, wo - 1), (1, 2)]:
+    window = xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3]  # (b, 3, 3, c)
+    conv = np.einsum('byxc,yxco->bo', window, kernel) + np.asarray(module.conv.bias[...])
+    np.testing.assert_allclose(y[:, i, j], _ln(conv, scale, bias), rtol=1e-4, atol=1e-4)

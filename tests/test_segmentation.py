@@ -159,6 +159,36 @@ def test_prepared_canvases_are_the_generators(canvas_dir):
   assert {stored[i]['image'][..., 0].tobytes() for i in range(64)} == expected
 
 
+def test_each_stored_canvas_pairs_its_image_and_mask_with_its_own_seed(canvas_dir):
+  """Canvas `index` of split `split_id` (train 0, test 1, in SPLIT_SIZES order) comes
+  from its own generator seeded (SEED=0, split_id, index), and its image and mask are
+  one make_canvas call's pair. tfds stores examples in its key-hash shuffle order, so
+  each stored example is matched to its index by its image (all distinct); every index
+  must be stored once, with that index's mask. A mask from another index or from a
+  second call on the same generator fails (the image-set test above would not see it)."""
+  source_dir = prepare.find_source('fashion_mnist_canvas')
+  for split_id, (split, prefix) in enumerate([('train', 'train'), ('test', 't10k')]):
+    images = prepare.read_idx(source_dir / f'{prefix}-images-idx3-ubyte.gz')
+    labels = prepare.read_idx(source_dir / f'{prefix}-labels-idx1-ubyte.gz')
+    expected = [canvas.make_canvas(images, labels,
+                                   np.random.default_rng((0, split_id, index)))[:2]
+                for index in range(64)]
+    index_of_image = {image.tobytes(): index for index, (image, _) in enumerate(expected)}
+    assert len(index_of_image) == 64  # Distinct, so the match is unambiguous.
+    stored = tfds.builder('fashion_mnist_canvas', data_dir=canvas_dir).as_data_source(split)
+    assert len(stored) == 64
+    found = []
+    for position in range(64):
+      example = stored[position]
+      assert example['image'].shape == example['segmentation_mask'].shape == (64, 64, 1)
+      index = index_of_image.get(example['image'][..., 0].tobytes())
+      assert index is not None, f'{split} example {position} is no canvas of its seeds'
+      np.testing.assert_array_equal(example['segmentation_mask'][..., 0], expected[index][1],
+                                    err_msg=f'{split} canvas {index}')
+      found.append(index)
+    assert sorted(found) == list(range(64))
+
+
 def _tiny_config(data_dir: str, **train):
   """A tiny UNet (16 x 16 tokens, 2 stages) on the canvases."""
   config = segmentation.get_config()
