@@ -413,3 +413,37 @@ def test_accumulation_equals_the_big_batch_and_ema_follows_the_params():
   assert int(accumulated[-1]['step']) == 6 and int(big[-1]['step']) == 3
   moved = jax.tree.map(lambda x, y: np.abs(x - y).max(), big[0]['params'], big[-1]['params'])
   assert max(jax.tree.leaves(moved)) > 1e-3  # The steps did train.
+
+
+def test_ema_weights_are_what_is_evaluated_and_restored(data_dir, tmp_path):
+  """With train.ema_decay > 0, the in-training eval, restore_trained (eval.py)
+  and its report use the EMA weights, not the raw params."""
+  workdir = str(tmp_path / 'ema')
+  config = tiny_config(data_dir, num_steps=3, checkpoint_every_steps=3, ema_decay=0.5,
+                       learning_rate=1e-2, warmup_epochs=0.0)
+  final = trainer.train_and_evaluate(config, workdir)
+
+  _, eval_graphdef, params, rest = trainer.init_model(config)
+  manager = checkpointing.create_checkpoint_manager(workdir, 3, read_only=True)
+  saved = checkpointing.restore_weights(
+      manager, 3, jax.device_put({'params': params, 'ema_params': params}))
+  leaves = lambda tree: jax.tree.leaves(jax.tree.map(np.asarray, tree))
+  assert any(not np.allclose(e, p) for e, p in zip(leaves(saved['ema_params']),
+                                                   leaves(saved['params'])))
+
+  restored = trainer.restore_trained(config, workdir)
+  assert restored.weights == 'ema_params' and restored.step == 3
+  jax.tree.map(np.testing.assert_array_equal, leaves(restored.params),
+               leaves(saved['ema_params']))
+
+  mesh = parallel.create_mesh(config.mesh)
+  eval_step = jax.jit(trainer.make_eval_step(eval_graphdef, config.model.num_classes))
+
+  def eval_loss(weights) -> float:
+    batches = data.create_eval_iterator(config.data, batch_size=config.train.eval_batch_size)
+    return trainer.evaluate(eval_step, weights, rest, batches,
+                            parallel.batch_sharding(mesh))['eval/loss']
+
+  ema_loss, raw_loss = eval_loss(saved['ema_params']), eval_loss(saved['params'])
+  assert abs(ema_loss - raw_loss) > 1e-4  # The check below can tell them apart.
+  np.testing.assert_allclose(final['eval/loss'], ema_loss, rtol=1e-5)
