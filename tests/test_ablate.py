@@ -10,7 +10,7 @@ import threading
 import ml_collections
 import numpy as np
 import pytest
-from tests.conftest import prepare_slice
+from tests.conftest import import_optional, prepare_slice
 
 from configs import base
 from configs.ablations import downsample, upsample
@@ -319,7 +319,7 @@ def test_t_quantile_matches_tables():
 
 
 def test_t_quantile_matches_scipy_for_welch_df():
-  scipy_stats = pytest.importorskip('scipy.stats')
+  scipy_stats = import_optional('scipy.stats')
   for df in (1.3, 2.7, 3.4845, 7.9, 40.0):
     assert stats.t_quantile(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-6)
 

@@ -3,12 +3,13 @@
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from tests.conftest import import_optional
 
 from benchmarks import throughput
 from hierarchical_vit import report
 from hierarchical_vit.models import build_model
 
-timm = pytest.importorskip('timm', reason='interop extra (torch + timm) not installed')
+timm = import_optional('timm')  # The interop extra (torch + timm).
 
 
 @pytest.mark.parametrize('name', ['small', 'swin_t_32', 'swin_t_224'])

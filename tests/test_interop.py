@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
+from tests.conftest import import_optional
 
-torch = pytest.importorskip('torch')
-timm = pytest.importorskip('timm')
-safetensors_torch = pytest.importorskip('safetensors.torch')
+torch = import_optional('torch')
+timm = import_optional('timm')
+safetensors_torch = import_optional('safetensors.torch')
 
 from configs import base  # noqa: E402
 from hierarchical_vit import convert, interop  # noqa: E402

@@ -165,12 +165,56 @@ def test_perturbing_one_token_changes_exactly_its_window_region(shift, token):
   assert _affected_tokens(block, size, token) == expected
 
 
-def test_block_pads_non_multiple_resolution():
-  block = SwinBlock(8, 2, (4, 4), (2, 2), rngs=nnx.Rngs(0))
+def _numpy_layer_norm(x: np.ndarray, norm) -> np.ndarray:
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + 1e-5) * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
+
+
+def _numpy_swin_block(block: SwinBlock, x: np.ndarray) -> np.ndarray:
+  """timm's SwinTransformerBlock.forward step by step: LN, cyclic shift, zero
+  pad bottom/right, window attention with the shifted-window mask (built here
+  with Swin's slices), reverse, crop, unshift, residual; LN, MLP, residual."""
+  b, h, w, c = x.shape
+  (wh, ww), (sh, sw) = block.window, block.shift
+  y = np.roll(_numpy_layer_norm(x, block.norm1), (-sh, -sw), axis=(1, 2))
+  hp, wp = h + (-h % wh), w + (-w % ww)
+  y = np.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+  mask = None
+  if sh or sw:
+    region, label = np.zeros((hp, wp)), 0
+    for rows in (slice(0, -wh), slice(-wh, -sh), slice(-sh, None)):
+      for cols in (slice(0, -ww), slice(-ww, -sw), slice(-sw, None)):
+        region[rows, cols] = label
+        label += 1
+    ids = region.reshape(hp // wh, wh, wp // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
+    mask = np.where(ids[:, :, None] == ids[:, None, :], 0.0, -100.0)
+  windows = y.reshape(b, hp // wh, wh, wp // ww, ww, c).transpose(0, 1, 3, 2, 4, 5)
+  out = _numpy_window_attention(block.attn, windows.reshape(-1, wh * ww, c), mask)
+  out = out.reshape(b, hp // wh, wp // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5)
+  x = x + np.roll(out.reshape(b, hp, wp, c)[:, :h, :w], (sh, sw), axis=(1, 2))
+  mlp = block.mlp
+  hidden = _numpy_layer_norm(x, block.norm2) @ np.asarray(mlp.fc1.kernel[...]) + np.asarray(
+      mlp.fc1.bias[...])
+  hidden = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden ** 3)))
+  return x + hidden @ np.asarray(mlp.fc2.kernel[...]) + np.asarray(mlp.fc2.bias[...])
+
+
+@pytest.mark.parametrize('size, shift', [((8, 8), (2, 2)), ((6, 7), (2, 2)), ((6, 7), (0, 0))])
+def test_block_matches_numpy_swin_block(size, shift):
+  """The whole block, shifted and padded (6 x 7 is no multiple of the 4 x 4
+  window, as in timm's padded path), against an independent numpy block."""
+  block = SwinBlock(8, 2, (4, 4), shift, rngs=nnx.Rngs(0), gelu_approximate=True)
   block.eval()
-  x = jax.random.normal(jax.random.key(0), (2, 6, 7, 8))
-  y = block(x)
-  assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y)))
+  rng = np.random.default_rng(0)
+  for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+    layer.bias[...] = jnp.asarray(rng.normal(size=layer.bias.shape) * 0.1, jnp.float32)
+  for norm in (block.norm1, block.norm2):
+    norm.scale[...] = jnp.asarray(1 + rng.normal(size=8) * 0.1, jnp.float32)
+    norm.bias[...] = jnp.asarray(rng.normal(size=8) * 0.1, jnp.float32)
+  x = rng.normal(size=(2, *size, 8)).astype(np.float32)
+  np.testing.assert_allclose(block(jnp.asarray(x)), _numpy_swin_block(block, x.astype(np.float64)),
+                             rtol=1e-4, atol=1e-4)
 
 
 def test_drop_path_drops_whole_samples_in_train_mode_only():
