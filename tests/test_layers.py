@@ -12,7 +12,7 @@ from flax import nnx
 from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.attention import ATTENTION_CORES, cudnn_attention, einsum_attention
-from hierarchical_vit.layers.common import dense, layer_norm, norm_dense
+from hierarchical_vit.layers.common import Mlp, dense, layer_norm, norm_dense
 
 
 def test_relative_position_index_brute_force():
@@ -329,3 +329,31 @@ def test_conv_stem_matches_numpy_layer_by_layer(in_chans, embed_dim, patch):
       ref = _numpy_tanh_gelu(ref)
   assert ref.shape == (2, -(-9 // patch), -(-7 // patch), embed_dim)
   np.testing.assert_allclose(stem(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('approximate', [True, False])
+def test_mlp_uses_the_configured_gelu(approximate):
+  """fc1 -> GELU -> fc2, with tanh GELU or the exact erf one as configured."""
+  from math import erf  # pylint: disable=import-outside-toplevel
+  mlp = Mlp(4, 16, rngs=nnx.Rngs(0), gelu_approximate=approximate)
+  x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+  h = x.astype(np.float64) @ np.asarray(mlp.fc1.kernel[...]) * 40  # Large: the forms differ.
+  if approximate:
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  else:
+    h = 0.5 * h * (1 + np.vectorize(erf)(h / np.sqrt(2)))
+  mlp.fc1.kernel[...] = mlp.fc1.kernel[...] * 40
+  mlp.fc2.kernel[...] = jnp.eye(16, 4)  # Reads four hidden units directly.
+  expected = h @ np.eye(16, 4)
+  np.testing.assert_allclose(mlp(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_window_attention_without_qkv_bias():
+  module = WindowAttention(16, 4, (2, 2), rngs=nnx.Rngs(0), qkv_bias=False)
+  assert module.qkv.bias is None
+  x = np.random.default_rng(1).normal(size=(3, 4, 16)).astype(np.float32)
+  # The numpy reference adds a bias: a zero one, which is what no bias means.
+  module.qkv.bias = nnx.Param(jnp.zeros(48))
+  expected = _numpy_window_attention(module, x, None)
+  module.qkv.bias = None
+  np.testing.assert_allclose(module(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-5)
