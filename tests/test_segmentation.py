@@ -71,10 +71,16 @@ def test_eval_sums_confusion_ignores_border_and_padding():
                                                     [0, 1, 1],
                                                     [1, 0, 1]])
   assert int(sums['pixels']) == 5 and int(sums['count']) == 1
+  logits = np.asarray(_logits_for(predicted, 3), np.float64)
+  log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  labelled = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 1, 2)]
+  expected_loss = -sum(log_probs[b, i, j, labels[b, i, j]] for b, i, j in labelled)
+  np.testing.assert_allclose(sums['loss'], expected_loss, rtol=1e-5)
   results = SEG.summarize(jax.device_get(sums))
   # IoU: 1 / (1 + 2 - 1), 1 / (2 + 1 - 1), 1 / (2 + 2 - 1).
   assert results['eval/miou'] == pytest.approx((0.5 + 0.5 + 1 / 3) / 3)
   assert results['eval/pixel_accuracy'] == pytest.approx(3 / 5)
+  assert results['eval/loss'] == pytest.approx(expected_loss / 5, rel=1e-5)  # Per labelled pixel.
 
 
 def test_segmentation_loss_is_mean_over_labelled_pixels():
