@@ -171,6 +171,10 @@ def _numpy_layer_norm(x: np.ndarray, norm) -> np.ndarray:
   return (x - mean) / np.sqrt(var + 1e-5) * np.asarray(norm.scale[...]) + np.asarray(norm.bias[...])
 
 
+def _numpy_tanh_gelu(x: np.ndarray) -> np.ndarray:
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
 def _numpy_swin_block(block: SwinBlock, x: np.ndarray) -> np.ndarray:
   """timm's SwinTransformerBlock.forward step by step: LN, cyclic shift, zero
   pad bottom/right, window attention with the shifted-window mask (built here
@@ -196,7 +200,7 @@ def _numpy_swin_block(block: SwinBlock, x: np.ndarray) -> np.ndarray:
   mlp = block.mlp
   hidden = _numpy_layer_norm(x, block.norm2) @ np.asarray(mlp.fc1.kernel[...]) + np.asarray(
       mlp.fc1.bias[...])
-  hidden = 0.5 * hidden * (1 + np.tanh(np.sqrt(2 / np.pi) * (hidden + 0.044715 * hidden ** 3)))
+  hidden = _numpy_tanh_gelu(hidden)
   return x + hidden @ np.asarray(mlp.fc2.kernel[...]) + np.asarray(mlp.fc2.bias[...])
 
 
@@ -302,10 +306,6 @@ def _numpy_conv3x3(x, kernel, bias, stride):
   return out + bias
 
 
-def _numpy_tanh_gelu(x):
-  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
-
-
 @pytest.mark.parametrize('in_chans, embed_dim, patch', [(8, 8, 4), (3, 20, 8), (2, 16, 1)])
 def test_conv_stem_matches_numpy_layer_by_layer(in_chans, embed_dim, patch):
   """Per layer: 3x3 conv (padding 1, stride 2; stride 1 for patch 1), LayerNorm (eps
@@ -322,9 +322,7 @@ def test_conv_stem_matches_numpy_layer_by_layer(in_chans, embed_dim, patch):
   stride = 1 if patch == 1 else 2
   for k, (conv, norm) in enumerate(zip(stem.convs, stem.norms)):
     ref = _numpy_conv3x3(ref, np.asarray(conv.kernel[...]), np.asarray(conv.bias[...]), stride)
-    mean, var = ref.mean(-1, keepdims=True), ref.var(-1, keepdims=True)
-    ref = (ref - mean) / np.sqrt(var + 1e-5) * np.asarray(norm.scale[...]) + np.asarray(
-        norm.bias[...])
+    ref = _numpy_layer_norm(ref, norm)
     if k < len(stem.convs) - 1:
       ref = _numpy_tanh_gelu(ref)
   assert ref.shape == (2, -(-9 // patch), -(-7 // patch), embed_dim)
@@ -339,7 +337,7 @@ def test_mlp_uses_the_configured_gelu(approximate):
   x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
   h = x.astype(np.float64) @ np.asarray(mlp.fc1.kernel[...]) * 40  # Large: the forms differ.
   if approximate:
-    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    h = _numpy_tanh_gelu(h)
   else:
     h = 0.5 * h * (1 + np.vectorize(erf)(h / np.sqrt(2)))
   mlp.fc1.kernel[...] = mlp.fc1.kernel[...] * 40
