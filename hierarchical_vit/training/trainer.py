@@ -77,8 +77,7 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       raise ValueError(f'{field}={value} does not match data {info.name!r} '
                        f'(data.image_size={config.data.image_size}), which needs '
                        f'{field}={want[field]}')
-  divisible = {'train.eval_batch_size': (tc.eval_batch_size, 'the device and process counts',
-                                         math.lcm(device_count, process_count))}
+  divisible = {}
   if training:
     for field in ('grad_accum_steps', 'log_every_steps', 'checkpoint_every_steps'):
       if tc[field] < 1:
@@ -86,11 +85,12 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
     if tc.eval_every_steps < 0:
       raise ValueError(f'train.eval_every_steps={tc.eval_every_steps} must be >= 0 '
                        '(0 = at the end of each epoch)')
-    divisible = {'train.batch_size': (tc.batch_size, 'train.grad_accum_steps',
-                                      tc.grad_accum_steps),
-                 'train.batch_size // train.grad_accum_steps': (
-                     tc.batch_size // tc.grad_accum_steps, 'the device count', device_count),
-                 **divisible}
+    divisible['train.batch_size'] = (tc.batch_size, 'train.grad_accum_steps',
+                                     tc.grad_accum_steps)
+    divisible['train.batch_size // train.grad_accum_steps'] = (
+        tc.batch_size // tc.grad_accum_steps, 'the device count', device_count)
+  divisible['train.eval_batch_size'] = (tc.eval_batch_size, 'the device and process counts',
+                                        math.lcm(device_count, process_count))
   for field, (value, by, divisor) in divisible.items():
     if value % divisor:
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
