@@ -43,14 +43,19 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.attention = 'einsum'
   # Downsampler between encoder stages: a name in
   # hierarchical_vit.resampling.DOWNSAMPLERS: patch_merge | avg_pool | max_pool
-  # | conv | space_to_depth | depthwise_conv_pool. Width doubles per stage
-  # (space_to_depth: x4, it keeps every value).
+  # | conv | space_to_depth | depthwise_conv_pool, and the anti-aliased
+  # blur_merge | blur_pool | max_blur_pool (a binomial blur before subsampling,
+  # Zhang 2019). Width doubles per stage (space_to_depth: x4, it keeps every value).
   m.downsample = 'patch_merge'
   # Options per downsampler name (its constructor's keywords, checked); only
   # the selected name's dict is used.
   m.downsample_options = ml_collections.ConfigDict({
       'conv': {'kernel_size': 2},            # 2 (stride 2) or 3 (stride 2, pad 1).
       'depthwise_conv_pool': {'kernel_size': 3},  # PiT: depthwise stride-2 conv.
+      # Binomial taps per axis: 1 no blur, 2 box [1, 1] / 2, 3 [1, 2, 1] / 4, ...
+      'blur_merge': {'filter_size': 3},
+      'blur_pool': {'filter_size': 3},
+      'max_blur_pool': {'filter_size': 3},
   })
   # Upsampler between decoder stages (UNet only): a name in
   # hierarchical_vit.resampling.UPSAMPLERS: patch_expand | interpolate |

@@ -26,6 +26,11 @@ its reduction is learned, by the best any learned map of its shape can do:
   depthwise_conv_pool  PiT: per channel, 2 learned linear maps of the 3x3
                        window around the block; bounded by reduced-rank
                        regression (rank 2 per channel).
+  blur_merge           a 3-tap binomial blur, then merging: the best rank-2C
+                       map of the blurred block (reduced-rank regression);
+                       never below patch_merge's PCA bound.
+  blur_pool,           the 3-tap binomial blur at stride 2 (C), after the
+  max_blur_pool        2x2 maximum at stride 1 for max_blur_pool.
 
   python -m hierarchical_vit.information \
       --config=configs/ablations/downsample.py:fashion_mnist \
@@ -48,6 +53,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hierarchical_vit import data, resampling
+from hierarchical_vit.resampling import antialias
 from hierarchical_vit.training import trainer
 
 Array = np.ndarray
@@ -116,24 +122,48 @@ def pca_error(train: Array, test: Array, rank_per_channel: int = 2) -> float:
   return relative_error(x_test, reconstruction)
 
 
+def _reduced_rank_prediction(x_train: Array, y_train: Array, x_test: Array, rank: int) -> Array:
+  """Reduced-rank regression: the OLS fit of y on x, projected onto the top
+  `rank` principal directions of its training predictions; applied to x_test."""
+  weights = fit_linear_inverse(x_train, y_train)
+  fitted = apply_linear(weights, x_train)
+  directions = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)[2][:rank]
+  return (apply_linear(weights, x_test) - fitted.mean(0)) @ directions.T @ directions + fitted.mean(0)
+
+
 def reduced_rank_error(train: Array, test: Array, rank: int = 2) -> float:
   """Per channel: the best rank-`rank` linear map of the 3x3 window, then its
-  best inverse to the channel's 2x2 block (reduced-rank regression: the OLS
-  fit projected onto the top `rank` principal directions of its predictions)."""
+  best inverse to the channel's 2x2 block."""
   squared, total = 0.0, 0.0
   for c in range(train.shape[-1]):
     x_train = _tokens(_windows3(train[..., c:c + 1])[..., 0])
     y_train = _tokens(blocks(train[..., c:c + 1]))
     x_test = _tokens(_windows3(test[..., c:c + 1])[..., 0])
     y_test = _tokens(blocks(test[..., c:c + 1]))
-    weights = fit_linear_inverse(x_train, y_train)
-    fitted = apply_linear(weights, x_train)
-    directions = np.linalg.svd(fitted - fitted.mean(0), full_matrices=False)[2][:rank]
-    projection = directions.T @ directions
-    prediction = (apply_linear(weights, x_test) - fitted.mean(0)) @ projection + fitted.mean(0)
+    prediction = _reduced_rank_prediction(x_train, y_train, x_test, rank)
     squared += np.sum((y_test - prediction) ** 2)
     total += np.sum((y_test - y_test.mean(0)) ** 2)
   return float(np.sqrt(squared / total))
+
+
+def _blur(x: Array, stride: int = 1) -> Array:
+  """The anti-aliased downsamplers' default binomial blur (3 taps) in numpy."""
+  return np.asarray(antialias.blur(x, 3, stride), np.float64)
+
+
+def _max_2x2_stride_1(x: Array) -> Array:
+  """max_blur_pool's first step: the 2x2 maximum at stride 1, edge-padded."""
+  x = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), mode='edge')
+  return np.maximum(np.maximum(x[:, :-1, :-1], x[:, 1:, :-1]),
+                    np.maximum(x[:, :-1, 1:], x[:, 1:, 1:]))
+
+
+def blurred_merge_error(train: Array, test: Array) -> float:
+  """blur_merge: the best rank-2C linear map of the blurred 2x2 block (4C),
+  then its best inverse to the original block."""
+  prediction = _reduced_rank_prediction(_tokens(blocks(_blur(train))), _tokens(blocks(train)),
+                                        _tokens(blocks(_blur(test))), 2 * train.shape[-1])
+  return relative_error(_tokens(blocks(test)), prediction)
 
 
 def downsampler_errors(train: Array, test: Array) -> dict[str, float]:
@@ -146,6 +176,10 @@ def downsampler_errors(train: Array, test: Array) -> dict[str, float]:
       'avg_pool': reconstruction_error(lambda x: pool(x, np.mean), train, test),
       'max_pool': reconstruction_error(lambda x: pool(x, np.max), train, test),
       'depthwise_conv_pool': reduced_rank_error(train, test),
+      'blur_merge': blurred_merge_error(train, test),
+      'blur_pool': reconstruction_error(lambda x: _blur(x, stride=2), train, test),
+      'max_blur_pool': reconstruction_error(lambda x: _blur(_max_2x2_stride_1(x), stride=2),
+                                            train, test),
   }
 
 
@@ -163,16 +197,6 @@ def trained_errors(run_dir: str, train: Array, test: Array) -> dict[str, float]:
   return errors
 
 
-def load_images(config, split: str, count: int) -> Array:
-  """The first `count` eval-preprocessed images of a split: (count, H, W, C)."""
-  images = []
-  for batch in data.create_eval_iterator(config.data, batch_size=min(count, 500), split=split):
-    images.append(batch['image'][batch['mask']])
-    if sum(len(i) for i in images) >= count:
-      break
-  return np.concatenate(images)[:count]
-
-
 def _print_table(title: str, errors: dict[str, float]) -> None:
   print(title)
   for name, error in errors.items():
@@ -182,8 +206,8 @@ def _print_table(title: str, errors: dict[str, float]) -> None:
 def main(argv):
   del argv
   config = _CONFIG.value
-  train = load_images(config, config.data.train_split, _NUM_TRAIN.value)
-  test = load_images(config, config.data.eval_split, _NUM_TEST.value)
+  train = data.load_eval_examples(config.data, config.data.train_split, _NUM_TRAIN.value)[0]
+  test = data.load_eval_examples(config.data, config.data.eval_split, _NUM_TEST.value)[0]
   result = {'data': config.data.name, 'input_shape': train.shape[1:],
             'num_train': len(train), 'num_test': len(test),
             'measure': 'relative error of the best affine inverse on held-out images '

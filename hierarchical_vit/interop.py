@@ -309,10 +309,12 @@ def _check_timm_downsamplers(model: nnx.Module) -> None:
   The pooling downsamplers also name their params `norm` and `reduction`, so
   `to_timm` maps them by name, but with LayerNorm(C) and C -> 2C shapes where
   timm expects LayerNorm(4C) and 4C -> 2C: timm's strict load would fail.
+  blur_merge (a PatchMerge subclass) has timm's shapes but blurs first, which
+  timm would silently leave out.
   """
   names = {cls: name for name, cls in DOWNSAMPLERS.items()}
   for down in getattr(getattr(model, 'encoder', None), 'downsamplers', ()):
-    if not isinstance(down, PatchMerge):
+    if type(down) is not PatchMerge:  # pylint: disable=unidiomatic-typecheck
       name = names.get(type(down), type(down).__name__)
       raise ValueError(f'model.downsample={name!r} has no timm Swin counterpart; only '
                        "model.downsample='patch_merge' exports to timm (save as .npz instead).")

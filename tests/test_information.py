@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from hierarchical_vit import information
+from hierarchical_vit.resampling import DOWNSAMPLERS
+from tests.test_resampling import _numpy_blur, _numpy_max_2x2_stride_1
 
 
 def _reference_error(features: np.ndarray, images: np.ndarray) -> float:
@@ -69,3 +71,19 @@ def test_ordering_on_smooth_images():
   assert errors['depthwise_conv_pool'] == pytest.approx(errors['patch_merge'], rel=1e-6)
   assert errors['depthwise_conv_pool'] > 0.1
   assert errors['conv'] == errors['patch_merge']
+
+
+def test_every_downsampler_has_a_measure_and_the_blurs_match_numpy():
+  rng = np.random.default_rng(4)
+  noise = rng.normal(size=(48, 13, 13, 2))
+  smooth = noise[:, 1:, 1:] + noise[:, :-1, 1:] + noise[:, 1:, :-1] + noise[:, :-1, :-1]
+  errors = information.downsampler_errors(smooth, smooth)
+  assert set(errors) == set(DOWNSAMPLERS)
+  assert errors['blur_pool'] == pytest.approx(
+      _reference_error(_numpy_blur(smooth, 3, 2), smooth), rel=1e-4)
+  assert errors['max_blur_pool'] == pytest.approx(
+      _reference_error(_numpy_blur(_numpy_max_2x2_stride_1(smooth), 3, 2), smooth), rel=1e-4)
+  # Fitted and measured on the same images, no rank-2C map of any features
+  # beats the blocks' own top 2C principal components (Eckart-Young); the
+  # blur's zero at the Nyquist frequency loses what merging alone keeps.
+  assert errors['patch_merge'] * 1.01 < errors['blur_merge'] < 1.0

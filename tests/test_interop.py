@@ -20,6 +20,7 @@ safetensors_torch = import_optional('safetensors.torch')
 from configs import base  # noqa: E402
 from hierarchical_vit import convert, interop  # noqa: E402
 from hierarchical_vit.models import build_model  # noqa: E402
+from hierarchical_vit.resampling import DOWNSAMPLERS  # noqa: E402
 from hierarchical_vit.training import trainer  # noqa: E402
 
 # timm's Swin-T with the fields of our 'cifar_small' preset.
@@ -108,11 +109,11 @@ def test_export_loads_into_timm_strictly(tmp_path):
   assert_same_weights(numpy_state_dict(target), numpy_state_dict(source))
 
 
-@pytest.mark.parametrize('downsample', ['avg_pool', 'max_pool', 'conv', 'depthwise_conv_pool',
-                                        'space_to_depth'])
+@pytest.mark.parametrize('downsample', sorted(set(DOWNSAMPLERS) - {'patch_merge'}))
 def test_export_to_timm_refuses_other_downsamplers(tmp_path, downsample):
-  # avg_pool / max_pool name their params `norm` and `reduction` like patch
-  # merging but with other shapes; space_to_depth has none: all must be refused.
+  # The pools name their params `norm` and `reduction` like patch merging but
+  # with other shapes; blur_merge has merging's shapes but blurs first, which
+  # timm would drop; space_to_depth has none: all must be refused.
   model = our_swin('cifar_small', downsample=downsample)
   path = str(tmp_path / 'timm.safetensors')
   with pytest.raises(ValueError, match=f"model.downsample='{downsample}' has no timm Swin"):

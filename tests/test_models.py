@@ -177,6 +177,8 @@ def test_num_heads_are_checked_against_their_own_stage_width():
     (dict(downsample_options={'patch_merge': {'kernel_size': 3}}),
      r"model.downsample_options.patch_merge.kernel_size is not an option of downsampler "
      r"'patch_merge'; valid keys: \[\]"),
+    (dict(downsample='blur_merge', downsample_options={'blur_merge': {'filter_size': 0}}),
+     r'model.downsample_options.blur_merge.filter_size=0 must be a positive integer'),
     (dict(downsample='conv', downsample_options={'conv': {'kernel': 3}}),
      r"model.downsample_options.conv.kernel is not .*valid keys: \['kernel_size'\]"),
     (dict(name='unet', upsample='interpolate', upsample_options={'interpolate': {'mode': 'x'}}),
@@ -201,6 +203,10 @@ def test_resampler_options_reach_the_module():
   model = build_model(tiny_model_config(
       downsample='conv', downsample_options={'conv': {'kernel_size': 3}}), rngs=nnx.Rngs(0))
   assert model.encoder.downsamplers[0].conv.kernel.shape[:2] == (3, 3)
+  model = build_model(tiny_model_config(
+      downsample='blur_pool', downsample_options={'blur_pool': {'filter_size': 5}}),
+      rngs=nnx.Rngs(0))
+  assert [d.filter_size for d in model.encoder.downsamplers] == [5, 5]
 
 
 # saved.py reads a run's workdir (tests/training/test_trainer.py runs it).

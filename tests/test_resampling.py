@@ -9,6 +9,7 @@ from PIL import Image
 
 from hierarchical_vit import resampling
 from hierarchical_vit.resampling import DOWNSAMPLERS, UPSAMPLERS, space_to_depth
+from hierarchical_vit.resampling import antialias
 from hierarchical_vit.resampling.rearrange import expand_patches
 
 SIZES = [(8, 8), (7, 9)]  # even and odd
@@ -270,3 +271,111 @@ def test_conv_downsample_kernel_3_pads_one_on_every_side(h, w):
     window = xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3]  # (b, 3, 3, c)
     conv = np.einsum('byxc,yxco->bo', window, kernel) + np.asarray(module.conv.bias[...])
     np.testing.assert_allclose(y[:, i, j], _ln(conv, scale, bias), rtol=1e-4, atol=1e-4)
+
+
+# Anti-aliased downsamplers (resampling/antialias.py).
+
+def _numpy_binomial(size):
+  """size - 1 convolutions of the box [1, 1] / 2, from the identity."""
+  taps = np.ones(1)
+  for _ in range(size - 1):
+    taps = np.convolve(taps, [0.5, 0.5])
+  return taps
+
+
+def _numpy_blur(x, size, stride):
+  """Direct 2-D loops over output pixels: reflect pad ((size-1)//2, size//2),
+  then sum of outer(taps, taps) * the window at (stride*i, stride*j)."""
+  taps = _numpy_binomial(size)
+  weights = np.outer(taps, taps)
+  before, after = (size - 1) // 2, size // 2
+  xp = np.pad(x, ((0, 0), (before, after), (before, after), (0, 0)), mode='reflect')
+  h, w = -(-x.shape[1] // stride), -(-x.shape[2] // stride)
+  out = np.zeros((x.shape[0], h, w, x.shape[3]))
+  for i in range(h):
+    for j in range(w):
+      window = xp[:, stride * i:stride * i + size, stride * j:stride * j + size]
+      out[:, i, j] = np.einsum('byxc,yx->bc', window, weights)
+  return out
+
+
+def _numpy_max_2x2_stride_1(x):
+  xp = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
+  return np.max([xp[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]
+                 for dy in (0, 1) for dx in (0, 1)], axis=0)
+
+
+@pytest.mark.parametrize('size', range(1, 8))
+def test_binomial_filter_is_the_repeated_box(size):
+  np.testing.assert_allclose(antialias.binomial_filter(size), _numpy_binomial(size), atol=1e-15)
+
+
+def test_binomial_filter_known_rows():
+  np.testing.assert_array_equal(antialias.binomial_filter(3), [0.25, 0.5, 0.25])
+  np.testing.assert_array_equal(antialias.binomial_filter(5), np.array([1, 4, 6, 4, 1]) / 16)
+  with pytest.raises(ValueError, match='filter_size=0'):
+    antialias.binomial_filter(0)
+
+
+@pytest.mark.parametrize('shape', [(8, 8), (7, 9), (2, 3), (1, 1)])
+@pytest.mark.parametrize('size', [1, 2, 3, 4, 5])
+@pytest.mark.parametrize('stride', [1, 2])
+def test_blur_matches_numpy_loops(shape, size, stride):
+  x = np.random.default_rng(size).normal(size=(2, *shape, 3)).astype(np.float32)
+  np.testing.assert_allclose(antialias.blur(jnp.asarray(x), size, stride),
+                             _numpy_blur(x, size, stride), rtol=1e-5, atol=1e-5)
+
+
+def test_blur_removes_what_subsampling_aliases():
+  """The checkerboard (-1)^(i+j), at the Nyquist frequency: subsampled every
+  second pixel it becomes the constant +1 (aliased onto the mean); the
+  binomial filter's response there is zero, so blurred first it is 0."""
+  rows, cols = np.indices((8, 8))
+  board = jnp.asarray(((-1.0) ** (rows + cols))[None, :, :, None])
+  np.testing.assert_array_equal(antialias.blur(board, 1, stride=2), jnp.ones((1, 4, 4, 1)))
+  for size in (2, 3, 5):
+    np.testing.assert_allclose(antialias.blur(board, size, stride=2), 0.0, atol=1e-6)
+
+
+def _ln_reduction(module, pooled):
+  return _ln(pooled, 1.0, 0.0) @ np.asarray(module.reduction.kernel[...])
+
+
+@pytest.mark.parametrize('shape', [(8, 8), (5, 7)])
+@pytest.mark.parametrize('size', [1, 3, 4])
+def test_blur_pools_match_numpy(shape, size):
+  x = np.random.default_rng(0).normal(size=(2, *shape, 4)).astype(np.float32)
+  blur_pool = DOWNSAMPLERS['blur_pool'](4, 6, filter_size=size, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(blur_pool(jnp.asarray(x)),
+                             _ln_reduction(blur_pool, _numpy_blur(x, size, 2)),
+                             rtol=1e-4, atol=1e-4)
+  max_blur = DOWNSAMPLERS['max_blur_pool'](4, 6, filter_size=size, rngs=nnx.Rngs(1))
+  expected = _ln_reduction(max_blur, _numpy_blur(_numpy_max_2x2_stride_1(x), size, 2))
+  np.testing.assert_allclose(max_blur(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape', [(8, 8), (5, 7)])
+def test_blur_merge_is_patch_merge_of_the_blurred_input(shape):
+  x = np.random.default_rng(0).normal(size=(2, *shape, 4)).astype(np.float32)
+  blur_merge = DOWNSAMPLERS['blur_merge'](4, filter_size=3, rngs=nnx.Rngs(0))
+  merge = DOWNSAMPLERS['patch_merge'](4, rngs=nnx.Rngs(0))
+  assert nnx.state(blur_merge, nnx.Param).keys() == nnx.state(merge, nnx.Param).keys()
+  nnx.update(merge, nnx.state(blur_merge, nnx.Param))
+  blurred = jnp.asarray(_numpy_blur(x, 3, 1), jnp.float32)
+  np.testing.assert_allclose(blur_merge(jnp.asarray(x)), merge(blurred), rtol=1e-5, atol=1e-5)
+  assert not np.allclose(blur_merge(jnp.asarray(x)), merge(jnp.asarray(x)), atol=1e-2)
+
+
+def test_blur_pool_with_the_box_filter_is_avg_pool():
+  x = jax.random.normal(jax.random.key(0), (2, 8, 6, 4))
+  box = DOWNSAMPLERS['blur_pool'](4, filter_size=2, rngs=nnx.Rngs(0))
+  avg = DOWNSAMPLERS['avg_pool'](4, rngs=nnx.Rngs(0))
+  nnx.update(avg, nnx.state(box, nnx.Param))
+  np.testing.assert_allclose(box(x), avg(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['blur_merge', 'blur_pool', 'max_blur_pool'])
+@pytest.mark.parametrize('size', [0, -1, 2.5])
+def test_blur_filter_size_errors_name_the_field(name, size):
+  with pytest.raises(ValueError, match=rf'model.downsample_options.{name}.filter_size={size}'):
+    DOWNSAMPLERS[name](8, filter_size=size, rngs=nnx.Rngs(0))

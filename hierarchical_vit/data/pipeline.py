@@ -171,6 +171,20 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   return _loader(source, sampler, operations, data_config.num_workers)
 
 
+def load_eval_examples(data_config: ml_collections.ConfigDict, split: str,
+                       count: int) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` eval-preprocessed examples of a split, in memory, for
+  analyses: images float32 (n, H, W, C) and labels int32 (n,), n = min(count,
+  split size)."""
+  images, labels = [], []
+  for batch in create_eval_iterator(data_config, batch_size=min(count, 500), split=split):
+    images.append(batch['image'][batch['mask']])
+    labels.append(batch['label'][batch['mask']])
+    if sum(len(i) for i in images) >= count:
+      break
+  return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
 def _loader(source, sampler, operations, num_workers: int) -> grain.DataLoader:
   if num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read absl flags; outside absl.app (tests,

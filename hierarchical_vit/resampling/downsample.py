@@ -1,6 +1,7 @@
 """Downsamplers: x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out).
 
-Odd H or W is zero-padded at the bottom/right first (pooling ignores the pad).
+Odd H or W: merges and convs zero-pad the bottom/right, pooling ignores its
+pad, the anti-aliased (blur) entries reflect (resampling/antialias.py).
 Adding one: write a module with the registry's constructor signature, add a line
 to DOWNSAMPLERS; the shared shape/gradient tests pick it up.
 """
@@ -13,6 +14,7 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit.layers.common import dense, layer_norm, on_tokens
 from hierarchical_vit.layers.embedding import pad_to_multiple
+from hierarchical_vit.resampling.antialias import blur
 from hierarchical_vit.resampling.rearrange import space_to_depth
 
 
@@ -33,6 +35,20 @@ class PatchMerge(nnx.Module):
     return on_tokens(self.reduction, on_tokens(self.norm, x))
 
 
+class BlurMerge(PatchMerge):
+  """Anti-aliased patch merging: a binomial blur of `filter_size` taps per axis
+  at stride 1, then Swin's 2x2 merge (the parameters are PatchMerge's)."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               filter_size: int = 3, dtype: DTypeLike | None = None):
+    _check_filter_size('blur_merge', filter_size)
+    super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
+    self.filter_size = filter_size
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return super().__call__(blur(x, self.filter_size))
+
+
 class SpaceToDepth(nnx.Module):
   """The lossless 2x2 rearrangement alone (C_out = 4C): the reference point
   that keeps every input value."""
@@ -50,9 +66,10 @@ class SpaceToDepth(nnx.Module):
 
 
 class _Pool(nnx.Module):
-  """2x2 stride-2 pooling, then LayerNorm(C) and Linear C -> C_out (no bias).
+  """Parameter-free stride-2 pooling, then LayerNorm(C) and Linear C -> C_out
+  (no bias).
 
-  Subclasses supply `pool(x, padding)`, the pooling function itself.
+  Subclasses supply `pool(x)`: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C).
   """
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
@@ -63,25 +80,64 @@ class _Pool(nnx.Module):
     self.reduction = dense(in_features, out_features, use_bias=False, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    _, h, w, _ = x.shape
-    x = self.pool(x, ((0, h % 2), (0, w % 2)))
-    return on_tokens(self.reduction, on_tokens(self.norm, x))
+    return on_tokens(self.reduction, on_tokens(self.norm, self.pool(x)))
+
+
+def _odd_padding(x: jax.Array) -> tuple[tuple[int, int], tuple[int, int]]:
+  """One row / column at the bottom / right where H / W is odd."""
+  _, h, w, _ = x.shape
+  return ((0, h % 2), (0, w % 2))
 
 
 class AvgPool(_Pool):
   """Average over each 2x2 window (padding excluded from the mean)."""
 
-  @staticmethod
-  def pool(x: jax.Array, padding) -> jax.Array:
-    return nn.avg_pool(x, (2, 2), (2, 2), padding=padding, count_include_pad=False)
+  def pool(self, x: jax.Array) -> jax.Array:
+    return nn.avg_pool(x, (2, 2), (2, 2), padding=_odd_padding(x), count_include_pad=False)
 
 
 class MaxPool(_Pool):
   """Maximum over each 2x2 window (padding never wins)."""
 
-  @staticmethod
-  def pool(x: jax.Array, padding) -> jax.Array:
-    return nn.max_pool(x, (2, 2), (2, 2), padding=padding)
+  def pool(self, x: jax.Array) -> jax.Array:
+    return nn.max_pool(x, (2, 2), (2, 2), padding=_odd_padding(x))
+
+
+def _check_filter_size(name: str, filter_size: int) -> None:
+  if not isinstance(filter_size, int) or filter_size < 1:
+    raise ValueError(f'model.downsample_options.{name}.filter_size={filter_size!r} must be a '
+                     'positive integer (1: no blur, 2: box, 3: [1, 2, 1] / 4, ...)')
+
+
+class BlurPool(_Pool):
+  """Zhang (2019)'s BlurPool: a binomial low-pass filter of `filter_size` taps
+  per axis at stride 2 (an anti-aliased avg_pool; filter_size 2 equals avg_pool
+  on even sizes, 1 is plain subsampling x[::2, ::2])."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               filter_size: int = 3, dtype: DTypeLike | None = None):
+    _check_filter_size('blur_pool', filter_size)
+    super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
+    self.filter_size = filter_size
+
+  def pool(self, x: jax.Array) -> jax.Array:
+    return blur(x, self.filter_size, stride=2)
+
+
+class MaxBlurPool(_Pool):
+  """Zhang (2019)'s MaxBlurPool: the 2x2 maximum at stride 1 (bottom/right edge
+  padded so that padding never wins), then a binomial blur at stride 2: an
+  anti-aliased max_pool."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               filter_size: int = 3, dtype: DTypeLike | None = None):
+    _check_filter_size('max_blur_pool', filter_size)
+    super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
+    self.filter_size = filter_size
+
+  def pool(self, x: jax.Array) -> jax.Array:
+    x = nn.max_pool(x, (2, 2), (1, 1), padding=((0, 1), (0, 1)))
+    return blur(x, self.filter_size, stride=2)
 
 
 class ConvDownsample(nnx.Module):
@@ -166,9 +222,12 @@ def depthwise_conv_stride_2(x: jax.Array, kernel: jax.Array, bias: jax.Array) ->
 
 DOWNSAMPLERS = {
     'patch_merge': PatchMerge,
+    'blur_merge': BlurMerge,
     'space_to_depth': SpaceToDepth,
     'avg_pool': AvgPool,
+    'blur_pool': BlurPool,
     'max_pool': MaxPool,
+    'max_blur_pool': MaxBlurPool,
     'conv': ConvDownsample,
     'depthwise_conv_pool': DepthwiseConvPool,
 }

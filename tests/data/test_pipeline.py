@@ -327,3 +327,17 @@ def test_segmentation_refuses_mixup_and_cutmix(field):
       f"data.{field}=0.5 is not supported for task 'segmentation'; "
       'valid: 0.0.')):
     make_targets(config)
+
+
+def test_load_eval_examples_are_the_first_real_examples_in_order(fake_data_dir):
+  config = _config(fake_data_dir, 'cifar10')
+  (batch,) = list(data.create_eval_iterator(config, batch_size=64))
+  real = np.nonzero(batch['mask'])[0]
+  images, labels = data.load_eval_examples(config, 'test', 7)
+  assert images.shape == (7, 32, 32, 3) and labels.shape == (7,)
+  np.testing.assert_array_equal(images, batch['image'][real[:7]])
+  np.testing.assert_array_equal(labels, batch['label'][real[:7]])
+  # More than the split holds: all of it, once.
+  images, labels = data.load_eval_examples(config, 'test', 10_000)
+  assert len(images) == len(labels) == len(real)
+  np.testing.assert_array_equal(labels, batch['label'][real])
