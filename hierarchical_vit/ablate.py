@@ -342,11 +342,15 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> str:
   trained = config.to_dict()
   trained.pop('sweep', None)
   trained.get('data', {}).pop('data_dir', None)
-  for (section, field), old_behaviour in config_history.ADDED_FIELDS.items():
-    if trained.get(section, {}).get(field, old_behaviour) == old_behaviour:
-      trained.get(section, {}).pop(field, None)
-  for (section, field), value in config_history.REMOVED_FIELDS.items():
-    trained.setdefault(section, {}).setdefault(field, value)
+  for path, old_behaviour in config_history.ADDED_FIELDS.items():
+    holder = config_history.parent(trained, path)
+    if holder is not None and holder.get(path[-1], old_behaviour) == old_behaviour:
+      holder.pop(path[-1], None)
+  for path, value in config_history.REMOVED_FIELDS.items():
+    holder = trained
+    for key in path[:-1]:
+      holder = holder.setdefault(key, {})
+    holder.setdefault(path[-1], value)
   text = json.dumps(trained, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 

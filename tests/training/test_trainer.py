@@ -165,6 +165,22 @@ def test_config_history_fills_only_what_is_missing():
   assert old['data'] == {'name': 'x', 'shuffle_buffer': 0}  # The input is left as it was.
 
 
+def test_config_history_fills_nested_fields_without_sharing_them():
+  old = {'model': {'downsample_options': {'conv': {'kernel_size': 3}}}}
+  upgraded = config_history.upgrade(old)
+  options = upgraded['model']['downsample_options']
+  assert options['conv'] == {'kernel_size': 3} and options['blur_pool'] == {'filter_size': 3}
+  assert old == {'model': {'downsample_options': {'conv': {'kernel_size': 3}}}}
+  options['blur_pool']['filter_size'] = 5  # A copy, not the table's own dict.
+  assert config_history.ADDED_FIELDS[('model', 'downsample_options', 'blur_pool')] == {
+      'filter_size': 3}
+  # A saved value is kept; a config without the holding dict is left alone.
+  saved = {'model': {'downsample_options': {'blur_pool': {'filter_size': 5}}}}
+  assert config_history.upgrade(saved)['model']['downsample_options']['blur_pool'] == {
+      'filter_size': 5}
+  assert config_history.upgrade({'data': {}}) == {'data': {}}
+
+
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
   workdir = str(tmp_path / 'preempted')
   config_file = write_config_file(tmp_path, data_dir, num_steps=10_000,
