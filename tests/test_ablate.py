@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 
@@ -13,8 +14,8 @@ import pytest
 from tests.conftest import import_optional, prepare_slice
 
 from configs import base
-from configs.ablations import downsample, upsample
-from hierarchical_vit import ablate, information
+from configs.ablations import antialias, downsample, upsample
+from hierarchical_vit import ablate, information, shift_consistency
 from hierarchical_vit.analysis import aggregate, stats
 from hierarchical_vit.training import tasks
 
@@ -83,6 +84,22 @@ def test_shipped_sweeps_expand():
   assert nearest.config.model.upsample_options.interpolate.method == 'nearest'
   with pytest.raises(ValueError, match="'svhn'"):
     downsample.get_config('svhn')
+
+
+def test_antialias_sweep_pairs_each_reduction_with_its_blurred_twin():
+  config = antialias.get_config()
+  runs = ablate.expand_sweep(config)
+  assert len(runs) == 6 * 3
+  assert {r.config.model.downsample for r in runs} == {n for p in antialias.PAIRS for n in p}
+  assert set(config.sweep.comparisons) == {('blur_merge', 'patch_merge'),
+                                           ('blur_pool', 'avg_pool'),
+                                           ('max_blur_pool', 'max_pool')}
+  # The downsample sweep's recipe, so that their runs compare.
+  recipe = downsample.get_config()
+  assert config.train.to_dict() == recipe.train.to_dict()
+  assert config.model.embed_dim == recipe.model.embed_dim
+  with pytest.raises(ValueError, match="'svhn'"):
+    antialias.get_config('svhn')
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -471,6 +488,20 @@ def test_real_run_through_train_py(tmp_path, data_dir):
   errors = information.trained_errors(str(tmp_path / 'work/runs/avg_pool-seed0'),
                                       images[:6], images[6:])
   assert errors['space_to_depth'] < 1e-4 < errors['trained']
+  # Shift consistency of the trained run, in-process and through its CLI.
+  run_dir = str(tmp_path / 'work/runs/avg_pool-seed0')
+  measured = shift_consistency.measure_run(run_dir, num_images=20, max_shift=2)
+  assert measured['step'] == 2 and len(measured['diagonal']) == 2
+  assert all(0 <= measured[m] <= 1 for m in shift_consistency.METRICS)
+  output = tmp_path / 'shift_consistency.json'
+  cli = subprocess.run([sys.executable, '-m', 'hierarchical_vit.shift_consistency',
+                        f"--run_dirs={tmp_path / 'work/runs/*'}", '--num_images=20',
+                        '--max_shift=2', f'--output={output}'],
+                       cwd=REPO, capture_output=True, text=True, check=False)
+  assert cli.returncode == 0, cli.stderr[-2000:]
+  written = json.loads(output.read_text())
+  assert written['runs'] == {'avg_pool-seed0': measured}
+  assert written['variants']['avg_pool']['num_runs'] == 1
 
 
 @pytest.fixture(scope='module')
@@ -506,4 +537,15 @@ def test_added_and_removed_fields_keep_the_fingerprint_of_what_was_trained():
   assert 'shuffle_buffer' not in config.data
   assert ablate.config_fingerprint(config) == ablate.config_fingerprint(old)
   config.model.attention = 'cudnn'
+  assert ablate.config_fingerprint(config) != ablate.config_fingerprint(old)
+
+
+
+def test_options_of_a_newer_downsampler_keep_the_fingerprint_until_changed():
+  config = sweep_config()
+  before = config.to_dict()
+  del before['model']['downsample_options']['blur_pool']
+  old = ml_collections.ConfigDict(before)
+  assert ablate.config_fingerprint(config) == ablate.config_fingerprint(old)
+  config.model.downsample_options.blur_pool.filter_size = 5
   assert ablate.config_fingerprint(config) != ablate.config_fingerprint(old)

@@ -1,0 +1,172 @@
+r"""Shift consistency (Zhang 2019): does a prediction survive small input shifts?
+
+Subsampling without a low-pass filter aliases, so a hierarchical model's output
+can change when its input moves by a pixel. Zhang's measure, *consistency*, is
+the fraction of held-out images whose predicted class is the same for two
+random shifts of the image. Shifts here are circular (jnp.roll): the image keeps
+its size and what leaves one edge re-enters at the other, which on
+Fashion-MNIST's black border moves only background. Offsets are drawn uniformly
+from {-max_shift, ..., max_shift} per axis and image, from `seed`, so every run
+is measured on the same shifted images.
+
+Per run, on the first `num_images` images of the eval split:
+
+  consistency       P(class(shift_a(x)) == class(shift_b(x)))
+  accuracy          top-1 on x
+  shifted_accuracy  top-1 on shift_a(x) and shift_b(x), averaged
+  diagonal          [P(class(roll(x, (s, s))) == class(x)) for s = 1..max_shift]
+
+and per variant (runs named `<variant>-seed<seed>`, as hierarchical_vit.ablate
+names them) the mean and standard deviation over seeds.
+
+  python -m hierarchical_vit.shift_consistency \
+      --run_dirs='workdirs/antialias/runs/*' \
+      --output=docs/results/antialias_fashion_mnist/shift_consistency.json
+"""
+
+import collections
+import glob
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from hierarchical_vit import data
+from hierarchical_vit.training import trainer
+
+Array = np.ndarray
+METRICS = ('consistency', 'accuracy', 'shifted_accuracy')
+
+
+def roll_images(images: Array, dy: Array, dx: Array) -> jax.Array:
+  """Circular shift of each image: images (N, H, W, C), dy and dx (N,) ints;
+  out[n] = roll(images[n], (dy[n], dx[n]), axes (H, W))."""
+  roll = lambda image, a, b: jnp.roll(image, (a, b), axis=(0, 1))
+  return jax.vmap(roll)(jnp.asarray(images), jnp.asarray(dy), jnp.asarray(dx))
+
+
+def random_offsets(num_images: int, max_shift: int, seed: int) -> Array:
+  """(2 draws, 2 axes, num_images) ints, uniform in [-max_shift, max_shift]."""
+  if max_shift < 1:
+    raise ValueError(f'max_shift={max_shift} must be at least 1 pixel')
+  rng = np.random.default_rng(seed)
+  return rng.integers(-max_shift, max_shift + 1, size=(2, 2, num_images))
+
+
+def shift_metrics(classify: Callable[[jax.Array], Array], images: Array, labels: Array,
+                  max_shift: int, seed: int = 0) -> dict:
+  """The module docstring's measures for one classifier: classify maps images
+  (N, H, W, C) to predicted classes (N,)."""
+  offsets = random_offsets(len(images), max_shift, seed)
+  plain = classify(images)
+  a, b = (classify(roll_images(images, dy, dx)) for dy, dx in offsets)
+  diagonal = [float(np.mean(classify(jnp.roll(images, (s, s), axis=(1, 2))) == plain))
+              for s in range(1, max_shift + 1)]
+  return {'consistency': float(np.mean(a == b)),
+          'accuracy': float(np.mean(plain == labels)),
+          'shifted_accuracy': float((np.mean(a == labels) + np.mean(b == labels)) / 2),
+          'diagonal': diagonal}
+
+
+def classifier(trained: trainer.Trained, batch_size: int = 500) -> Callable[[jax.Array], Array]:
+  """Predicted classes of a restored classifier, in batches of batch_size
+  (the last one padded, so one program serves every call)."""
+  @jax.jit
+  def predict(params, rest, x):
+    return jnp.argmax(nnx.merge(trained.eval_graphdef, params, rest)(x), axis=-1)
+
+  def classify(images: jax.Array) -> Array:
+    out = []
+    for start in range(0, len(images), batch_size):
+      chunk = jnp.asarray(images[start:start + batch_size])
+      pad = batch_size - len(chunk)
+      chunk = jnp.pad(chunk, ((0, pad),) + ((0, 0),) * (chunk.ndim - 1))
+      out.append(np.asarray(predict(trained.params, trained.rest, chunk))[:batch_size - pad])
+    return np.concatenate(out)
+  return classify
+
+
+def by_variant(runs: dict[str, dict]) -> dict[str, dict]:
+  """Mean and sample standard deviation over a variant's seeds of each METRIC."""
+  groups = collections.defaultdict(list)
+  for name, result in runs.items():
+    groups[name.rsplit('-seed', 1)[0]].append(result)
+  summary = {}
+  for variant, results in groups.items():
+    summary[variant] = {'num_runs': len(results)}
+    for metric in METRICS:
+      values = np.array([r[metric] for r in results])
+      summary[variant][metric] = float(values.mean())
+      summary[variant][f'{metric}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return summary
+
+
+def expand_run_dirs(patterns: Sequence[str]) -> list[str]:
+  """Run directories from paths or glob patterns, in order, each once; only
+  those with a config.json (a train.py workdir)."""
+  dirs = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(pattern)) or [pattern]
+    dirs += [d for d in matches if d not in dirs]
+  missing = [d for d in dirs if not os.path.isfile(os.path.join(d, 'config.json'))]
+  if missing:
+    raise FileNotFoundError(f'--run_dirs: no config.json (not a train.py workdir) in {missing}')
+  return dirs
+
+
+def markdown_table(summary: dict[str, dict]) -> str:
+  lines = ['| variant | runs | consistency (%) | accuracy (%) | shifted accuracy (%) |',
+           '|---|---|---|---|---|']
+  for variant, s in summary.items():
+    cells = [f"{100 * s[m]:.2f} ± {100 * s[f'{m}_std']:.2f}" for m in METRICS]
+    lines.append(f"| {variant} | {s['num_runs']} | " + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0) -> dict:
+  """shift_metrics of a finished classification run (its latest checkpoint,
+  EMA weights if it kept them), plus the checkpoint's 'step'."""
+  config = trainer.load_config(run_dir)
+  if config.task != 'classification':
+    raise ValueError(f'{run_dir}: task={config.task!r}; shift consistency needs a classifier')
+  images, labels = data.load_eval_examples(config.data, config.data.eval_split, num_images)
+  trained = trainer.restore_trained(config, run_dir)
+  return {**shift_metrics(classifier(trained), images, labels, max_shift, seed),
+          'step': trained.step}
+
+
+def main(argv):
+  del argv
+  runs = {}
+  for run_dir in expand_run_dirs(_RUN_DIRS.value):
+    name = os.path.basename(os.path.normpath(run_dir))
+    runs[name] = measure_run(run_dir, _NUM_IMAGES.value, _MAX_SHIFT.value, _SEED.value)
+    print(name, json.dumps(runs[name]), flush=True)
+  summary = by_variant(runs)
+  print(markdown_table(summary))
+  if _OUTPUT.value:
+    os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
+    result = {'num_images': _NUM_IMAGES.value, 'max_shift': _MAX_SHIFT.value,
+              'seed': _SEED.value, 'shift': 'circular (jnp.roll)', 'runs': runs,
+              'variants': summary}
+    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
+      json.dump(result, f, indent=1)
+    print(f'Wrote {_OUTPUT.value}')
+
+
+if __name__ == '__main__':
+  # Defined here, not at import, so that the functions above can be imported
+  # next to other modules' flags.
+  _RUN_DIRS = flags.DEFINE_list(
+      'run_dirs', None, 'Finished classification runs (train.py workdirs), or glob '
+      "patterns such as 'WORKDIR/runs/*'.", required=True)
+  _NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Eval-split images to measure on.')
+  _MAX_SHIFT = flags.DEFINE_integer('max_shift', 4, 'Largest shift, in pixels, per axis.')
+  _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random offsets.')
+  _OUTPUT = flags.DEFINE_string('output', '', 'Where to write the JSON result (optional).')
+  app.run(main)
