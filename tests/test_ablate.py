@@ -373,6 +373,8 @@ def test_aggregates_by_hand(tmp_path):
   config = sweep_config()
   (tmp_path / 'information.json').write_text(json.dumps(
       {'errors': {'patch_merge': 0.125, 'avg_pool': 0.5}}))
+  (tmp_path / 'shift_consistency.json').write_text(json.dumps(
+      {'variants': {'patch_merge': {'consistency': 0.75, 'consistency_std': 0.0125}}}))
   written = aggregate.write_all(results, config.sweep, str(tmp_path))
   assert len(written) == 5
   for path in written:
@@ -385,8 +387,10 @@ def test_aggregates_by_hand(tmp_path):
   assert table[1]['std'] == pytest.approx(0.03)
   assert table[1]['train_img_per_sec'] == pytest.approx(101.0)
   markdown = (tmp_path / 'results.md').read_text()
-  assert '| patch_merge | 3 | 92.00 ± 2.00 | 1,234,567 | 0.0500 | 101 | 0.125 |' in markdown
-  assert '| avg_pool | 3 | 88.00 ± 3.00 |' in markdown
+  assert ('| patch_merge | 3 | 92.00 ± 2.00 | 1,234,567 | 0.0500 | 101 | 0.125 | 75.00 ± 1.25 |'
+          in markdown)
+  assert '| avg_pool | 3 | 88.00 ± 3.00 | 1,234,567 | 0.0500 | 101 | 0.500 | – |' in markdown
+  assert '| recon. error | shift consistency (%) |' in markdown
   assert '| patch_merge − avg_pool | 3, 3 | 4.00 ± 2.08 |' in markdown
   csv_lines = (tmp_path / 'results.csv').read_text().splitlines()
   assert len(csv_lines) == 7 and csv_lines[0].startswith('run,variant,seed,eval/accuracy,')

@@ -3,7 +3,8 @@
   results.csv                 one row per run
   results.md                  per variant: metric mean ± std over seeds, n,
                               params, GFLOPs, train img/s (and the information
-                              loss of its resampling if information.json is
+                              loss of its resampling and its shift consistency
+                              if information.json / shift_consistency.json are
                               there); the sweep's grid, if it has one; its
                               comparisons a - b with Welch 95% confidence
                               intervals
@@ -108,31 +109,45 @@ def _percent(x: float) -> str:
 
 
 def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
-             information: dict[str, float] | None = None) -> str:
-  """results.md: the variant table, the comparisons and what they mean."""
+             information: dict[str, float] | None = None,
+             shift: dict[str, dict] | None = None) -> str:
+  """results.md: the variant table, the comparisons and what they mean.
+
+  information: {downsampler: reconstruction error}; shift: {variant:
+  hierarchical_vit.shift_consistency.by_variant entry}; each adds a column.
+  """
   metric = sweep.metric
-  info_header = ' recon. error |' if information else ''
+  extra_header = (' recon. error |' if information else '') + (
+      ' shift consistency (%) |' if shift else '')
   lines = [f'# Sweep `{sweep.name}`', '',
            f'Metric: final `{metric}` (in %), mean ± sample std over seeds '
            f'{tuple(sweep.seeds)}; n = finished runs.', '',
-           f'| variant | n | {metric} (%) | params | GFLOPs/img | train img/s |{info_header}',
-           '|---|---|---|---|---|---|' + ('---|' if information else '')]
+           f'| variant | n | {metric} (%) | params | GFLOPs/img | train img/s |{extra_header}',
+           '|---|---|---|---|---|---|' + '---|' * (bool(information) + bool(shift))]
   overrides = {v['name']: v['overrides'] for v in sweep.variants}
   for row in variant_table(results, metric):
     speed = '' if row['train_img_per_sec'] is None else f'{row["train_img_per_sec"]:.0f}'
-    info = ''
+    extra = ''
     if information:
       error = information.get(overrides[row['variant']].get('model.downsample', ''))
-      info = ' – |' if error is None else f' {error:.3f} |'
+      extra += ' – |' if error is None else f' {error:.3f} |'
+    if shift:
+      measured = shift.get(row['variant'])
+      extra += ' – |' if measured is None else (
+          f" {_percent(measured['consistency'])} ± {_percent(measured['consistency_std'])} |")
     lines.append(f'| {row["variant"]} | {row["n"]} | {_percent(row["mean"])} ± '
                  f'{_percent(row["std"])} | {row["params"]:,} | {row["gflops"]:.4f} | '
-                 f'{speed} |{info}')
+                 f'{speed} |{extra}')
   if information:
     lines += ['', 'recon. error: ‖x − x̂‖ / ‖x − mean(x)‖ of the best affine inverse (least '
               'squares) from each output token to its 2x2 input block, on held-out images, '
               "for the variant's downsampler: its parameter-free resampling, or the best any "
               'learned map of its shape can do (hierarchical_vit/information.py; '
               'information.json).']
+  if shift:
+    lines += ['', 'shift consistency: how often the predicted class is the same for two random '
+              'circular shifts of a held-out image (Zhang 2019; '
+              'hierarchical_vit/shift_consistency.py; shift_consistency.json).']
   if 'grid' in sweep:
     lines += ['', f'## Grid: {metric} (%), mean ± std (n)', ''] + _grid_markdown(
         results, metric, sweep.grid)
@@ -228,27 +243,33 @@ def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> N
   plt.close(fig)
 
 
+def _read_json(path: str, key: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding='utf-8') as f:
+    return json.load(f)[key]
+
+
 def write_all(results: Sequence[Result], sweep: ml_collections.ConfigDict,
               output_dir: str) -> list[str]:
   """Writes every aggregate of `results` into output_dir; returns the paths.
 
-  Reads output_dir/information.json ({'errors': {downsampler: error}}, from
-  hierarchical_vit.information) if present, for the results.md column.
+  Reads, if present, output_dir/information.json ({'errors': {downsampler:
+  error}}, from hierarchical_vit.information) and shift_consistency.json
+  ({'variants': ...}, from hierarchical_vit.shift_consistency) for results.md's
+  columns.
   """
   if not results:
     return []
   os.makedirs(output_dir, exist_ok=True)
-  info_path = os.path.join(output_dir, 'information.json')
-  information = None
-  if os.path.exists(info_path):
-    with open(info_path, encoding='utf-8') as f:
-      information = json.load(f)['errors']
+  information = _read_json(os.path.join(output_dir, 'information.json'), 'errors')
+  shift = _read_json(os.path.join(output_dir, 'shift_consistency.json'), 'variants')
   names = ['results.csv', 'results.md', 'metric_vs_params.png', 'metric_vs_gflops.png',
            'learning_curves.png'] + (['grid.png'] if 'grid' in sweep else [])
   paths = {name: os.path.join(output_dir, name) for name in names}
   write_csv(results, sweep.metric, paths['results.csv'])
   with open(paths['results.md'], 'w', encoding='utf-8') as f:
-    f.write(markdown(results, sweep, information))
+    f.write(markdown(results, sweep, information, shift))
   plot_cost(results, sweep.metric, 'params', paths['metric_vs_params.png'])
   plot_cost(results, sweep.metric, 'gflops', paths['metric_vs_gflops.png'])
   plot_learning_curves(results, sweep.metric, paths['learning_curves.png'])
