@@ -521,11 +521,31 @@ def test_total_steps_of_a_segmentation_sweep_reads_the_canvas_split(canvas_dir):
   assert ablate.total_steps(run.config) == 2 * 64 // 16
 
 
-@pytest.mark.parametrize('config', [downsample.get_config(), upsample.get_config()],
-                         ids=['downsample_fashion_mnist', 'upsample_segmentation'])
-def test_committed_results_match_their_sweep_config(tmp_path, config):
+# Each committed sweep with the command-line overrides docs/results/README.md gives.
+_LONGER = {'train.warmup_epochs': 0.25, 'train.num_epochs': 4.0,
+           'train.eval_every_steps': 468, 'sweep.name': 'downsample_fashion_mnist_4ep'}
+_COMMITTED_SWEEPS = {
+    'downsample_fashion_mnist': downsample.get_config(),
+    'downsample_fashion_mnist_4ep': ablate.apply_overrides(downsample.get_config(), _LONGER),
+    'antialias_fashion_mnist_2ep': ablate.apply_overrides(antialias.get_config(), {
+        'train.warmup_epochs': 0.2, 'train.num_epochs': 2.0, 'train.eval_every_steps': 468,
+        'sweep.name': 'antialias_fashion_mnist_2ep'}),
+    'upsample_segmentation': upsample.get_config(),
+}
+
+
+def test_every_committed_sweep_is_checked():
+  committed = {d for d in os.listdir(os.path.join(REPO, 'docs', 'results'))
+               if os.path.isdir(os.path.join(REPO, 'docs', 'results', d, 'runs'))}
+  assert committed == set(_COMMITTED_SWEEPS)
+
+
+@pytest.mark.parametrize('name', sorted(_COMMITTED_SWEEPS))
+def test_committed_results_match_their_sweep_config(tmp_path, name):
   """Rerunning a committed sweep collects its results: a config change that
   alters what those runs trained would raise here (see training/config_history.py)."""
+  config = _COMMITTED_SWEEPS[name]
+  assert config.sweep.name == name
   sweep = ablate.Sweep(config, str(tmp_path), os.path.join(REPO, 'docs', 'results'))
   committed = os.listdir(os.path.join(sweep.output_dir, 'runs'))
   finished = [run for run in sweep.runs if sweep.is_finished(run)]
