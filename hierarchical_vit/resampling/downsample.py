@@ -109,31 +109,33 @@ def _check_filter_size(name: str, filter_size: int) -> None:
                      'positive integer (1: no blur, 2: box, 3: [1, 2, 1] / 4, ...)')
 
 
-class BlurPool(_Pool):
-  """Zhang (2019)'s BlurPool: a binomial low-pass filter of `filter_size` taps
-  per axis at stride 2 (an anti-aliased avg_pool; filter_size 2 equals avg_pool
-  on even sizes, 1 is plain subsampling x[::2, ::2])."""
+class _BlurredPool(_Pool):
+  """A _Pool that subsamples through a binomial blur of `filter_size` taps per
+  axis; subclasses name themselves (for errors) as `registry_name`."""
+  registry_name: str
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                filter_size: int = 3, dtype: DTypeLike | None = None):
-    _check_filter_size('blur_pool', filter_size)
+    _check_filter_size(self.registry_name, filter_size)
     super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
     self.filter_size = filter_size
+
+
+class BlurPool(_BlurredPool):
+  """Zhang (2019)'s BlurPool: the blur at stride 2 (an anti-aliased avg_pool;
+  filter_size 2 equals avg_pool on even sizes, 1 is plain subsampling
+  x[::2, ::2])."""
+  registry_name = 'blur_pool'
 
   def pool(self, x: jax.Array) -> jax.Array:
     return blur(x, self.filter_size, stride=2)
 
 
-class MaxBlurPool(_Pool):
+class MaxBlurPool(_BlurredPool):
   """Zhang (2019)'s MaxBlurPool: the 2x2 maximum at stride 1 (bottom/right edge
-  padded so that padding never wins), then a binomial blur at stride 2: an
+  padded so that padding never wins), then the blur at stride 2: an
   anti-aliased max_pool."""
-
-  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               filter_size: int = 3, dtype: DTypeLike | None = None):
-    _check_filter_size('max_blur_pool', filter_size)
-    super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
-    self.filter_size = filter_size
+  registry_name = 'max_blur_pool'
 
   def pool(self, x: jax.Array) -> jax.Array:
     x = nn.max_pool(x, (2, 2), (1, 1), padding=((0, 1), (0, 1)))
