@@ -524,12 +524,14 @@ def test_total_steps_of_a_segmentation_sweep_reads_the_canvas_split(canvas_dir):
 # Each committed sweep with the command-line overrides docs/results/README.md gives.
 _LONGER = {'train.warmup_epochs': 0.25, 'train.num_epochs': 4.0,
            'train.eval_every_steps': 468, 'sweep.name': 'downsample_fashion_mnist_4ep'}
+_TWO_EPOCHS = {'train.warmup_epochs': 0.2, 'train.num_epochs': 2.0,
+               'train.eval_every_steps': 468, 'sweep.name': 'antialias_fashion_mnist_2ep'}
 _COMMITTED_SWEEPS = {
     'downsample_fashion_mnist': downsample.get_config(),
     'downsample_fashion_mnist_4ep': ablate.apply_overrides(downsample.get_config(), _LONGER),
-    'antialias_fashion_mnist_2ep': ablate.apply_overrides(antialias.get_config(), {
-        'train.warmup_epochs': 0.2, 'train.num_epochs': 2.0, 'train.eval_every_steps': 468,
-        'sweep.name': 'antialias_fashion_mnist_2ep'}),
+    'antialias_fashion_mnist_2ep': ablate.apply_overrides(antialias.get_config(), _TWO_EPOCHS),
+    'antialias_fashion_mnist_2ep_crop2': ablate.apply_overrides(antialias.get_config(), {
+        **_TWO_EPOCHS, 'data.crop_padding': 2, 'sweep.name': 'antialias_fashion_mnist_2ep_crop2'}),
     'upsample_segmentation': upsample.get_config(),
 }
 
