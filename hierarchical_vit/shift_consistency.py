@@ -3,20 +3,22 @@ r"""Shift consistency (Zhang 2019): does a prediction survive small input shifts
 Subsampling without a low-pass filter aliases, so a hierarchical model's output
 can change when its input moves by a pixel. Zhang's measure, *consistency*, is
 the fraction of held-out images whose predicted class is the same for two
-random shifts of the image. Shifts here are circular (jnp.roll): the image keeps
-its size and what leaves one edge re-enters at the other. Keep max_shift within
-the images' blank border, so that only background wraps: the Fashion-MNIST
+random shifts of the image. Shifts are circular by default (jnp.roll): the image
+keeps its size and what leaves one edge re-enters at the other. Keep max_shift
+within the images' blank border, so that only background wraps: the Fashion-MNIST
 configs pad 28x28 to 32x32 with 2 black pixels per side, hence the default 2
-(at 4, objects that fill the 28 pixels would wrap around). Offsets are drawn
-uniformly from {-max_shift, ..., max_shift} per axis and image, from `seed`, so
-every run is measured on the same shifted images.
+(at 4, objects that fill the 28 pixels would wrap around). For natural images,
+whose borders are not blank, `--shift=edge` translates instead, filling what
+enters with the nearest edge pixel (no seam, but what leaves is lost). Offsets
+are drawn uniformly from {-max_shift, ..., max_shift} per axis and image, from
+`seed`, so every run is measured on the same shifted images.
 
 Per run, on the first `num_images` images of the eval split:
 
   consistency       P(class(shift_a(x)) == class(shift_b(x)))
   accuracy          top-1 on x
   shifted_accuracy  top-1 on shift_a(x) and shift_b(x), averaged
-  diagonal          [P(class(roll(x, (s, s))) == class(x)) for s = 1..max_shift]
+  diagonal          [P(class(shift(x, (s, s))) == class(x)) for s = 1..max_shift]
 
 and per variant (runs named `<variant>-seed<seed>`, as hierarchical_vit.ablate
 names them) the mean and standard deviation over seeds.
@@ -52,6 +54,24 @@ def roll_images(images: Array, dy: Array, dx: Array) -> jax.Array:
   return jax.vmap(roll)(jnp.asarray(images), jnp.asarray(dy), jnp.asarray(dx))
 
 
+def translate_images(images: Array, dy: Array, dx: Array) -> jax.Array:
+  """Each image moved by (dy[n], dx[n]) pixels, what leaves lost and what
+  enters filled with the nearest edge pixel: out[n, y, x] =
+  images[n, clip(y - dy[n]), clip(x - dx[n])]."""
+  dy, dx = np.asarray(dy), np.asarray(dx)
+  m = int(max(np.abs(dy).max(), np.abs(dx).max()))
+  padded = jnp.pad(jnp.asarray(images), ((0, 0), (m, m), (m, m), (0, 0)), mode='edge')
+  size = images.shape[1:]
+  crop = lambda image, a, b: jax.lax.dynamic_slice(image, (m - a, m - b, 0), size)
+  return jax.vmap(crop)(padded, jnp.asarray(dy), jnp.asarray(dx))
+
+
+# How an image is shifted (--shift): 'circular' keeps every pixel (right where
+# the border is blank, e.g. padded Fashion-MNIST); 'edge' avoids the seam that
+# wrapping puts into natural images (CIFAR).
+SHIFTS = {'circular': roll_images, 'edge': translate_images}
+
+
 def random_offsets(num_images: int, max_shift: int, seed: int) -> Array:
   """(2 draws, 2 axes, num_images) ints, uniform in [-max_shift, max_shift]."""
   if max_shift < 1:
@@ -61,13 +81,17 @@ def random_offsets(num_images: int, max_shift: int, seed: int) -> Array:
 
 
 def shift_metrics(classify: Callable[[jax.Array], Array], images: Array, labels: Array,
-                  max_shift: int, seed: int = 0) -> dict:
+                  max_shift: int, seed: int = 0, shift: str = 'circular') -> dict:
   """The module docstring's measures for one classifier: classify maps images
-  (N, H, W, C) to predicted classes (N,)."""
+  (N, H, W, C) to predicted classes (N,); shift names a SHIFTS entry."""
+  if shift not in SHIFTS:
+    raise ValueError(f'shift={shift!r} is not one of {sorted(SHIFTS)}')
+  move = SHIFTS[shift]
   offsets = random_offsets(len(images), max_shift, seed)
   plain = classify(images)
-  a, b = (classify(roll_images(images, dy, dx)) for dy, dx in offsets)
-  diagonal = [float(np.mean(classify(jnp.roll(images, (s, s), axis=(1, 2))) == plain))
+  a, b = (classify(move(images, dy, dx)) for dy, dx in offsets)
+  same = np.ones(len(images), int)
+  diagonal = [float(np.mean(classify(move(images, s * same, s * same)) == plain))
               for s in range(1, max_shift + 1)]
   return {'consistency': float(np.mean(a == b)),
           'accuracy': float(np.mean(plain == labels)),
@@ -130,7 +154,8 @@ def markdown_table(summary: dict[str, dict]) -> str:
   return '\n'.join(lines)
 
 
-def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0) -> dict:
+def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0,
+                shift: str = 'circular') -> dict:
   """shift_metrics of a finished classification run (its latest checkpoint,
   EMA weights if it kept them), plus the checkpoint's 'step'."""
   config = trainer.load_config(run_dir)
@@ -138,7 +163,7 @@ def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0) ->
     raise ValueError(f'{run_dir}: task={config.task!r}; shift consistency needs a classifier')
   images, labels = data.load_eval_examples(config.data, config.data.eval_split, num_images)
   trained = trainer.restore_trained(config, run_dir)
-  return {**shift_metrics(classifier(trained), images, labels, max_shift, seed),
+  return {**shift_metrics(classifier(trained), images, labels, max_shift, seed, shift),
           'step': trained.step}
 
 
@@ -147,14 +172,15 @@ def main(argv):
   runs = {}
   for run_dir in expand_run_dirs(_RUN_DIRS.value):
     name = os.path.basename(os.path.normpath(run_dir))
-    runs[name] = measure_run(run_dir, _NUM_IMAGES.value, _MAX_SHIFT.value, _SEED.value)
+    runs[name] = measure_run(run_dir, _NUM_IMAGES.value, _MAX_SHIFT.value, _SEED.value,
+                             _SHIFT.value)
     print(name, json.dumps(runs[name]), flush=True)
   summary = by_variant(runs)
   print(markdown_table(summary))
   if _OUTPUT.value:
     os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
     result = {'num_images': _NUM_IMAGES.value, 'max_shift': _MAX_SHIFT.value,
-              'seed': _SEED.value, 'shift': 'circular (jnp.roll)', 'runs': runs,
+              'seed': _SEED.value, 'shift': _SHIFT.value, 'runs': runs,
               'variants': summary}
     with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
       json.dump(result, f, indent=1)
@@ -171,5 +197,7 @@ if __name__ == '__main__':
   _MAX_SHIFT = flags.DEFINE_integer(
       'max_shift', 2, 'Largest shift, in pixels, per axis (within the blank border).')
   _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random offsets.')
+  _SHIFT = flags.DEFINE_enum('shift', 'circular', sorted(SHIFTS),
+                             'circular (wrap around) or edge (translate, fill with the edge).')
   _OUTPUT = flags.DEFINE_string('output', '', 'Where to write the JSON result (optional).')
   app.run(main)

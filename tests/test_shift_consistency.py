@@ -26,6 +26,29 @@ def test_roll_images_shifts_each_image_by_its_own_offsets():
   np.testing.assert_array_equal(sc.roll_images(images, dy, dx), expected)
 
 
+def _numpy_translate(image, a, b):
+  """out[y, x] = image[clip(y - a), clip(x - b)], by explicit index clipping."""
+  h, w = image.shape[:2]
+  rows = np.clip(np.arange(h) - a, 0, h - 1)
+  cols = np.clip(np.arange(w) - b, 0, w - 1)
+  return image[rows][:, cols]
+
+
+_NUMPY_SHIFTS = {'circular': lambda image, a, b: np.roll(image, (a, b), axis=(0, 1)),
+                 'edge': _numpy_translate}
+
+
+def test_translate_images_moves_and_fills_with_the_edge():
+  images = _images(5)
+  dy, dx = np.array([0, 1, -2, 5, 3]), np.array([2, 0, -1, -3, 6])
+  expected = np.stack([_numpy_translate(im, a, b) for im, a, b in zip(images, dy, dx)])
+  np.testing.assert_array_equal(sc.translate_images(images, dy, dx), expected)
+  # A shift by (1, 0): row 0 repeats the old row 0, the old last row is gone.
+  moved = np.asarray(sc.translate_images(images[:1], np.array([1]), np.array([0])))[0]
+  np.testing.assert_array_equal(moved[0], images[0, 0])
+  np.testing.assert_array_equal(moved[1:], images[0, :-1])
+
+
 def test_random_offsets_cover_the_range_and_repeat_with_the_seed():
   offsets = sc.random_offsets(500, 3, seed=1)
   assert offsets.shape == (2, 2, 500)
@@ -34,6 +57,8 @@ def test_random_offsets_cover_the_range_and_repeat_with_the_seed():
   assert not np.array_equal(offsets, sc.random_offsets(500, 3, seed=2))
   with pytest.raises(ValueError, match='max_shift=0'):
     sc.random_offsets(5, 0, seed=0)
+  with pytest.raises(ValueError, match=r"shift='wrap' is not one of \['circular', 'edge'\]"):
+    sc.shift_metrics(lambda x: np.zeros(len(x)), _images(3), np.zeros(3), 1, shift='wrap')
 
 
 def test_a_shift_invariant_classifier_is_fully_consistent():
@@ -46,14 +71,15 @@ def test_a_shift_invariant_classifier_is_fully_consistent():
   assert metrics['accuracy'] == metrics['shifted_accuracy'] == pytest.approx(expected_accuracy)
 
 
-def test_a_position_dependent_classifier_against_numpy():
-  """class = sign of the top-left pixel: every shift reads another pixel."""
+@pytest.mark.parametrize('shift', sorted(sc.SHIFTS))
+def test_a_position_dependent_classifier_against_numpy(shift):
+  """class = sign of the pixel at (1, 1): every shift reads another pixel."""
   images = _images(200)
   labels = np.random.default_rng(3).integers(0, 2, len(images))
-  corner = lambda x: (np.asarray(x)[:, 0, 0, 0] > 0).astype(int)
-  metrics = sc.shift_metrics(corner, images, labels, max_shift=2, seed=5)
+  corner = lambda x: (np.asarray(x)[:, 1, 1, 0] > 0).astype(int)
+  metrics = sc.shift_metrics(corner, images, labels, max_shift=2, seed=5, shift=shift)
   (ay, ax), (by, bx) = sc.random_offsets(len(images), 2, seed=5)
-  roll = lambda dy, dx: np.stack([np.roll(im, (a, b), axis=(0, 1))
+  roll = lambda dy, dx: np.stack([_NUMPY_SHIFTS[shift](im, a, b)
                                   for im, a, b in zip(images, dy, dx)])
   a, b = corner(roll(ay, ax)), corner(roll(by, bx))
   plain = corner(images)
