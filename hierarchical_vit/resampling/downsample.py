@@ -35,15 +35,25 @@ class PatchMerge(nnx.Module):
     return on_tokens(self.reduction, on_tokens(self.norm, x))
 
 
-class BlurMerge(PatchMerge):
-  """Anti-aliased patch merging: a binomial blur of `filter_size` taps per axis
-  at stride 1, then Swin's 2x2 merge (the parameters are PatchMerge's)."""
+class _Blurred(nnx.Module):
+  """Mixin, listed before the downsampler it blurs for: adds the `filter_size`
+  option (binomial taps per axis), checked and named by `registry_name`."""
+  registry_name: str
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                filter_size: int = 3, dtype: DTypeLike | None = None):
-    _check_filter_size('blur_merge', filter_size)
+    if not isinstance(filter_size, int) or filter_size < 1:
+      raise ValueError(
+          f'model.downsample_options.{self.registry_name}.filter_size={filter_size!r} must be '
+          'a positive integer (1: no blur, 2: box, 3: [1, 2, 1] / 4, ...)')
     super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
     self.filter_size = filter_size
+
+
+class BlurMerge(_Blurred, PatchMerge):
+  """Anti-aliased patch merging: the blur at stride 1, then Swin's 2x2 merge
+  (the parameters are PatchMerge's)."""
+  registry_name = 'blur_merge'
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return super().__call__(blur(x, self.filter_size))
@@ -103,25 +113,7 @@ class MaxPool(_Pool):
     return nn.max_pool(x, (2, 2), (2, 2), padding=_odd_padding(x))
 
 
-def _check_filter_size(name: str, filter_size: int) -> None:
-  if not isinstance(filter_size, int) or filter_size < 1:
-    raise ValueError(f'model.downsample_options.{name}.filter_size={filter_size!r} must be a '
-                     'positive integer (1: no blur, 2: box, 3: [1, 2, 1] / 4, ...)')
-
-
-class _BlurredPool(_Pool):
-  """A _Pool that subsamples through a binomial blur of `filter_size` taps per
-  axis; subclasses name themselves (for errors) as `registry_name`."""
-  registry_name: str
-
-  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               filter_size: int = 3, dtype: DTypeLike | None = None):
-    _check_filter_size(self.registry_name, filter_size)
-    super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
-    self.filter_size = filter_size
-
-
-class BlurPool(_BlurredPool):
+class BlurPool(_Blurred, _Pool):
   """Zhang (2019)'s BlurPool: the blur at stride 2 (an anti-aliased avg_pool;
   filter_size 2 equals avg_pool on even sizes, 1 is plain subsampling
   x[::2, ::2])."""
@@ -131,7 +123,7 @@ class BlurPool(_BlurredPool):
     return blur(x, self.filter_size, stride=2)
 
 
-class MaxBlurPool(_BlurredPool):
+class MaxBlurPool(_Blurred, _Pool):
   """Zhang (2019)'s MaxBlurPool: the 2x2 maximum at stride 1 (bottom/right edge
   padded so that padding never wins), then the blur at stride 2: an
   anti-aliased max_pool."""
