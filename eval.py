@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
-from flax import nnx
 from matplotlib import patches
 from ml_collections import config_flags
 
@@ -118,14 +117,12 @@ def plot_overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
   plt.close(fig)
 
 
-def write_overlays(config: ml_collections.ConfigDict, eval_graphdef, params,
-                   rest, split: str, class_names: tuple[str, ...],
-                   path_prefix: str, num_images: int) -> None:
+def write_overlays(config: ml_collections.ConfigDict, trained: trainer.Trained, split: str,
+                   class_names: tuple[str, ...], path_prefix: str, num_images: int) -> None:
   """Predicts the first `num_images` of `split`: path_prefix_<i>.png each."""
   batch = next(iter(data.create_eval_iterator(
       config.data, batch_size=num_images, split=split, task=config.task)))
-  predict = jax.jit(lambda p, x: nnx.merge(eval_graphdef, p, rest)(x).argmax(-1))
-  predicted = np.asarray(predict(params, batch['image']))
+  predicted = np.asarray(trained.predict(batch['image']))
   for i in np.nonzero(batch['mask'])[0]:
     plot_overlay(batch['image'][i], batch['label'][i], predicted[i],
                  class_names, f'{path_prefix}_{i}.png')
@@ -201,17 +198,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   info = data.get_dataset_info(config.data, task=config.task)
   trainer.check_config(config, info, jax.process_count(), jax.device_count(), training=False)
   trained = trainer.restore_trained(config, workdir, step, mesh)
-  eval_graphdef, params, rest, step = (trained.eval_graphdef, trained.params, trained.rest,
-                                       trained.step)
-
+  step = trained.step
   eval_step = jax.jit(trainer.make_eval_step(
-      eval_graphdef, config.model.num_classes, confusion=True,
+      trained.eval_graphdef, config.model.num_classes, confusion=True,
       task=config.task))
   batches = data.create_eval_iterator(
       config.data, batch_size=config.train.eval_batch_size // jax.process_count(),
       split=split, process_index=jax.process_index(),
       process_count=jax.process_count(), task=config.task)
-  results = trainer.evaluate(eval_step, params, rest, batches,
+  results = trainer.evaluate(eval_step, trained.params, trained.rest, batches,
                              parallel.batch_sharding(mesh), task=config.task)
   confusion = results.pop('confusion')
   report = {
@@ -227,8 +222,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                    f'{task_report.short(report)}',
                    os.path.join(workdir, f'confusion_{split}_{step}.png'))
     if task_report.overlays and num_overlays > 0:
-      write_overlays(config, eval_graphdef, params, rest, split,
-                     info.class_names,
+      write_overlays(config, trained, split, info.class_names,
                      os.path.join(workdir, f'overlay_{split}_{step}'),
                      num_overlays)
   return report

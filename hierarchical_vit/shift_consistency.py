@@ -38,7 +38,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import nnx
 
 from hierarchical_vit import data
 from hierarchical_vit.training import trainer
@@ -102,17 +101,13 @@ def shift_metrics(classify: Callable[[jax.Array], Array], images: Array, labels:
 def classifier(trained: trainer.Trained, batch_size: int = 500) -> Callable[[jax.Array], Array]:
   """Predicted classes of a restored classifier, in batches of batch_size
   (the last one padded, so one program serves every call)."""
-  @jax.jit
-  def predict(params, rest, x):
-    return jnp.argmax(nnx.merge(trained.eval_graphdef, params, rest)(x), axis=-1)
-
   def classify(images: jax.Array) -> Array:
     out = []
     for start in range(0, len(images), batch_size):
       chunk = jnp.asarray(images[start:start + batch_size])
       pad = batch_size - len(chunk)
       chunk = jnp.pad(chunk, ((0, pad),) + ((0, 0),) * (chunk.ndim - 1))
-      out.append(np.asarray(predict(trained.params, trained.rest, chunk))[:batch_size - pad])
+      out.append(np.asarray(trained.predict(chunk))[:batch_size - pad])
     return np.concatenate(out)
   return classify
 

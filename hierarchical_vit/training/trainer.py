@@ -14,6 +14,7 @@ it in place. The train state is a dict of arrays:
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -267,6 +268,13 @@ class Trained:
 
   def model(self) -> nnx.Module:
     return nnx.merge(self.eval_graphdef, self.params, self.rest)
+
+  @functools.cached_property
+  def predict(self) -> Callable[[jax.Array], jax.Array]:
+    """Jitted images (B, H, W, C) -> argmax classes: (B,), or (B, H, W) per pixel."""
+    graphdef = self.eval_graphdef
+    predict = jax.jit(lambda params, rest, x: nnx.merge(graphdef, params, rest)(x).argmax(-1))
+    return functools.partial(predict, self.params, self.rest)
 
 
 def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int = -1,

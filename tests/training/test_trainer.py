@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from configs import cifar
 from tests.training.conftest import read_metrics, run_script, tiny_config, write_config_file
@@ -451,6 +452,9 @@ def test_ema_weights_are_what_is_evaluated_and_restored(data_dir, tmp_path):
   assert restored.weights == 'ema_params' and restored.step == 3
   jax.tree.map(np.testing.assert_array_equal, leaves(restored.params),
                leaves(saved['ema_params']))
+  images = next(iter(data.create_eval_iterator(config.data, batch_size=8)))['image']
+  ema_model = nnx.merge(eval_graphdef, saved['ema_params'], rest)
+  np.testing.assert_array_equal(restored.predict(images), np.argmax(ema_model(images), -1))
 
   mesh = parallel.create_mesh(config.mesh)
   eval_step = jax.jit(trainer.make_eval_step(eval_graphdef, config.model.num_classes))
