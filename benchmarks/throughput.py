@@ -317,6 +317,19 @@ def format_table(results: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The CPU's model name from Linux's cpuinfo, else the architecture: runs on
+  different machines (these 2-core VMs are AMD or Intel) are told apart by it."""
+  try:
+    with open(cpuinfo, encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv):
   del argv
   backend = jax.default_backend()
@@ -336,8 +349,7 @@ def main(argv):
       print(json.dumps(results[-1]), flush=True)
   summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
-      'devices': [str(d) for d in jax.devices()], 'machine': platform.processor() or
-      platform.machine(), 'cpu_count': os.cpu_count(), 'load_average': os.getloadavg(),
+      'devices': [str(d) for d in jax.devices()], 'machine': cpu_model(), 'cpu_count': os.cpu_count(), 'load_average': os.getloadavg(),
       'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'ld_preload': os.environ.get('LD_PRELOAD', ''),
       'peak_rss_mib': _rss_mib(), 'results': results,

@@ -43,9 +43,11 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.attention = 'einsum'
   # Downsampler between encoder stages: a name in
   # hierarchical_vit.resampling.DOWNSAMPLERS: patch_merge | avg_pool | max_pool
-  # | conv | space_to_depth | depthwise_conv_pool, and the anti-aliased
-  # blur_merge | blur_pool | max_blur_pool (a binomial blur before subsampling,
-  # Zhang 2019). Width doubles per stage (space_to_depth: x4, it keeps every value).
+  # | soft_pool (softmax-weighted, Stergiou 2021) | conv | space_to_depth
+  # | depthwise_conv_pool (PiT) | conv_max_pool (NesT's 3x3 conv, LayerNorm,
+  # 3x3 max pool), and the anti-aliased blur_merge | blur_pool | max_blur_pool
+  # (a binomial blur before subsampling, Zhang 2019). Width doubles per stage
+  # (space_to_depth: x4, it keeps every value).
   m.downsample = 'patch_merge'
   # Options per downsampler name (its constructor's keywords, checked); only
   # the selected name's dict is used.

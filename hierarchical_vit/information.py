@@ -31,6 +31,10 @@ its reduction is learned, by the best any learned map of its shape can do:
                        never below patch_merge's PCA bound.
   blur_pool,           the 3-tap binomial blur at stride 2 (C), after the
   max_blur_pool        2x2 maximum at stride 1 for max_blur_pool.
+  soft_pool            the 2x2 softmax-weighted mean per channel (C).
+  conv_max_pool        NesT: the 3x3 maximum at stride 2 per channel (C), with
+                       its learned 3x3 conv left out: a reference point, not
+                       a bound (the conv may keep more or less).
 
   python -m hierarchical_vit.information \
       --config=configs/ablations/downsample.py:fashion_mnist \
@@ -158,6 +162,20 @@ def _max_2x2_stride_1(x: Array) -> Array:
                     np.maximum(x[:, :-1, 1:], x[:, 1:, 1:]))
 
 
+def _soft_mean(x: Array, axis: tuple[int, ...]) -> Array:
+  """SoftPool's reduction: sum e^x x / sum e^x over `axis`."""
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return (e * x).sum(axis=axis) / e.sum(axis=axis)
+
+
+def _max_3x3_stride_2(x: Array) -> Array:
+  """conv_max_pool's pooling on even sizes: the maximum of rows 2i..2i+2 and
+  columns 2j..2j+2, the last ones edge-padded (padding never wins)."""
+  _, h, w, _ = x.shape
+  x = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), mode='edge')
+  return np.max([x[:, dy:dy + h:2, dx:dx + w:2] for dy in range(3) for dx in range(3)], axis=0)
+
+
 def blurred_merge_error(train: Array, test: Array) -> float:
   """blur_merge: the best rank-2C linear map of the blurred 2x2 block (4C),
   then its best inverse to the original block."""
@@ -180,6 +198,8 @@ def downsampler_errors(train: Array, test: Array) -> dict[str, float]:
       'blur_pool': reconstruction_error(lambda x: _blur(x, stride=2), train, test),
       'max_blur_pool': reconstruction_error(lambda x: _blur(_max_2x2_stride_1(x), stride=2),
                                             train, test),
+      'soft_pool': reconstruction_error(lambda x: pool(x, _soft_mean), train, test),
+      'conv_max_pool': reconstruction_error(_max_3x3_stride_2, train, test),
   }
 
 

@@ -75,8 +75,8 @@ def test_expand_sweep_names_and_overrides():
 
 
 def test_shipped_sweeps_expand():
-  assert len(ablate.expand_sweep(downsample.get_config())) == 6 * 3
-  assert len(ablate.expand_sweep(downsample.get_config('imagenet2012'))) == 5 * 3
+  assert len(ablate.expand_sweep(downsample.get_config())) == 8 * 3
+  assert len(ablate.expand_sweep(downsample.get_config('imagenet2012'))) == 7 * 3
   runs = ablate.expand_sweep(upsample.get_config())
   assert len(runs) == 10 * 3
   nearest = next(r for r in runs if r.name == 'avg_pool+nearest-seed2')

@@ -1,5 +1,7 @@
 """The throughput benchmark compares like with like (no timing here)."""
 
+import platform
+
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -80,3 +82,12 @@ def test_model_config_selects_the_attention_core():
   assert throughput.model_config(bench, gelu_approximate=False).model.attention == 'einsum'
   config = throughput.model_config(bench, False, dtype='bfloat16', attention='cudnn')
   assert (config.model.attention, config.model.dtype) == ('cudnn', 'bfloat16')
+
+
+def test_cpu_model_reads_cpuinfo_and_falls_back_to_the_architecture(tmp_path):
+  cpuinfo = tmp_path / 'cpuinfo'
+  cpuinfo.write_text('processor\t: 0\nvendor_id\t: GenuineIntel\n'
+                     'model name\t: Intel(R) Xeon(R) Processor\nflags\t: fpu\n')
+  assert throughput.cpu_model(str(cpuinfo)) == 'Intel(R) Xeon(R) Processor'
+  assert throughput.cpu_model(str(tmp_path / 'missing')) in (platform.processor(),
+                                                               platform.machine())

@@ -1,11 +1,12 @@
 """The linear-inverse information-loss measure of the downsamplers."""
 
+import flax.linen as nn
 import numpy as np
 import pytest
 
 from hierarchical_vit import information
 from hierarchical_vit.resampling import DOWNSAMPLERS
-from tests.test_resampling import _numpy_blur, _numpy_max_2x2_stride_1
+from tests.test_resampling import _numpy_blur, _numpy_max_2x2_stride_1, _numpy_soft_pool
 
 
 def _reference_error(features: np.ndarray, images: np.ndarray) -> float:
@@ -83,6 +84,10 @@ def test_every_downsampler_has_a_measure_and_the_blurs_match_numpy():
       _reference_error(_numpy_blur(smooth, 3, 2), smooth), rel=1e-4)
   assert errors['max_blur_pool'] == pytest.approx(
       _reference_error(_numpy_blur(_numpy_max_2x2_stride_1(smooth), 3, 2), smooth), rel=1e-4)
+  assert errors['soft_pool'] == pytest.approx(
+      _reference_error(_numpy_soft_pool(smooth), smooth), rel=1e-4)
+  nest_pool = np.asarray(nn.max_pool(smooth, (3, 3), (2, 2), padding='SAME'))
+  assert errors['conv_max_pool'] == pytest.approx(_reference_error(nest_pool, smooth), rel=1e-4)
   # Fitted and measured on the same images, no rank-2C map of any features
   # beats the blocks' own top 2C principal components (Eckart-Young); the
   # blur's zero at the Nyquist frequency loses what merging alone keeps.

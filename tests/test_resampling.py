@@ -10,6 +10,7 @@ from PIL import Image
 from hierarchical_vit import resampling
 from hierarchical_vit.resampling import DOWNSAMPLERS, UPSAMPLERS, space_to_depth
 from hierarchical_vit.resampling import antialias
+from hierarchical_vit.resampling.downsample import soft_pool_2x2
 from hierarchical_vit.resampling.rearrange import expand_patches
 
 SIZES = [(8, 8), (7, 9)]  # even and odd
@@ -379,3 +380,67 @@ def test_blur_pool_with_the_box_filter_is_avg_pool():
 def test_blur_filter_size_errors_name_the_field(name, size):
   with pytest.raises(ValueError, match=rf'model.downsample_options.{name}.filter_size={size}'):
     DOWNSAMPLERS[name](8, filter_size=size, rngs=nnx.Rngs(0))
+
+
+# SoftPool and NesT's block aggregation.
+
+def _numpy_soft_pool(x):
+  """Per 2x2 window (only the in-bounds values at odd sizes), per channel:
+  sum_i e^(x_i) x_i / sum_j e^(x_j), in float64."""
+  b, h, w, c = x.shape
+  out = np.zeros((b, -(-h // 2), -(-w // 2), c))
+  for i in range(out.shape[1]):
+    for j in range(out.shape[2]):
+      window = x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(b, -1, c).astype(np.float64)
+      e = np.exp(window)
+      out[:, i, j] = (e * window).sum(1) / e.sum(1)
+  return out
+
+
+@pytest.mark.parametrize('shape', [(8, 8), (5, 7)])
+def test_soft_pool_matches_numpy(shape):
+  x = np.random.default_rng(0).normal(size=(2, *shape, 4)).astype(np.float32)
+  module = DOWNSAMPLERS['soft_pool'](4, 6, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(module(jnp.asarray(x)), _ln_reduction(module, _numpy_soft_pool(x)),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_soft_pool_lies_between_the_mean_and_the_max():
+  """Scaling the input by t: SoftPool(t x) / t tends to the mean as t -> 0 and to
+  the maximum as t grows; in between it never leaves [mean, max]."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 6, 6, 3)), jnp.float32)
+  blocks = np.asarray(x).reshape(2, 3, 2, 3, 2, 3)
+  mean, maximum = blocks.mean(axis=(2, 4)), blocks.max(axis=(2, 4))
+  np.testing.assert_allclose(soft_pool_2x2(1e-4 * x) / 1e-4, mean, atol=1e-3)
+  np.testing.assert_allclose(soft_pool_2x2(1e3 * x) / 1e3, maximum, atol=1e-3)
+  pooled = np.asarray(soft_pool_2x2(x))
+  assert np.all(pooled >= mean - 1e-6) and np.all(pooled <= maximum + 1e-6)
+  assert np.all(np.isfinite(np.asarray(soft_pool_2x2(jnp.full((1, 2, 2, 1), 1e4)))))
+
+
+@pytest.mark.parametrize('h, w', [(8, 8), (7, 9)])
+def test_conv_max_pool_is_nest_block_aggregation(h, w):
+  """3x3 conv (zero 'SAME' padding), LayerNorm, then the maximum over 3x3 windows at
+  stride 2: rows 2i..2i+2 with the bottom row out of bounds at even sizes, rows
+  2i-1..2i+1 at odd sizes (TF 'SAME' splits the pad); out-of-bounds never wins."""
+  c, out = 3, 4
+  module = DOWNSAMPLERS['conv_max_pool'](c, out, rngs=nnx.Rngs(0))
+  keys = iter(jax.random.split(jax.random.key(5), 3))
+  module.conv.bias[...] = jax.random.normal(next(keys), (out,))
+  module.norm.scale[...] = 1.0 + jax.random.normal(next(keys), (out,))
+  module.norm.bias[...] = jax.random.normal(next(keys), (out,))
+  x = np.random.default_rng(6).normal(size=(2, h, w, c)).astype(np.float32)
+  kernel = np.asarray(module.conv.kernel[...])  # (3, 3, c, out)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  conv = sum(np.einsum('bhwc,co->bhwo', xp[:, dy:dy + h, dx:dx + w], kernel[dy, dx])
+             for dy in range(3) for dx in range(3)) + np.asarray(module.conv.bias[...])
+  normed = _ln(conv, np.asarray(module.norm.scale[...]), np.asarray(module.norm.bias[...]))
+  ho, wo = -(-h // 2), -(-w // 2)
+  top, left = (h % 2), (w % 2)  # Rows / columns of padding before the map.
+  ref = np.zeros((2, ho, wo, out))
+  for i in range(ho):
+    for j in range(wo):
+      rows = slice(max(2 * i - top, 0), 2 * i - top + 3)
+      cols = slice(max(2 * j - left, 0), 2 * j - left + 3)
+      ref[:, i, j] = normed[:, rows, cols].max(axis=(1, 2))
+  np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-4)

@@ -17,13 +17,14 @@ import ml_collections
 from configs import cifar, quickstart, swin_imagenet
 
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')
-DOWNSAMPLERS = ('patch_merge', 'avg_pool', 'max_pool', 'conv', 'depthwise_conv_pool')
+DOWNSAMPLERS = ('patch_merge', 'avg_pool', 'max_pool', 'conv', 'depthwise_conv_pool',
+                'soft_pool', 'conv_max_pool')
 
 
 def _experiment(dataset: str) -> ml_collections.ConfigDict:
   if dataset == 'fashion_mnist':
     # The quickstart model (conv stem to 8x8 tokens, two downsamplings) for
-    # 1 epoch: ~2 min a run, so 5 downsamplers x 3 seeds take ~30 min on 2
+    # 1 epoch: ~2 min a run, so 7 downsamplers x 3 seeds take ~40 min on 2
     # CPU cores (measured: docs/results/README.md). Two evaluations per epoch
     # give the learning curves a second point.
     config = quickstart.get_config()

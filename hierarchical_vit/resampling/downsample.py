@@ -134,6 +134,45 @@ class MaxBlurPool(_Blurred, _Pool):
     return blur(x, self.filter_size, stride=2)
 
 
+def soft_pool_2x2(x: jax.Array) -> jax.Array:
+  """SoftPool (Stergiou et al. 2021): per channel, each 2x2 window's values
+  weighted by their softmax, sum_i e^(x_i) x_i / sum_j e^(x_j), between the mean
+  and the maximum. x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C); odd sizes'
+  padding gets weight 0."""
+  b, h, w, c = x.shape
+  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+  windows = x.reshape(b, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
+  weights = jax.nn.softmax(windows, axis=(2, 4))
+  return jnp.sum(weights * jnp.where(weights > 0, windows, 0), axis=(2, 4))
+
+
+class SoftPool(_Pool):
+  """SoftPool: softmax-weighted 2x2 pooling (soft_pool_2x2), parameter-free
+  like avg_pool and max_pool, whose two extremes it sits between."""
+
+  def pool(self, x: jax.Array) -> jax.Array:
+    return soft_pool_2x2(x)
+
+
+class ConvMaxPool(nnx.Module):
+  """NesT's block aggregation (Zhang et al. 2022, "Nested Hierarchical
+  Transformer"): a 3x3 conv C -> C_out at full resolution ('SAME'), LayerNorm,
+  then a 3x3 max pool at stride 2 ('SAME': the bottom/right pad, or one row on
+  each side of an odd size, never wins)."""
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               dtype: DTypeLike | None = None):
+    out_features = out_features or 2 * in_features
+    self.out_features = out_features
+    self.conv = nnx.Conv(in_features, out_features, (3, 3), padding='SAME', dtype=dtype,
+                         rngs=rngs)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = on_tokens(self.norm, self.conv(x))
+    return nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
+
+
 class ConvDownsample(nnx.Module):
   """Strided convolution C -> C_out, then LayerNorm. kernel_size 2 (stride 2,
   odd sizes zero-padded) or 3 (stride 2, padding 1, overlapping)."""
@@ -222,6 +261,8 @@ DOWNSAMPLERS = {
     'blur_pool': BlurPool,
     'max_pool': MaxPool,
     'max_blur_pool': MaxBlurPool,
+    'soft_pool': SoftPool,
     'conv': ConvDownsample,
     'depthwise_conv_pool': DepthwiseConvPool,
+    'conv_max_pool': ConvMaxPool,
 }
