@@ -53,6 +53,10 @@ def get_model_config() -> ml_collections.ConfigDict:
   # the selected name's dict is used.
   m.downsample_options = ml_collections.ConfigDict({
       'conv': {'kernel_size': 2},            # 2 (stride 2) or 3 (stride 2, pad 1).
+      # Pooling window at stride 2: 2 = the 2x2 blocks, 3 = overlapping (NesT).
+      'avg_pool': {'kernel_size': 2},
+      'max_pool': {'kernel_size': 2},
+      'conv_max_pool': {'pool_size': 3},     # NesT: 3; 2 = the 2x2 blocks.
       'depthwise_conv_pool': {'kernel_size': 3},  # PiT: depthwise stride-2 conv.
       # Binomial taps per axis: 1 no blur, 2 box [1, 1] / 2, 3 [1, 2, 1] / 4, ...
       'blur_merge': {'filter_size': 3},

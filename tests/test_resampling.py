@@ -418,13 +418,40 @@ def test_soft_pool_lies_between_the_mean_and_the_max():
   assert np.all(np.isfinite(np.asarray(soft_pool_2x2(jnp.full((1, 2, 2, 1), 1e4)))))
 
 
+def _numpy_same_pool(x, k, reduce):
+  """k x k windows at stride 2 with TF 'SAME' padding, reduced over the in-bounds
+  values only: ceil(H/2) rows, the pad split (k - 2 + H % 2) // 2 before the map."""
+  b, h, w, c = x.shape
+  ho, wo = -(-h // 2), -(-w // 2)
+  top = (max((ho - 1) * 2 + k - h, 0)) // 2
+  left = (max((wo - 1) * 2 + k - w, 0)) // 2
+  out = np.zeros((b, ho, wo, c))
+  for i in range(ho):
+    for j in range(wo):
+      rows = slice(max(2 * i - top, 0), 2 * i - top + k)
+      cols = slice(max(2 * j - left, 0), 2 * j - left + k)
+      out[:, i, j] = reduce(x[:, rows, cols], axis=(1, 2))
+  return out
+
+
+@pytest.mark.parametrize('shape', [(8, 8), (7, 9)])
+@pytest.mark.parametrize('k', [2, 3, 4])
+def test_pooling_kernel_sizes_match_numpy(shape, k):
+  x = np.random.default_rng(7).normal(size=(2, *shape, 3)).astype(np.float32)
+  for name, reduce in [('avg_pool', np.mean), ('max_pool', np.max)]:
+    module = DOWNSAMPLERS[name](3, 5, kernel_size=k, rngs=nnx.Rngs(0))
+    expected = _ln_reduction(module, _numpy_same_pool(x, k, reduce))
+    np.testing.assert_allclose(module(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize('h, w', [(8, 8), (7, 9)])
-def test_conv_max_pool_is_nest_block_aggregation(h, w):
-  """3x3 conv (zero 'SAME' padding), LayerNorm, then the maximum over 3x3 windows at
-  stride 2: rows 2i..2i+2 with the bottom row out of bounds at even sizes, rows
-  2i-1..2i+1 at odd sizes (TF 'SAME' splits the pad); out-of-bounds never wins."""
+@pytest.mark.parametrize('pool_size', [3, 2])
+def test_conv_max_pool_is_nest_block_aggregation(h, w, pool_size):
+  """3x3 conv (zero 'SAME' padding), LayerNorm, then the maximum over pool_size
+  windows at stride 2 ('SAME'; NesT's 3: rows 2i..2i+2 at even sizes, 2i-1..2i+1
+  at odd ones); out-of-bounds never wins."""
   c, out = 3, 4
-  module = DOWNSAMPLERS['conv_max_pool'](c, out, rngs=nnx.Rngs(0))
+  module = DOWNSAMPLERS['conv_max_pool'](c, out, pool_size=pool_size, rngs=nnx.Rngs(0))
   keys = iter(jax.random.split(jax.random.key(5), 3))
   module.conv.bias[...] = jax.random.normal(next(keys), (out,))
   module.norm.scale[...] = 1.0 + jax.random.normal(next(keys), (out,))
@@ -435,12 +462,16 @@ def test_conv_max_pool_is_nest_block_aggregation(h, w):
   conv = sum(np.einsum('bhwc,co->bhwo', xp[:, dy:dy + h, dx:dx + w], kernel[dy, dx])
              for dy in range(3) for dx in range(3)) + np.asarray(module.conv.bias[...])
   normed = _ln(conv, np.asarray(module.norm.scale[...]), np.asarray(module.norm.bias[...]))
-  ho, wo = -(-h // 2), -(-w // 2)
-  top, left = (h % 2), (w % 2)  # Rows / columns of padding before the map.
-  ref = np.zeros((2, ho, wo, out))
-  for i in range(ho):
-    for j in range(wo):
-      rows = slice(max(2 * i - top, 0), 2 * i - top + 3)
-      cols = slice(max(2 * j - left, 0), 2 * j - left + 3)
-      ref[:, i, j] = normed[:, rows, cols].max(axis=(1, 2))
-  np.testing.assert_allclose(module(jnp.asarray(x)), ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(module(jnp.asarray(x)), _numpy_same_pool(normed, pool_size, np.max),
+                             rtol=1e-4, atol=1e-4)
+  if pool_size == 3 and h % 2:  # The odd size's pad is split: window 0 is rows 0..1.
+    np.testing.assert_allclose(module(jnp.asarray(x))[:, 0, 0],
+                               normed[:, :2, :2].max(axis=(1, 2)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name, field', [('avg_pool', 'kernel_size'), ('max_pool', 'kernel_size'),
+                                         ('conv_max_pool', 'pool_size')])
+@pytest.mark.parametrize('value', [1, 2.5])
+def test_pool_window_errors_name_the_field(name, field, value):
+  with pytest.raises(ValueError, match=rf'downsample_options\.{name}\.{field}={value}'):
+    DOWNSAMPLERS[name](8, **{field: value}, rngs=nnx.Rngs(0))

@@ -19,6 +19,10 @@ from configs import cifar, quickstart, swin_imagenet
 DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')
 DOWNSAMPLERS = ('patch_merge', 'avg_pool', 'max_pool', 'conv', 'depthwise_conv_pool',
                 'soft_pool', 'conv_max_pool')
+# What makes NesT's aggregation work: (variant, downsampler, its options) for its
+# overlapping 3x3 max pool without the conv, and its conv with a plain 2x2 pool.
+NEST_PARTS = (('max_pool_3x3', 'max_pool', {'kernel_size': 3}),
+              ('conv_max_pool_2x2', 'conv_max_pool', {'pool_size': 2}))
 
 
 def _experiment(dataset: str) -> ml_collections.ConfigDict:
@@ -42,12 +46,19 @@ def get_config(arg: str = 'fashion_mnist') -> ml_collections.ConfigDict:
     raise ValueError(f'config arg data set {arg!r} is not one of {list(DATASETS)}')
   config = _experiment(arg)
   names = DOWNSAMPLERS + (() if arg == 'imagenet2012' else ('space_to_depth',))
+  variants = [{'name': n, 'overrides': {'model.downsample': n}} for n in names]
+  variants += [{'name': variant, 'overrides': {
+      'model.downsample': name,
+      **{f'model.downsample_options.{name}.{k}': v for k, v in options.items()}}}
+               for variant, name, options in NEST_PARTS]
   config.sweep = ml_collections.ConfigDict({
       'name': f'downsample_{arg}',
       'seeds': (0, 1, 2),
-      'variants': tuple({'name': n, 'overrides': {'model.downsample': n}} for n in names),
-      # Merging vs every alternative: a - b > 0 means patch merging is better.
-      'comparisons': tuple(('patch_merge', n) for n in names[1:]),
+      'variants': tuple(variants),
+      # Merging vs every alternative (a - b > 0: patch merging is better), and
+      # NesT's aggregation vs each of its parts alone.
+      'comparisons': tuple(('patch_merge', n) for n in names[1:])
+                     + tuple(('conv_max_pool', v) for v, _, _ in NEST_PARTS),
       'metric': 'eval/accuracy',
   })
   return config

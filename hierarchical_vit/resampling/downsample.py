@@ -93,24 +93,37 @@ class _Pool(nnx.Module):
     return on_tokens(self.reduction, on_tokens(self.norm, self.pool(x)))
 
 
-def _odd_padding(x: jax.Array) -> tuple[tuple[int, int], tuple[int, int]]:
-  """One row / column at the bottom / right where H / W is odd."""
-  _, h, w, _ = x.shape
-  return ((0, h % 2), (0, w % 2))
+class _WindowPool(_Pool):
+  """avg_pool / max_pool over a kernel_size x kernel_size window at stride 2,
+  'SAME' padding that never counts: 2 pools each 2x2 block (odd sizes padded
+  at the bottom/right), 3 overlapping windows as NesT's aggregation does."""
+  registry_name: str
+
+  def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
+               kernel_size: int = 2, dtype: DTypeLike | None = None):
+    if not isinstance(kernel_size, int) or kernel_size < 2:
+      raise ValueError(f'model.downsample_options.{self.registry_name}.kernel_size='
+                       f'{kernel_size!r} must be an integer >= 2 (2: 2x2 blocks, 3: overlapping)')
+    super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
+    self.kernel_size = kernel_size
 
 
-class AvgPool(_Pool):
-  """Average over each 2x2 window (padding excluded from the mean)."""
+class AvgPool(_WindowPool):
+  """Average over each window (padding excluded from the mean)."""
+  registry_name = 'avg_pool'
 
   def pool(self, x: jax.Array) -> jax.Array:
-    return nn.avg_pool(x, (2, 2), (2, 2), padding=_odd_padding(x), count_include_pad=False)
+    k = self.kernel_size
+    return nn.avg_pool(x, (k, k), (2, 2), padding='SAME', count_include_pad=False)
 
 
-class MaxPool(_Pool):
-  """Maximum over each 2x2 window (padding never wins)."""
+class MaxPool(_WindowPool):
+  """Maximum over each window (padding never wins)."""
+  registry_name = 'max_pool'
 
   def pool(self, x: jax.Array) -> jax.Array:
-    return nn.max_pool(x, (2, 2), (2, 2), padding=_odd_padding(x))
+    k = self.kernel_size
+    return nn.max_pool(x, (k, k), (2, 2), padding='SAME')
 
 
 class BlurPool(_Blurred, _Pool):
@@ -157,20 +170,26 @@ class SoftPool(_Pool):
 class ConvMaxPool(nnx.Module):
   """NesT's block aggregation (Zhang et al. 2022, "Nested Hierarchical
   Transformer"): a 3x3 conv C -> C_out at full resolution ('SAME'), LayerNorm,
-  then a 3x3 max pool at stride 2 ('SAME': the bottom/right pad, or one row on
-  each side of an odd size, never wins)."""
+  then a pool_size x pool_size max pool at stride 2 ('SAME': the bottom/right
+  pad, or one row on each side of an odd size, never wins). NesT pools 3x3;
+  pool_size 2 takes the 2x2 blocks, without overlap."""
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               dtype: DTypeLike | None = None):
+               pool_size: int = 3, dtype: DTypeLike | None = None):
+    if not isinstance(pool_size, int) or pool_size < 2:
+      raise ValueError(f'model.downsample_options.conv_max_pool.pool_size={pool_size!r} '
+                       'must be an integer >= 2 (3: NesT, 2: 2x2 blocks)')
     out_features = out_features or 2 * in_features
     self.out_features = out_features
+    self.pool_size = pool_size
     self.conv = nnx.Conv(in_features, out_features, (3, 3), padding='SAME', dtype=dtype,
                          rngs=rngs)
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = on_tokens(self.norm, self.conv(x))
-    return nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
+    k = self.pool_size
+    return nn.max_pool(x, (k, k), (2, 2), padding='SAME')
 
 
 class ConvDownsample(nnx.Module):

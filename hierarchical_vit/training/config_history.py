@@ -21,6 +21,9 @@ ADDED_FIELDS: dict[Path, Any] = {
     ('model', 'downsample_options', 'blur_merge'): {'filter_size': 3},
     ('model', 'downsample_options', 'blur_pool'): {'filter_size': 3},
     ('model', 'downsample_options', 'max_blur_pool'): {'filter_size': 3},
+    ('model', 'downsample_options', 'avg_pool'): {'kernel_size': 2},
+    ('model', 'downsample_options', 'max_pool'): {'kernel_size': 2},
+    ('model', 'downsample_options', 'conv_max_pool'): {'pool_size': 3},
 }
 # Fields removed since runs were saved, none of which changed what a run
 # trained, with the one value they ever had.
