@@ -372,6 +372,24 @@ def _result(variant: str, seed: int, accuracy: float) -> dict:
                     {'step': 10, 'epoch': 1.0, 'value': accuracy, 'loss': 0.5}]}
 
 
+def test_information_column_skips_variants_with_other_downsampler_options():
+  sweep = ml_collections.ConfigDict({
+      'name': 'parts', 'seeds': (0,), 'metric': 'eval/accuracy', 'comparisons': (),
+      'variants': (
+          {'name': 'max_pool', 'overrides': {'model.downsample': 'max_pool'}},
+          {'name': 'max_pool_3x3', 'overrides': {
+              'model.downsample': 'max_pool', 'model.downsample_options.max_pool.kernel_size': 3}},
+          {'name': 'avg_pool', 'overrides': {
+              'model.downsample': 'avg_pool', 'model.downsample_options.max_pool.kernel_size': 3}},
+      )})
+  results = [_result(v, 0, 0.9) for v in ('max_pool', 'max_pool_3x3', 'avg_pool')]
+  text = aggregate.markdown(results, sweep, information={'max_pool': 0.433, 'avg_pool': 0.332})
+  assert '| max_pool | 1 | 90.00 ± 0.00 | 1,234,567 | 0.0500 | 100 | 0.433 |' in text
+  assert '| max_pool_3x3 | 1 | 90.00 ± 0.00 | 1,234,567 | 0.0500 | 100 | – |' in text
+  # Another downsampler's options do not change avg_pool.
+  assert '| avg_pool | 1 | 90.00 ± 0.00 | 1,234,567 | 0.0500 | 100 | 0.332 |' in text
+
+
 def test_aggregates_by_hand(tmp_path):
   results = ([_result('patch_merge', s, a) for s, a in enumerate((0.90, 0.92, 0.94))]
              + [_result('avg_pool', s, a) for s, a in enumerate((0.85, 0.88, 0.91))])

@@ -108,6 +108,15 @@ def _percent(x: float) -> str:
   return f'{100 * x:.2f}'
 
 
+def _information_error(information: dict[str, float], overrides: dict) -> float | None:
+  """The variant's downsampler's error: measured with the registry's default
+  options, so none for a variant that changes them (e.g. a 3x3 max_pool)."""
+  name = overrides.get('model.downsample', '')
+  if any(key.startswith(f'model.downsample_options.{name}.') for key in overrides):
+    return None
+  return information.get(name)
+
+
 def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
              information: dict[str, float] | None = None,
              shift: dict[str, dict] | None = None) -> str:
@@ -129,7 +138,7 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
     speed = '' if row['train_img_per_sec'] is None else f'{row["train_img_per_sec"]:.0f}'
     extra = ''
     if information:
-      error = information.get(overrides[row['variant']].get('model.downsample', ''))
+      error = _information_error(information, overrides[row['variant']])
       extra += ' – |' if error is None else f' {error:.3f} |'
     if shift:
       measured = shift.get(row['variant'])
@@ -143,7 +152,8 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
               'squares) from each output token to its 2x2 input block, on held-out images, '
               "for the variant's downsampler: its parameter-free resampling, or the best any "
               'learned map of its shape can do (hierarchical_vit/information.py; '
-              'information.json).']
+              "information.json); measured with the downsampler's default options, so – "
+              'for a variant that changes them.']
   if shift:
     lines += ['', 'shift consistency: how often the predicted class is the same for two random '
               'circular shifts of a held-out image (Zhang 2019; '
