@@ -75,13 +75,14 @@ def test_expand_sweep_names_and_overrides():
 
 
 def test_shipped_sweeps_expand():
-  assert len(ablate.expand_sweep(downsample.get_config())) == 10 * 3
-  assert len(ablate.expand_sweep(downsample.get_config('imagenet2012'))) == 9 * 3
+  assert len(ablate.expand_sweep(downsample.get_config())) == 11 * 3
+  assert len(ablate.expand_sweep(downsample.get_config('imagenet2012'))) == 10 * 3
   parts = {r.name: r.config.model for r in ablate.expand_sweep(downsample.get_config())}
   assert parts['max_pool_3x3-seed0'].downsample == 'max_pool'
   assert parts['max_pool_3x3-seed0'].downsample_options.max_pool.kernel_size == 3
   assert parts['conv_max_pool_2x2-seed2'].downsample_options.conv_max_pool.pool_size == 2
   assert parts['conv_max_pool-seed0'].downsample_options.conv_max_pool.pool_size == 3
+  assert parts['conv_3x3-seed1'].downsample_options.conv.kernel_size == 3
   runs = ablate.expand_sweep(upsample.get_config())
   assert len(runs) == 10 * 3
   nearest = next(r for r in runs if r.name == 'avg_pool+nearest-seed2')

@@ -20,9 +20,11 @@ DATASETS = ('fashion_mnist', 'cifar10', 'cifar100', 'imagenet2012')
 DOWNSAMPLERS = ('patch_merge', 'avg_pool', 'max_pool', 'conv', 'depthwise_conv_pool',
                 'soft_pool', 'conv_max_pool')
 # What makes NesT's aggregation work: (variant, downsampler, its options) for its
-# overlapping 3x3 max pool without the conv, and its conv with a plain 2x2 pool.
+# overlapping 3x3 max pool without the conv, its conv with a plain 2x2 pool, and
+# a stride-2 3x3 conv with the same parameters in place of conv + pool.
 NEST_PARTS = (('max_pool_3x3', 'max_pool', {'kernel_size': 3}),
-              ('conv_max_pool_2x2', 'conv_max_pool', {'pool_size': 2}))
+              ('conv_max_pool_2x2', 'conv_max_pool', {'pool_size': 2}),
+              ('conv_3x3', 'conv', {'kernel_size': 3}))
 
 
 def _experiment(dataset: str) -> ml_collections.ConfigDict:
