@@ -349,7 +349,8 @@ def main(argv):
       print(json.dumps(results[-1]), flush=True)
   summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
-      'devices': [str(d) for d in jax.devices()], 'machine': cpu_model(), 'cpu_count': os.cpu_count(), 'load_average': os.getloadavg(),
+      'devices': [str(d) for d in jax.devices()], 'machine': cpu_model(),
+      'cpu_count': os.cpu_count(), 'load_average': os.getloadavg(),
       'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'ld_preload': os.environ.get('LD_PRELOAD', ''),
       'peak_rss_mib': _rss_mib(), 'results': results,

@@ -30,8 +30,8 @@ NEST_PARTS = (('max_pool_3x3', 'max_pool', {'kernel_size': 3}),
 def _experiment(dataset: str) -> ml_collections.ConfigDict:
   if dataset == 'fashion_mnist':
     # The quickstart model (conv stem to 8x8 tokens, two downsamplings) for
-    # 1 epoch: ~2 min a run, so 7 downsamplers x 3 seeds take ~40 min on 2
-    # CPU cores (measured: docs/results/README.md). Two evaluations per epoch
+    # 1 epoch: ~2 min a run on 2 CPU cores (measured: docs/results/README.md),
+    # so ~45 min for the 7 downsamplers x 3 seeds. Two evaluations per epoch
     # give the learning curves a second point.
     config = quickstart.get_config()
     config.train.num_epochs = 1.0
@@ -58,7 +58,7 @@ def get_config(arg: str = 'fashion_mnist') -> ml_collections.ConfigDict:
       'seeds': (0, 1, 2),
       'variants': tuple(variants),
       # Merging vs every alternative (a - b > 0: patch merging is better), and
-      # NesT's aggregation vs each of its parts alone.
+      # NesT's aggregation vs each NEST_PARTS variant.
       'comparisons': tuple(('patch_merge', n) for n in names[1:])
                      + tuple(('conv_max_pool', v) for v, _, _ in NEST_PARTS),
       'metric': 'eval/accuracy',
