@@ -73,7 +73,7 @@ def blocks(x: Array) -> Array:
 
 
 def pool(x: Array, reduce: Callable[..., Array]) -> Array:
-  """2x2 stride-2 pooling of (N, H, W, C) with reduce = np.mean or np.max."""
+  """2x2 stride-2 pooling of (N, H, W, C) with reduce = np.mean, np.max or _soft_mean."""
   n, h, w, c = x.shape
   return reduce(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
