@@ -184,7 +184,7 @@ def _eval_mesh_config(mesh_config: ml_collections.ConfigDict) -> ml_collections.
   replicated, so the training run's mesh (which may name devices this machine
   lacks) does not matter."""
   return ml_collections.ConfigDict(
-      {**mesh_config.to_dict(), 'strategy': 'data_parallel', 'shape': ()})
+      {**mesh_config.to_dict(), 'strategy': 'data_parallel', 'shape': (), 'dcn_shape': ()})
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

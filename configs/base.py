@@ -153,6 +153,14 @@ def get_mesh_config() -> ml_collections.ConfigDict:
   # FSDP (shard within a host, replicate across hosts): (num_hosts, -1).
   # The batch is split over both axes either way.
   mesh.shape = ()
+  # Hybrid meshes, for devices joined by a slow network: how many granules
+  # (TPU slices; on one slice, processes, e.g. GPU nodes) lie along each axis;
+  # each granule's devices form one (shape / dcn_shape) block of the mesh, so
+  # an axis with one granule keeps its collectives on the fast links. () = one
+  # TPU slice per 'data' index (and, on one slice, no hybrid mesh). E.g. 2
+  # GPU nodes of 8 with strategy 'fsdp': dcn_shape (2, 1) gives the mesh
+  # (2, 8), FSDP within each node. See docs/scaling.md.
+  mesh.dcn_shape = ()
   # Smaller arrays stay replicated under fsdp: gathering them costs more
   # latency than the memory saved (2**18 f32 = 1 MiB).
   mesh.fsdp_min_size = 2**18

@@ -19,6 +19,15 @@ Multi-process runs (one process per TPU host, or per GPU / GPU node) run the
 same program in every process: `initialize_distributed` connects them, each
 process loads its own slice of the global batch and `shard_batch` assembles
 the global arrays.
+
+Hybrid meshes: when devices are joined by a slow network (DCN between TPU
+slices, Ethernet / InfiniBand between GPU nodes), `config.mesh.dcn_shape`
+says how many of those units (granules: TPU slices, or else processes) lie
+along each axis, and `create_mesh` builds each granule's block of the mesh
+from its own devices (`mesh_utils.create_hybrid_device_mesh`), so that the
+collectives of an axis with one granule stay on the fast links. Several TPU
+slices default to one slice per 'data' index: FSDP's all-gathers then stay
+inside a slice and only the gradient all-reduce crosses DCN.
 """
 
 import importlib.util
@@ -29,13 +38,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 STRATEGIES = ('data_parallel', 'fsdp')
 # The sharding rules below name these axes: config.mesh.axes must equal them.
 AXES = ('data', 'fsdp')
-# mesh.shape = () puts all devices on the strategy's axis.
-_DEFAULT_SHAPES = {'data_parallel': (-1, 1), 'fsdp': (1, -1)}
+# The axis that mesh.shape = () gives the devices to.
+_STRATEGY_AXIS = {'data_parallel': 'data', 'fsdp': 'fsdp'}
 
 
 def distributed_args(coordinator_address: str = '', num_processes: int = 0,
@@ -91,20 +101,75 @@ def initialize_distributed(coordinator_address: str = '',
                jax.local_device_count(), jax.device_count())
 
 
-def create_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
-  """Builds the mesh from config.mesh; one -1 in the shape takes the rest."""
+def create_mesh(mesh_config: ml_collections.ConfigDict,
+                devices: list[jax.Device] | None = None) -> Mesh:
+  """Builds the mesh from config.mesh over `devices` (default: all of them);
+  one -1 in the shape takes the rest."""
   axes = tuple(mesh_config.axes)
   if axes != AXES:
     raise ValueError(f'mesh.axes={axes} is not valid: the sharding rules use the axes {AXES}; '
                      'pick the layout with mesh.strategy and mesh.shape instead.')
+  devices = jax.devices() if devices is None else devices
+  shape, dcn_shape = mesh_layout(mesh_config, devices)
+  # Auto axes: plain jit sharding propagation (jax>=0.7 defaults to Explicit).
+  axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
+  if np.prod(dcn_shape) == 1:
+    # Devices come in process order, so each process holds a contiguous block
+    # of the batch (what make_array_from_process_local_data expects).
+    return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
+  return Mesh(hybrid_device_grid(shape, dcn_shape, devices), axes, axis_types=axis_types)
+
+
+def mesh_layout(mesh_config: ml_collections.ConfigDict, devices: list[Any]
+                ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """(mesh shape, DCN shape): sizes per axis of the whole mesh and of its
+  granules (see `hybrid_device_grid`), from config.mesh and the devices."""
   # Checked even with an explicit shape: state_shardings reads it later.
   strategy = _strategy(mesh_config)
-  shape = _mesh_shape(tuple(mesh_config.shape or _DEFAULT_SHAPES[strategy]),
-                      jax.device_count())
-  # Auto axes: plain jit sharding propagation (jax>=0.7 defaults to Explicit).
-  # Devices come in process order, so each process holds a contiguous block
-  # of the batch (what make_array_from_process_local_data expects).
-  return jax.make_mesh(shape, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
+  dcn_shape = _dcn_shape(tuple(mesh_config.get('dcn_shape', ())), devices)
+  # The default puts every device on the strategy's axis, except that the
+  # other axis keeps one index per granule laid along it.
+  default = tuple(-1 if axis == _STRATEGY_AXIS[strategy] else n
+                  for axis, n in zip(AXES, dcn_shape))
+  shape = _mesh_shape(tuple(mesh_config.shape or default), len(devices))
+  if any(s % d for s, d in zip(shape, dcn_shape)):
+    raise ValueError(f'mesh.shape={shape} does not split over mesh.dcn_shape={dcn_shape}: '
+                     'each axis size must be a multiple of its number of granules.')
+  return shape, dcn_shape
+
+
+def hybrid_device_grid(shape: tuple[int, ...], dcn_shape: tuple[int, ...],
+                       devices: list[Any]) -> np.ndarray:
+  """The devices as a `shape` array made of dcn_shape blocks, one per granule
+  (TPU slice if the devices span several, else process), each block
+  (shape / dcn_shape) laid out from that granule's devices alone."""
+  ici_shape = tuple(s // d for s, d in zip(shape, dcn_shape))
+  return mesh_utils.create_hybrid_device_mesh(
+      ici_shape, dcn_shape, devices, process_is_granule=_num_slices(devices) == 1,
+      allow_split_physical_axes=True)
+
+
+def _num_slices(devices: list[Any]) -> int:
+  return len({getattr(d, 'slice_index', 0) for d in devices})
+
+
+def _dcn_shape(dcn_shape: tuple[int, ...], devices: list[Any]) -> tuple[int, ...]:
+  """mesh.dcn_shape, () meaning one TPU slice per 'data' index (no DCN on one slice)."""
+  slices = _num_slices(devices)
+  if not dcn_shape:
+    return (slices,) + (1,) * (len(AXES) - 1)
+  field = f'mesh.dcn_shape={dcn_shape}'
+  if len(dcn_shape) != len(AXES) or not all(_is_int(s) and s > 0 for s in dcn_shape):
+    raise ValueError(f'{field} is not valid: it needs one positive int per axis of {AXES}, '
+                     'or () for one TPU slice per data index.')
+  if slices > 1:
+    valid, unit = (slices,), f'the {slices} TPU slices of this run'
+  else:
+    processes = len({d.process_index for d in devices})
+    valid, unit = (1, processes), f'1 (no hybrid mesh) or the {processes} processes of this run'
+  if np.prod(dcn_shape) not in valid:
+    raise ValueError(f'{field} is not valid: its sizes must multiply to {unit}.')
+  return tuple(int(s) for s in dcn_shape)
 
 
 def _mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:

@@ -230,3 +230,47 @@ def test_state_shardings_strategy():
   config.strategy = 'zero'
   with pytest.raises(ValueError, match='data_parallel, fsdp'):
     parallel.state_shardings(mesh, state, config)
+
+
+# Each of 2 processes (4 CPU devices each) builds the hybrid FSDP mesh with
+# processes as the DCN granules, shards a weight over 'fsdp' and its quarter of
+# the batch, and prints the mesh and a replicated product as JSON.
+_HYBRID_MESH = """
+import json, sys
+import jax, ml_collections, numpy as np
+from hierarchical_vit import parallel
+parallel.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]))
+config = ml_collections.ConfigDict({'axes': parallel.AXES, 'strategy': 'fsdp', 'shape': (),
+                                    'dcn_shape': (2, 1), 'fsdp_min_size': 0})
+mesh = parallel.create_mesh(config)
+w = np.arange(16 * 8, dtype=np.float32).reshape(16, 8) / 100
+params = parallel.put_global({'w': w}, parallel.state_shardings(mesh, {'w': w}, config))
+x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
+i = jax.process_index()
+batch = parallel.shard_batch({'x': x[4 * i:4 * i + 4]}, parallel.batch_sharding(mesh))
+y = jax.jit(lambda p, b: b['x'] @ p['w'], out_shardings=parallel.replicated(mesh))(params, batch)
+print(json.dumps({'shape': dict(mesh.shape),
+                  'processes': [[d.process_index for d in row] for row in mesh.devices],
+                  'w_spec': str(params['w'].sharding.spec), 'y': np.asarray(y).tolist()}))
+"""
+
+
+def test_hybrid_mesh_across_two_processes(tmp_path):
+  """mesh.dcn_shape=(2, 1) on 2 processes (as on 2 GPU nodes): each process's
+  devices are one row, so FSDP's gathers stay inside a process, and a sharded
+  product over the process-local batches is exact."""
+  coordinator = f'127.0.0.1:{_free_port()}'
+  logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
+  with contextlib.ExitStack() as stack:
+    procs = [stack.enter_context(_spawn(
+        [sys.executable, '-c', _HYBRID_MESH, coordinator, str(i)], 4, logs[i]))
+             for i in range(2)]
+    _wait_all(procs, logs)
+  x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
+  w = np.arange(16 * 8, dtype=np.float32).reshape(16, 8) / 100
+  for log in logs:
+    out = json.loads(open(log).read().strip().splitlines()[-1])
+    assert out['shape'] == {'data': 2, 'fsdp': 4}
+    assert out['processes'] == [[0] * 4, [1] * 4]
+    assert out['w_spec'] == str(P('fsdp', None))
+    np.testing.assert_allclose(out['y'], x @ w, rtol=1e-6)

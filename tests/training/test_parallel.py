@@ -1,5 +1,6 @@
 """Mesh construction and the FSDP sharding rule."""
 
+import dataclasses
 import json
 import os
 import re
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -95,3 +97,90 @@ def test_fsdp_spec_shards_largest_divisible_dim():
   assert parallel.fsdp_spec((7, 5), 4, min_size=1) == P()  # Nothing divides.
   assert parallel.fsdp_spec((96, 384), 4, min_size=10**6) == P()  # Small.
   assert parallel.fsdp_spec((96, 384), 1, min_size=1) == P()  # No fsdp axis.
+
+
+@dataclasses.dataclass(frozen=True)
+class _TpuLike:
+  """What mesh_utils reads of a device; platform 'cpu' lays each granule's
+  block out in device order (no torus to map onto)."""
+  id: int
+  process_index: int
+  slice_index: int
+  platform: str = 'cpu'
+  device_kind: str = 'cpu'
+
+
+@dataclasses.dataclass(frozen=True)
+class _GpuLike:
+  """A device without slice_index, as on GPU nodes."""
+  id: int
+  process_index: int
+  platform: str = 'cpu'
+  device_kind: str = 'cpu'
+
+
+def _slices(num_slices: int, per_slice: int, hosts_per_slice: int = 2) -> list[_TpuLike]:
+  per_host = per_slice // hosts_per_slice
+  return [_TpuLike(i, i // per_host, i // per_slice) for i in range(num_slices * per_slice)]
+
+
+def _grid(devices, **mesh) -> np.ndarray:
+  config = ml_collections.ConfigDict(
+      {'axes': parallel.AXES, 'strategy': 'fsdp', 'shape': (), 'dcn_shape': (), **mesh})
+  shape, dcn_shape = parallel.mesh_layout(config, devices)
+  return parallel.hybrid_device_grid(shape, dcn_shape, devices)
+
+
+def _attr(grid: np.ndarray, name: str) -> np.ndarray:
+  return np.vectorize(lambda d: getattr(d, name))(grid)
+
+
+def test_two_slices_fsdp_default_keeps_fsdp_inside_a_slice():
+  devices = _slices(2, 4)
+  grid = _grid(devices)
+  assert grid.shape == (2, 4)
+  np.testing.assert_array_equal(_attr(grid, 'slice_index'), [[0] * 4, [1] * 4])
+  assert sorted(_attr(grid, 'id').ravel()) == list(range(8))  # Each device once.
+
+
+def test_two_slices_data_parallel_default_stacks_slices_along_data():
+  grid = _grid(_slices(2, 4), strategy='data_parallel')
+  assert grid.shape == (8, 1)
+  np.testing.assert_array_equal(_attr(grid, 'slice_index').ravel(), [0] * 4 + [1] * 4)
+
+
+def test_explicit_shape_splits_into_per_slice_blocks():
+  """(4, 2) over 2 slices along data: each slice is a (2, 2) block of rows."""
+  grid = _grid(_slices(2, 4), shape=(4, -1))
+  assert grid.shape == (4, 2)
+  np.testing.assert_array_equal(_attr(grid, 'slice_index'), [[0, 0], [0, 0], [1, 1], [1, 1]])
+
+
+def test_slices_along_fsdp():
+  grid = _grid(_slices(2, 4), dcn_shape=(1, 2))
+  assert grid.shape == (1, 8)
+  np.testing.assert_array_equal(_attr(grid, 'slice_index'), [[0] * 4 + [1] * 4])
+
+
+def test_processes_are_the_granules_without_slices():
+  """GPU nodes: dcn_shape (2, 1) makes each node (process) one row."""
+  devices = [_GpuLike(i, i // 4) for i in range(8)]
+  grid = _grid(devices, dcn_shape=(2, 1))
+  assert grid.shape == (2, 4)
+  np.testing.assert_array_equal(_attr(grid, 'process_index'), [[0] * 4, [1] * 4])
+
+
+@pytest.mark.parametrize('devices, mesh, message', [
+    (_slices(2, 4), {'dcn_shape': (3, 1)},
+     r'mesh.dcn_shape=\(3, 1\) is not valid: its sizes must multiply to the 2 TPU slices'),
+    (_slices(2, 4), {'dcn_shape': (1, 1)}, 'must multiply to the 2 TPU slices'),
+    (_slices(2, 4), {'dcn_shape': (2,)}, r'mesh.dcn_shape=\(2,\) is not valid: it needs one'),
+    (_slices(2, 4), {'dcn_shape': (2, 0)}, 'one positive int per axis'),
+    (_slices(2, 4), {'shape': (1, 8)},
+     r'mesh.shape=\(1, 8\) does not split over mesh.dcn_shape=\(2, 1\)'),
+    ([_GpuLike(i, 0) for i in range(8)], {'dcn_shape': (2, 1)},
+     r'must multiply to 1 \(no hybrid mesh\) or the 1 processes'),
+])
+def test_hybrid_mesh_rejects_bad_config(devices, mesh, message):
+  with pytest.raises(ValueError, match=message):
+    _grid(devices, **mesh)

@@ -374,11 +374,11 @@ def test_resuming_with_another_worker_count_is_refused_by_name(trained):
 
 def test_eval_runs_data_parallel_on_the_devices_it_has():
   """eval.py restores weights replicated, so a run trained on a (2, 4) FSDP mesh
-  evaluates on one device."""
+  over two hosts evaluates on one device."""
   eval_script = importlib.import_module('eval')
   config = cifar.get_config('cifar10,cifar_small')
-  config.mesh.update(strategy='fsdp', shape=(2, 4))
-  with pytest.raises(ValueError, match='does not use all'):
+  config.mesh.update(strategy='fsdp', shape=(2, 4), dcn_shape=(2, 1))
+  with pytest.raises(ValueError, match=r'mesh.dcn_shape=\(2, 1\) is not valid'):
     parallel.create_mesh(config.mesh)
   mesh = parallel.create_mesh(eval_script._eval_mesh_config(config.mesh))
   assert dict(mesh.shape) == {'data': jax.device_count(), 'fsdp': 1}
