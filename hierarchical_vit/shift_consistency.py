@@ -3,15 +3,26 @@ r"""Shift consistency (Zhang 2019): does a prediction survive small input shifts
 Subsampling without a low-pass filter aliases, so a hierarchical model's output
 can change when its input moves by a pixel. Zhang's measure, *consistency*, is
 the fraction of held-out images whose predicted class is the same for two
-random shifts of the image. Shifts are circular by default (jnp.roll): the image
-keeps its size and what leaves one edge re-enters at the other. Keep max_shift
-within the images' blank border, so that only background wraps: the Fashion-MNIST
-configs pad 28x28 to 32x32 with 2 black pixels per side, hence the default 2
-(at 4, objects that fill the 28 pixels would wrap around). For natural images,
-whose borders are not blank, `--shift=edge` translates instead, filling what
-enters with the nearest edge pixel (no seam, but what leaves is lost). Offsets
-are drawn uniformly from {-max_shift, ..., max_shift} per axis and image, from
-`seed`, so every run is measured on the same shifted images.
+random shifts of the image. How an image is shifted (`--shift`):
+
+  circular  jnp.roll: the image keeps its size and what leaves one edge
+            re-enters at the other. Keep max_shift within the images' blank
+            border, so that only background wraps: the Fashion-MNIST configs
+            pad 28x28 to 32x32 with 2 black pixels per side, hence the
+            default 2 (at 4, objects that fill the 28 pixels would wrap).
+  edge      translation, what enters filled with the nearest edge pixel (no
+            seam, but what leaves is lost): for natural images at their
+            stored size (CIFAR).
+  crop      Zhang's ImageNet protocol: shifted crops of a wider view. Each
+            image is loaded max_shift pixels wider per side at the eval scale
+            (data.load_eval_examples' margin), and the model sees its
+            image_size crops; offset (0, 0) is the usual centre view. For
+            ImageNet at 224, max_shift=16 gives Zhang's random 224 crops of
+            the 256 resize. Fixed-size data (resize_mode 'pad') get a black
+            margin instead of context.
+
+Offsets are drawn uniformly from {-max_shift, ..., max_shift} per axis and
+image, from `seed`, so every run is measured on the same shifted images.
 
 Per run, on the first `num_images` images of the eval split:
 
@@ -26,9 +37,13 @@ names them) the mean and standard deviation over seeds.
   python -m hierarchical_vit.shift_consistency \
       --run_dirs='workdirs/antialias/runs/*' \
       --output=docs/results/antialias_fashion_mnist/shift_consistency.json
+  # Zhang's ImageNet protocol:
+  python -m hierarchical_vit.shift_consistency --run_dirs=workdirs/swin_t \
+      --shift=crop --max_shift=16 --num_images=50000
 """
 
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -53,22 +68,36 @@ def roll_images(images: Array, dy: Array, dx: Array) -> jax.Array:
   return jax.vmap(roll)(jnp.asarray(images), jnp.asarray(dy), jnp.asarray(dx))
 
 
-def translate_images(images: Array, dy: Array, dx: Array) -> jax.Array:
-  """Each image moved by (dy[n], dx[n]) pixels, what leaves lost and what
-  enters filled with the nearest edge pixel: out[n, y, x] =
+def crop_views(canvases: Array, dy: Array, dx: Array, margin: int) -> jax.Array:
+  """The views of each canvas moved by (dy[n], dx[n]): canvases (N, H + 2 margin,
+  W + 2 margin, C) -> (N, H, W, C), out[n, y, x] = canvases[n, margin + y - dy[n],
+  margin + x - dx[n]]; |dy|, |dx| <= margin."""
+  size = (canvases.shape[1] - 2 * margin, canvases.shape[2] - 2 * margin, canvases.shape[3])
+  crop = lambda canvas, a, b: jax.lax.dynamic_slice(canvas, (margin - a, margin - b, 0), size)
+  return jax.vmap(crop)(jnp.asarray(canvases), jnp.asarray(dy), jnp.asarray(dx))
+
+
+def translate_images(images: Array, dy: Array, dx: Array, margin: int) -> jax.Array:
+  """Each image moved by (dy[n], dx[n]) pixels, |dy|, |dx| <= margin, what
+  leaves lost and what enters filled with the nearest edge pixel: out[n, y, x] =
   images[n, clip(y - dy[n]), clip(x - dx[n])]."""
-  dy, dx = np.asarray(dy), np.asarray(dx)
-  m = int(max(np.abs(dy).max(), np.abs(dx).max()))
-  padded = jnp.pad(jnp.asarray(images), ((0, 0), (m, m), (m, m), (0, 0)), mode='edge')
-  size = images.shape[1:]
-  crop = lambda image, a, b: jax.lax.dynamic_slice(image, (m - a, m - b, 0), size)
-  return jax.vmap(crop)(padded, jnp.asarray(dy), jnp.asarray(dx))
+  padded = jnp.pad(jnp.asarray(images), ((0, 0), (margin, margin), (margin, margin), (0, 0)),
+                   mode='edge')
+  return crop_views(padded, dy, dx, margin)
 
 
-# How an image is shifted (--shift): 'circular' keeps every pixel (right where
-# the border is blank, e.g. padded Fashion-MNIST); 'edge' avoids the seam that
-# wrapping puts into natural images (CIFAR).
-SHIFTS = {'circular': roll_images, 'edge': translate_images}
+@dataclasses.dataclass(frozen=True)
+class Shift:
+  """move(images, dy, dx, max_shift) -> the shifted model inputs; with_margin:
+  whether images come max_shift pixels wider per side than those inputs."""
+  move: Callable[[Array, Array, Array, int], jax.Array]
+  with_margin: bool
+
+
+# The module docstring's --shift choices.
+SHIFTS = {'circular': Shift(lambda images, dy, dx, _: roll_images(images, dy, dx), False),
+          'edge': Shift(translate_images, False),
+          'crop': Shift(crop_views, True)}
 
 
 def random_offsets(num_images: int, max_shift: int, seed: int) -> Array:
@@ -81,16 +110,18 @@ def random_offsets(num_images: int, max_shift: int, seed: int) -> Array:
 
 def shift_metrics(classify: Callable[[jax.Array], Array], images: Array, labels: Array,
                   max_shift: int, seed: int = 0, shift: str = 'circular') -> dict:
-  """The module docstring's measures for one classifier: classify maps images
-  (N, H, W, C) to predicted classes (N,); shift names a SHIFTS entry."""
+  """The module docstring's measures for one classifier: classify maps model
+  inputs (N, H, W, C) to predicted classes (N,); shift names a SHIFTS entry;
+  images are (N, H, W, C), or max_shift pixels wider per side for a shift
+  with_margin."""
   if shift not in SHIFTS:
     raise ValueError(f'shift={shift!r} is not one of {sorted(SHIFTS)}')
-  move = SHIFTS[shift]
   offsets = random_offsets(len(images), max_shift, seed)
-  plain = classify(images)
-  a, b = (classify(move(images, dy, dx)) for dy, dx in offsets)
   same = np.ones(len(images), int)
-  diagonal = [float(np.mean(classify(move(images, s * same, s * same)) == plain))
+  move = lambda s_y, s_x: SHIFTS[shift].move(images, s_y, s_x, max_shift)
+  plain = classify(move(0 * same, 0 * same))
+  a, b = (classify(move(dy, dx)) for dy, dx in offsets)
+  diagonal = [float(np.mean(classify(move(s * same, s * same)) == plain))
               for s in range(1, max_shift + 1)]
   return {'consistency': float(np.mean(a == b)),
           'accuracy': float(np.mean(plain == labels)),
@@ -156,7 +187,9 @@ def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0,
   config = trainer.load_config(run_dir)
   if config.task != 'classification':
     raise ValueError(f'{run_dir}: task={config.task!r}; shift consistency needs a classifier')
-  images, labels = data.load_eval_examples(config.data, config.data.eval_split, num_images)
+  margin = max_shift if SHIFTS[shift].with_margin else 0
+  images, labels = data.load_eval_examples(config.data, config.data.eval_split, num_images,
+                                           margin)
   trained = trainer.restore_trained(config, run_dir)
   return {**shift_metrics(classifier(trained), images, labels, max_shift, seed, shift),
           'step': trained.step}
@@ -190,9 +223,11 @@ if __name__ == '__main__':
       "patterns such as 'WORKDIR/runs/*'.", required=True)
   _NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Eval-split images to measure on.')
   _MAX_SHIFT = flags.DEFINE_integer(
-      'max_shift', 2, 'Largest shift, in pixels, per axis (within the blank border).')
+      'max_shift', 2, 'Largest shift, in pixels, per axis (circular: within the blank '
+      'border; crop: 16 for ImageNet at 224).')
   _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random offsets.')
   _SHIFT = flags.DEFINE_enum('shift', 'circular', sorted(SHIFTS),
-                             'circular (wrap around) or edge (translate, fill with the edge).')
+                             'circular (wrap around), edge (translate, fill with the edge) '
+                             'or crop (crops of a wider view).')
   _OUTPUT = flags.DEFINE_string('output', '', 'Where to write the JSON result (optional).')
   app.run(main)

@@ -521,6 +521,9 @@ def test_real_run_through_train_py(tmp_path, data_dir):
   measured = shift_consistency.measure_run(run_dir, num_images=20, max_shift=2)
   assert measured['step'] == 2 and len(measured['diagonal']) == 2
   assert all(0 <= measured[m] <= 1 for m in shift_consistency.METRICS)
+  # Crops of a 2-pixel wider view: its centre crop is the usual eval image.
+  cropped = shift_consistency.measure_run(run_dir, num_images=20, max_shift=2, shift='crop')
+  assert cropped['accuracy'] == measured['accuracy'] and len(cropped['diagonal']) == 2
   output = tmp_path / 'shift_consistency.json'
   cli = subprocess.run([sys.executable, '-m', 'hierarchical_vit.shift_consistency',
                         f"--run_dirs={tmp_path / 'work/runs/*'}", '--num_images=20',

@@ -26,27 +26,48 @@ def test_roll_images_shifts_each_image_by_its_own_offsets():
   np.testing.assert_array_equal(sc.roll_images(images, dy, dx), expected)
 
 
-def _numpy_translate(image, a, b):
+def _numpy_translate(image, a, b, margin):
   """out[y, x] = image[clip(y - a), clip(x - b)], by explicit index clipping."""
+  del margin  # Pads as far as the offsets need.
   h, w = image.shape[:2]
   rows = np.clip(np.arange(h) - a, 0, h - 1)
   cols = np.clip(np.arange(w) - b, 0, w - 1)
   return image[rows][:, cols]
 
 
-_NUMPY_SHIFTS = {'circular': lambda image, a, b: np.roll(image, (a, b), axis=(0, 1)),
-                 'edge': _numpy_translate}
+def _numpy_crop(canvas, a, b, margin):
+  """The (H - 2 margin, W - 2 margin) window whose corner sits at (margin - a, margin - b)."""
+  h, w = canvas.shape[0] - 2 * margin, canvas.shape[1] - 2 * margin
+  return canvas[margin - a:margin - a + h, margin - b:margin - b + w]
+
+
+_NUMPY_SHIFTS = {'circular': lambda image, a, b, _: np.roll(image, (a, b), axis=(0, 1)),
+                 'edge': _numpy_translate, 'crop': _numpy_crop}
 
 
 def test_translate_images_moves_and_fills_with_the_edge():
   images = _images(5)
   dy, dx = np.array([0, 1, -2, 5, 3]), np.array([2, 0, -1, -3, 6])
-  expected = np.stack([_numpy_translate(im, a, b) for im, a, b in zip(images, dy, dx)])
-  np.testing.assert_array_equal(sc.translate_images(images, dy, dx), expected)
+  expected = np.stack([_numpy_translate(im, a, b, 6) for im, a, b in zip(images, dy, dx)])
+  np.testing.assert_array_equal(sc.translate_images(images, dy, dx, 6), expected)
   # A shift by (1, 0): row 0 repeats the old row 0, the old last row is gone.
-  moved = np.asarray(sc.translate_images(images[:1], np.array([1]), np.array([0])))[0]
+  moved = np.asarray(sc.translate_images(images[:1], np.array([1]), np.array([0]), 1))[0]
   np.testing.assert_array_equal(moved[0], images[0, 0])
   np.testing.assert_array_equal(moved[1:], images[0, :-1])
+
+
+def test_crop_views_cut_each_canvas_at_its_own_offset():
+  canvases = _images(5, size=10)
+  dy, dx = np.array([0, 1, -2, 3, 3]), np.array([2, 0, -1, -3, 3])
+  views = np.asarray(sc.crop_views(canvases, dy, dx, 3))
+  assert views.shape == (5, 4, 4, 2)
+  np.testing.assert_array_equal(
+      views, np.stack([_numpy_crop(c, a, b, 3) for c, a, b in zip(canvases, dy, dx)]))
+  # Offset (0, 0) is the centre; (1, 0) shows the content one row lower.
+  centre = np.asarray(sc.crop_views(canvases[:1], np.array([0]), np.array([0]), 3))[0]
+  np.testing.assert_array_equal(centre, canvases[0, 3:7, 3:7])
+  lower = np.asarray(sc.crop_views(canvases[:1], np.array([1]), np.array([0]), 3))[0]
+  np.testing.assert_array_equal(lower[1:], centre[:-1])
 
 
 def test_random_offsets_cover_the_range_and_repeat_with_the_seed():
@@ -57,7 +78,8 @@ def test_random_offsets_cover_the_range_and_repeat_with_the_seed():
   assert not np.array_equal(offsets, sc.random_offsets(500, 3, seed=2))
   with pytest.raises(ValueError, match='max_shift=0'):
     sc.random_offsets(5, 0, seed=0)
-  with pytest.raises(ValueError, match=r"shift='wrap' is not one of \['circular', 'edge'\]"):
+  with pytest.raises(ValueError,
+                     match=r"shift='wrap' is not one of \['circular', 'crop', 'edge'\]"):
     sc.shift_metrics(lambda x: np.zeros(len(x)), _images(3), np.zeros(3), 1, shift='wrap')
 
 
@@ -73,16 +95,18 @@ def test_a_shift_invariant_classifier_is_fully_consistent():
 
 @pytest.mark.parametrize('shift', sorted(sc.SHIFTS))
 def test_a_position_dependent_classifier_against_numpy(shift):
-  """class = sign of the pixel at (1, 1): every shift reads another pixel."""
+  """class = sign of the pixel at (1, 1): every shift reads another pixel.
+  For 'crop' the 6x6 images are canvases of 2x2 views."""
   images = _images(200)
   labels = np.random.default_rng(3).integers(0, 2, len(images))
   corner = lambda x: (np.asarray(x)[:, 1, 1, 0] > 0).astype(int)
   metrics = sc.shift_metrics(corner, images, labels, max_shift=2, seed=5, shift=shift)
   (ay, ax), (by, bx) = sc.random_offsets(len(images), 2, seed=5)
-  roll = lambda dy, dx: np.stack([_NUMPY_SHIFTS[shift](im, a, b)
+  roll = lambda dy, dx: np.stack([_NUMPY_SHIFTS[shift](im, a, b, 2)
                                   for im, a, b in zip(images, dy, dx)])
   a, b = corner(roll(ay, ax)), corner(roll(by, bx))
-  plain = corner(images)
+  zero = np.zeros(len(images), int)
+  plain = corner(roll(zero, zero))
   assert metrics['consistency'] == pytest.approx(np.mean(a == b))
   assert metrics['accuracy'] == pytest.approx(np.mean(plain == labels))
   assert metrics['shifted_accuracy'] == pytest.approx((np.mean(a == labels)

@@ -137,7 +137,8 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
                          batch_size: int, split: str | None = None,
                          process_index: int = 0,
                          process_count: int = 1,
-                         task: str = 'classification') -> grain.DataLoader:
+                         task: str = 'classification',
+                         margin: int = 0) -> grain.DataLoader:
   """One pass over an eval split in fixed-size, masked batches.
 
   Process i reads the i-th contiguous 1/process_count of the split. Every
@@ -145,6 +146,10 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   multiple of max(data.num_workers, 1); padding entries repeat a real example
   with mask False, so across processes each example has mask True exactly
   once. Iterating again makes another pass.
+
+  margin > 0 (classification only) widens each image to H + 2 margin pixels
+  per side, at the scale of the usual view, which is its centre: the context
+  that shifted crops of the view are taken from (shift_consistency).
 
   Yields:
     {'image': float32 (batch_size, H, W, C), 'label': int32 (batch_size,)
@@ -166,18 +171,19 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   source = _PaddedRange(split_source, start, stop, num_batches * batch_size)
   sampler = grain.samplers.IndexSampler(num_records=len(source), shuffle=False,
                                         num_epochs=1)
-  operations = task_data.eval_ops(data_config, builder.info) + [
+  operations = task_data.eval_ops(data_config, builder.info, margin) + [
       grain.transforms.Batch(batch_size)]
   return _loader(source, sampler, operations, data_config.num_workers)
 
 
 def load_eval_examples(data_config: ml_collections.ConfigDict, split: str,
-                       count: int) -> tuple[np.ndarray, np.ndarray]:
+                       count: int, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` eval-preprocessed examples of a split, in memory, for
-  analyses: images float32 (n, H, W, C) and labels int32 (n,), n = min(count,
-  split size)."""
+  analyses: images float32 (n, H + 2 margin, W + 2 margin, C) (margin: see
+  create_eval_iterator) and labels int32 (n,), n = min(count, split size)."""
   images, labels = [], []
-  for batch in create_eval_iterator(data_config, batch_size=min(count, 500), split=split):
+  for batch in create_eval_iterator(data_config, batch_size=min(count, 500), split=split,
+                                    margin=margin):
     images.append(batch['image'][batch['mask']])
     labels.append(batch['label'][batch['mask']])
     if sum(len(i) for i in images) >= count:
@@ -242,11 +248,25 @@ def _train_ops(data_config: ml_collections.ConfigDict,
 
 
 def _eval_ops(data_config: ml_collections.ConfigDict,
-              info: tfds.core.DatasetInfo
+              info: tfds.core.DatasetInfo, margin: int = 0
               ) -> list[grain.transforms.Transformation]:
   size = data_config.image_size
-  resize = (transforms.CentreCrop(size) if _variable_size(info) else
-            transforms.ToSize(size, data_config.resize_mode))
+  view = size + 2 * margin
+  if _variable_size(info):
+    # The resize of the plain view (shorter side to size / CROP_FRACTION),
+    # then a centre crop `margin` pixels wider each side.
+    crop_fraction = transforms.CROP_FRACTION * view / size
+    if crop_fraction > 1:
+      raise ValueError(
+          f'margin={margin} is too large for data.image_size={size}: the resized image '
+          f'has at most {int((size / transforms.CROP_FRACTION - size) // 2)} pixels '
+          'each side of the view.')
+    resize = transforms.CentreCrop(view, crop_fraction)
+  else:
+    if margin and data_config.resize_mode != 'pad':
+      raise ValueError(f'margin={margin} needs data.resize_mode=\'pad\' (a resize would '
+                       f'change the scale); got {data_config.resize_mode!r}.')
+    resize = transforms.ToSize(view, data_config.resize_mode)
   return [resize, transforms.Normalize(*_mean_std(data_config, info))]
 
 
@@ -271,9 +291,11 @@ def _segmentation_train_ops(data_config: ml_collections.ConfigDict,
 
 
 def _segmentation_eval_ops(data_config: ml_collections.ConfigDict,
-                           info: tfds.core.DatasetInfo
+                           info: tfds.core.DatasetInfo, margin: int = 0
                            ) -> list[grain.transforms.Transformation]:
   """Metrics are computed at image_size x image_size, after ToSize."""
+  if margin:
+    raise ValueError(f"margin={margin} is not supported for task 'segmentation'; valid: 0.")
   return [transforms.ToSize(data_config.image_size, data_config.resize_mode,
                             dense_label=True),
           transforms.Normalize(*_mean_std(data_config, info),
@@ -303,8 +325,10 @@ def _segmentation_labels(name: str) -> SegmentationLabels:
   return SEGMENTATION_LABELS[name]
 
 
-_Ops = Callable[[ml_collections.ConfigDict, tfds.core.DatasetInfo],
-                list[grain.transforms.Transformation]]
+_Ops = list[grain.transforms.Transformation]
+# (data config, tfds info) and, for eval, the margin (create_eval_iterator).
+_TrainOps = Callable[[ml_collections.ConfigDict, tfds.core.DatasetInfo], _Ops]
+_EvalOps = Callable[[ml_collections.ConfigDict, tfds.core.DatasetInfo, int], _Ops]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,8 +338,8 @@ class _TaskData:
   records: Callable[[object, str], object]
   # (data set name, tfds info) -> the names of the task's classes.
   class_names: Callable[[str, tfds.core.DatasetInfo], tuple[str, ...]]
-  train_ops: _Ops
-  eval_ops: _Ops
+  train_ops: _TrainOps
+  eval_ops: _EvalOps
 
 
 class _ImageLabel:

@@ -284,9 +284,11 @@ class ToSize(grain.transforms.Map):
 class CentreCrop(grain.transforms.Map):
   """Eval view of variable-size images (ImageNet): resize + centre crop."""
   size: int
+  crop_fraction: float = CROP_FRACTION
 
   def map(self, example: dict) -> dict:
-    return {**example, 'image': centre_crop(example['image'], self.size)}
+    return {**example,
+            'image': centre_crop(example['image'], self.size, self.crop_fraction)}
 
 
 @dataclasses.dataclass(frozen=True)

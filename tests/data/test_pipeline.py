@@ -341,3 +341,33 @@ def test_load_eval_examples_are_the_first_real_examples_in_order(fake_data_dir):
   images, labels = data.load_eval_examples(config, 'test', 10_000)
   assert len(images) == len(labels) == len(real)
   np.testing.assert_array_equal(labels, batch['label'][real])
+
+
+@pytest.mark.parametrize('name, split, image_size, margin', [
+    ('imagenet2012', 'validation', 24, 1),  # Resized to 27.4 px: 1 real pixel each side.
+    ('cifar10', 'test', 32, 4),  # Fixed size, 'pad': a black margin.
+])
+def test_eval_margin_widens_the_view_around_the_same_centre(fake_data_dir, name, split,
+                                                           image_size, margin):
+  config = _config(fake_data_dir, name, image_size=image_size)
+  plain, labels = data.load_eval_examples(config, split, 6)
+  wide, wide_labels = data.load_eval_examples(config, split, 6, margin=margin)
+  assert wide.shape == (6, image_size + 2 * margin, image_size + 2 * margin, 3)
+  np.testing.assert_array_equal(wide[:, margin:-margin, margin:-margin], plain)
+  np.testing.assert_array_equal(wide_labels, labels)
+  rim = wide[:, 0].reshape(-1, 3)
+  black = np.all(rim == rim[0], axis=1).all()
+  assert black == (name == 'cifar10')  # ImageNet's margin is the photo's own pixels.
+
+
+def test_eval_margin_is_refused_where_it_cannot_keep_the_scale(fake_data_dir, canvas_dir):
+  imagenet = _config(fake_data_dir, 'imagenet2012', image_size=24)
+  with pytest.raises(ValueError, match=r'margin=2 is too large for data.image_size=24: '
+                                       r'the resized image has at most 1 pixels'):
+    data.create_eval_iterator(imagenet, batch_size=2, split='validation', margin=2)
+  cifar = _config(fake_data_dir, 'cifar10', resize_mode='resize')
+  with pytest.raises(ValueError, match=r"margin=4 needs data.resize_mode='pad'.*'resize'"):
+    data.create_eval_iterator(cifar, batch_size=2, margin=4)
+  canvas = _config(canvas_dir, 'fashion_mnist_canvas', image_size=64)
+  with pytest.raises(ValueError, match="margin=1 is not supported for task 'segmentation'"):
+    data.create_eval_iterator(canvas, batch_size=2, task='segmentation', margin=1)
