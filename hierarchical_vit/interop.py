@@ -16,7 +16,11 @@ Conversion: Linear weight (out, in) <-> kernel (in, out); conv weight
 output axis is packed (3, heads, head_dim) on both sides, and patch merging
 concatenates in Swin's order, so nothing else is permuted. Derived buffers
 (relative_position_index, attn_mask) are recomputed by either side: skipped on
-import, never exported (timm 1.x registers them non-persistent).
+import, never exported (timm 1.x registers them non-persistent). The same
+weights give the same logits on both sides wherever every stage's map is a
+multiple of its window (every standard Swin resolution); elsewhere ours pads
+windows before the shift, as the Swin authors' backbone does, and timm after
+it (see layers/swin.py).
 
 Entry points: `load_weights(model, path)` reads any of the three formats
 (.npz = ours; .pth/.pt/.bin/.safetensors = timm or official, told apart by

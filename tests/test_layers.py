@@ -176,14 +176,15 @@ def _numpy_tanh_gelu(x: np.ndarray) -> np.ndarray:
 
 
 def _numpy_swin_block(block: SwinBlock, x: np.ndarray) -> np.ndarray:
-  """timm's SwinTransformerBlock.forward step by step: LN, cyclic shift, zero
-  pad bottom/right, window attention with the shifted-window mask (built here
-  with Swin's slices), reverse, crop, unshift, residual; LN, MLP, residual."""
+  """The Swin authors' padded block (their detection backbone) step by step:
+  LN, zero pad bottom/right, cyclic shift, window attention with the
+  shifted-window mask (built here with Swin's slices on the padded map),
+  reverse, unshift, crop, residual; LN, MLP, residual."""
   b, h, w, c = x.shape
   (wh, ww), (sh, sw) = block.window, block.shift
-  y = np.roll(_numpy_layer_norm(x, block.norm1), (-sh, -sw), axis=(1, 2))
   hp, wp = h + (-h % wh), w + (-w % ww)
-  y = np.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+  y = np.pad(_numpy_layer_norm(x, block.norm1), ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+  y = np.roll(y, (-sh, -sw), axis=(1, 2))
   mask = None
   if sh or sw:
     region, label = np.zeros((hp, wp)), 0
@@ -196,7 +197,7 @@ def _numpy_swin_block(block: SwinBlock, x: np.ndarray) -> np.ndarray:
   windows = y.reshape(b, hp // wh, wh, wp // ww, ww, c).transpose(0, 1, 3, 2, 4, 5)
   out = _numpy_window_attention(block.attn, windows.reshape(-1, wh * ww, c), mask)
   out = out.reshape(b, hp // wh, wp // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5)
-  x = x + np.roll(out.reshape(b, hp, wp, c)[:, :h, :w], (sh, sw), axis=(1, 2))
+  x = x + np.roll(out.reshape(b, hp, wp, c), (sh, sw), axis=(1, 2))[:, :h, :w]
   mlp = block.mlp
   hidden = _numpy_layer_norm(x, block.norm2) @ np.asarray(mlp.fc1.kernel[...]) + np.asarray(
       mlp.fc1.bias[...])
@@ -207,7 +208,7 @@ def _numpy_swin_block(block: SwinBlock, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize('size, shift', [((8, 8), (2, 2)), ((6, 7), (2, 2)), ((6, 7), (0, 0))])
 def test_block_matches_numpy_swin_block(size, shift):
   """The whole block, shifted and padded (6 x 7 is no multiple of the 4 x 4
-  window, as in timm's padded path), against an independent numpy block."""
+  window), against an independent numpy block."""
   block = SwinBlock(8, 2, (4, 4), shift, rngs=nnx.Rngs(0), gelu_approximate=True)
   block.eval()
   rng = np.random.default_rng(0)
@@ -219,6 +220,25 @@ def test_block_matches_numpy_swin_block(size, shift):
   x = rng.normal(size=(2, *size, 8)).astype(np.float32)
   np.testing.assert_allclose(block(jnp.asarray(x)), _numpy_swin_block(block, x.astype(np.float64)),
                              rtol=1e-4, atol=1e-4)
+
+
+# (shift, pairs of tokens that interact): per axis the shift of 3 splits the 8
+# tokens into window groups of 3 and 5 (9 + 25 pairs), no shift into 7 and 1.
+@pytest.mark.parametrize('shift, pairs', [((3, 3), 34 ** 2), ((0, 0), 50 ** 2)])
+def test_padded_windows_never_attend_across_the_wrap(shift, pairs):
+  """8 x 8 tokens in 7 x 7 windows (padded to 14 x 14): each token's attention
+  output depends only on tokens less than a window apart in the unshifted map,
+  never on one from the opposite edge (timm's pad-after-shift order fails this:
+  token (2, 0) attends to (2, 7))."""
+  block = SwinBlock(4, 1, (7, 7), shift, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
+  jac = jax.jacrev(lambda x: block._attention(x).sum(-1))(x)  # (1, 8, 8, 1, 8, 8, 4)
+  depends = np.abs(np.asarray(jac)).sum(axis=(0, 3, 6)) > 0  # (8, 8) x (8, 8)
+  pos = np.arange(8)
+  far_rows = np.abs(pos[:, None, None, None] - pos[None, None, :, None]) >= 7
+  far_cols = np.abs(pos[None, :, None, None] - pos[None, None, None, :]) >= 7
+  assert not (depends & (far_rows | far_cols)).any()
+  assert depends.sum() == pairs
 
 
 def test_drop_path_drops_whole_samples_in_train_mode_only():

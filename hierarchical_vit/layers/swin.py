@@ -17,7 +17,12 @@ class SwinBlock(nnx.Module):
 
   W-MSA runs in windows cyclically shifted by `shift` (SW-MSA) when any shift is
   non-zero, with Swin's mask. Maps that are not a multiple of the window are
-  zero-padded at the bottom/right after the shift and cropped back, as timm does.
+  zero-padded at the bottom/right *before* the shift and cropped back after it,
+  as in the Swin authors' detection/segmentation backbone: the mask, built on
+  the padded map, then separates exactly the tokens that the shift wrapped
+  around. timm pads after the shift, so on such maps its mask lets tokens from
+  opposite edges attend to each other (e.g. 8 x 8 tokens, window 7, shift 3);
+  on maps that are window multiples the two orders are the same function.
   """
 
   def __init__(self, dim: int, num_heads: int, window: win.Window, shift: win.Window, *,
@@ -39,18 +44,18 @@ class SwinBlock(nnx.Module):
   def _attention(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, H, W, C), attention within (shifted) windows."""
     _, h, w, _ = x.shape
-    shifted = any(self.shift)
-    if shifted:
-      x = jnp.roll(x, (-self.shift[0], -self.shift[1]), axis=(1, 2))
     pad_h, pad_w = -h % self.window[0], -w % self.window[1]
     x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     hp, wp = h + pad_h, w + pad_w
+    shifted = any(self.shift)
+    if shifted:
+      x = jnp.roll(x, (-self.shift[0], -self.shift[1]), axis=(1, 2))
     mask = win.shifted_window_mask(hp, wp, self.window, self.shift) if shifted else None
-    windows = self.attn(win.window_partition(x, self.window), mask)
-    x = win.window_reverse(windows, self.window, hp, wp)[:, :h, :w]
+    x = win.window_reverse(self.attn(win.window_partition(x, self.window), mask),
+                           self.window, hp, wp)
     if shifted:
       x = jnp.roll(x, self.shift, axis=(1, 2))
-    return x
+    return x[:, :h, :w]
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, H, W, C)."""

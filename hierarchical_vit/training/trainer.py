@@ -61,7 +61,8 @@ def compute_steps(train_config: ml_collections.ConfigDict,
 def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                  process_count: int = 1, device_count: int = 1, training: bool = True) -> None:
   """Raises ValueError, naming the field, where config cannot run on the data set
-  and devices; with training=False (eval.py), the training-only fields are not checked.
+  and devices or a field is out of its range; with training=False (eval.py), the
+  training-only fields are not checked.
 
   A model with fewer outputs than the data has classes would train on
   all-zero one-hot targets without an error, so the shapes must match exactly.
@@ -78,14 +79,15 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       raise ValueError(f'{field}={value} does not match data {info.name!r} '
                        f'(data.image_size={config.data.image_size}), which needs '
                        f'{field}={want[field]}')
+  ranges = {**_EVAL_RANGES, **(_TRAIN_RANGES if training else {})}
+  for field, (rule, valid) in ranges.items():
+    section, key = field.split('.')
+    if not valid(config[section][key]):
+      raise ValueError(f'{field}={config[section][key]!r} must be {rule}')
+  if training and tc.num_steps == 0 and tc.num_epochs <= 0:
+    raise ValueError(f'train.num_epochs={tc.num_epochs} must be > 0 (or train.num_steps > 0)')
   divisible = {}
   if training:
-    for field in ('grad_accum_steps', 'log_every_steps', 'checkpoint_every_steps'):
-      if tc[field] < 1:
-        raise ValueError(f'train.{field}={tc[field]} must be >= 1')
-    if tc.eval_every_steps < 0:
-      raise ValueError(f'train.eval_every_steps={tc.eval_every_steps} must be >= 0 '
-                       '(0 = at the end of each epoch)')
     divisible['train.batch_size'] = (tc.batch_size, 'train.grad_accum_steps',
                                      tc.grad_accum_steps)
     divisible['train.batch_size // train.grad_accum_steps'] = (
@@ -95,6 +97,30 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
   for field, (value, by, divisor) in divisible.items():
     if value % divisor:
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
+
+
+# field: (the rule, as the error states it; whether a value keeps it). Outside
+# these a run would fail late (an evaluation dividing by a zero batch), keep
+# too few checkpoints to resume, or silently train something else (an EMA
+# decay above 1 extrapolates).
+_Range = tuple[str, Callable[[Any], bool]]
+_EVAL_RANGES: dict[str, _Range] = {
+    'train.eval_batch_size': ('>= 1', lambda v: v >= 1),
+    'data.num_workers': ('>= 0', lambda v: v >= 0),
+}
+_TRAIN_RANGES: dict[str, _Range] = {
+    'train.batch_size': ('>= 1', lambda v: v >= 1),
+    'train.grad_accum_steps': ('>= 1', lambda v: v >= 1),
+    'train.log_every_steps': ('>= 1', lambda v: v >= 1),
+    'train.checkpoint_every_steps': ('>= 1', lambda v: v >= 1),
+    'train.keep_checkpoints': ('>= 1', lambda v: v >= 1),
+    'train.eval_every_steps': ('>= 0 (0 = at the end of each epoch)', lambda v: v >= 0),
+    'train.num_steps': ('>= 0 (0 = train.num_epochs decides)', lambda v: v >= 0),
+    'train.warmup_epochs': ('>= 0', lambda v: v >= 0),
+    'train.label_smoothing': ('in [0, 1)', lambda v: 0 <= v < 1),
+    'train.ema_decay': ('in [0, 1) (0 = off)', lambda v: 0 <= v < 1),
+    'data.mix_prob': ('in [0, 1]', lambda v: 0 <= v <= 1),
+}
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:

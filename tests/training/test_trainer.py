@@ -256,6 +256,16 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.checkpoint_every_steps', 0, r'train.checkpoint_every_steps=0 must be >= 1'),
     ('train.grad_accum_steps', 0, r'train.grad_accum_steps=0 must be >= 1'),
     ('train.eval_every_steps', -1, r'train.eval_every_steps=-1 must be >= 0'),
+    ('train.batch_size', 0, r'train.batch_size=0 must be >= 1'),
+    ('train.eval_batch_size', 0, r'train.eval_batch_size=0 must be >= 1'),
+    ('train.keep_checkpoints', 0, r'train.keep_checkpoints=0 must be >= 1'),
+    ('train.num_steps', -5, r'train.num_steps=-5 must be >= 0'),
+    ('train.num_epochs', 0.0, r'train.num_epochs=0.0 must be > 0 \(or train.num_steps > 0\)'),
+    ('train.warmup_epochs', -1.0, r'train.warmup_epochs=-1.0 must be >= 0'),
+    ('train.label_smoothing', 1.0, r'train.label_smoothing=1.0 must be in \[0, 1\)'),
+    ('train.ema_decay', 1.5, r'train.ema_decay=1.5 must be in \[0, 1\) \(0 = off\)'),
+    ('data.mix_prob', -0.5, r'data.mix_prob=-0.5 must be in \[0, 1\]'),
+    ('data.num_workers', -1, r'data.num_workers=-1 must be >= 0'),
 ])
 def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
   config = cifar.get_config('cifar10,cifar_small')
@@ -287,8 +297,13 @@ def test_evaluation_checks_only_what_it_runs():
   trainer.check_config(config, _info(config), device_count=8, training=False)
   with pytest.raises(ValueError, match='train.log_every_steps=0'):
     trainer.check_config(config, _info(config), device_count=8)
+  config.train.ema_decay = 2.0  # Training-only, like log_every_steps.
+  trainer.check_config(config, _info(config), device_count=8, training=False)
   config.train.eval_batch_size = 60
   with pytest.raises(ValueError, match=r'train.eval_batch_size=60 must be divisible'):
+    trainer.check_config(config, _info(config), device_count=8, training=False)
+  config.train.eval_batch_size = 0
+  with pytest.raises(ValueError, match=r'train.eval_batch_size=0 must be >= 1'):
     trainer.check_config(config, _info(config), device_count=8, training=False)
   config.model.num_classes = 100
   with pytest.raises(ValueError, match='model.num_classes=100 does not match'):
