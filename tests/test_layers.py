@@ -241,6 +241,17 @@ def test_padded_windows_never_attend_across_the_wrap(shift, pairs):
   assert depends.sum() == pairs
 
 
+def test_einsum_attention_keeps_bfloat16_logits_in_float32():
+  """Logits 40 and 40.125 (exact in float32, one bfloat16 step apart is 0.25):
+  rounded to bfloat16 they would tie and weigh the keys 0.5 / 0.5."""
+  q = jnp.ones((1, 2, 1, 2), jnp.bfloat16)
+  k = jnp.asarray([[40.0, 0.0], [40.0, 0.125]], jnp.bfloat16).reshape(1, 2, 1, 2)
+  v = jnp.asarray([[0.0], [1.0]], jnp.bfloat16).reshape(1, 2, 1, 1)
+  out = einsum_attention(q, k, v, jnp.zeros((1, 1, 2, 2)), 1.0, lambda w: w)
+  exact = 1 / (1 + np.exp(-0.125))  # softmax([40, 40.125]) . [0, 1]
+  np.testing.assert_allclose(np.asarray(out, np.float32).ravel(), [exact, exact], atol=4e-3)
+
+
 def test_drop_path_drops_whole_samples_in_train_mode_only():
   dp = DropPath(0.5, rngs=nnx.Rngs(dropout=0))
   x = jnp.ones((64, 3, 3, 4))

@@ -40,7 +40,7 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
   """
   b, n, h, _ = q.shape
   g = bias.shape[0]
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k).astype(jnp.float32)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
   logits = (logits.reshape(b // g, g, h, n, n) + bias).reshape(b, h, n, n)
   weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
   out = jnp.einsum('bhqk,bkhd->bqhd', dropout(weights.astype(v.dtype)), v)
