@@ -124,8 +124,10 @@ def from_timm(state_dict: Weights) -> Weights:
 def to_timm(weights: Weights) -> Weights:
   """Our flat weights -> a state dict timm's SwinTransformer loads with strict=True.
 
-  Raises ValueError listing every parameter timm's Swin has no place for
-  (e.g. a UNet decoder, a conv stem or a conv downsampler).
+  Raises ValueError listing every parameter whose name timm's Swin has no
+  place for (e.g. a UNet decoder, a conv stem or a conv downsampler). Names
+  alone cannot tell the pooling downsamplers and blur_merge from patch merging
+  (same param names): `save_weights` checks the model's downsamplers for that.
   """
   out, unmapped = {}, []
   for key, value in weights.items():

@@ -49,7 +49,7 @@ class Encoder(nnx.Module):
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     res = (math.ceil(img_size[0] / patch_size), math.ceil(img_size[1] / patch_size))
     dim = embed_dim
-    self.resolutions, self.dims = [], []
+    self.resolutions, self.dims, self.drop_path_rates = [], [], []
     stages, downsamplers = [], []
     for i, (depth, heads) in enumerate(zip(depths, num_heads)):
       if i > 0:
@@ -62,8 +62,9 @@ class Encoder(nnx.Module):
         raise ValueError(f'model.num_heads[{i}]={heads} does not divide stage {i} width {dim}')
       self.resolutions.append(res)
       self.dims.append(dim)
+      self.drop_path_rates.append(rates[sum(depths[:i]):sum(depths[:i + 1])])
       stages.append(SwinStage(dim, depth, heads, res, window_size, rngs=rngs,
-                              drop_path_rates=rates[sum(depths[:i]):sum(depths[:i + 1])],
+                              drop_path_rates=self.drop_path_rates[i],
                               global_attention=i in global_attention, dtype=dtype,
                               **block_kwargs))
     self.stages = nnx.List(stages)
@@ -87,18 +88,20 @@ class Decoder(nnx.Module):
   blocks; finally upsample by the patch size back to input resolution.
 
   Upsampled maps are cropped to the skip's size, so odd sizes (where the
-  encoder rounded up) line up. One difference from Swin-Unet, which skips each
-  stage's input: the skips here are the stages' outputs (level 0's is stage 0's
-  output, not the raw patch embedding), so every skip has been through its
-  stage's attention.
+  encoder rounded up) line up. As in Swin-Unet, level i's blocks take the
+  encoder stage i's drop-path rates (`drop_path_rates[i]`, its last repeated
+  where the level is deeper), so stochastic depth is highest at the deep
+  levels. One difference from Swin-Unet, which skips each stage's input: the
+  skips here are the stages' outputs (level 0's is stage 0's output, not the
+  raw patch embedding), so every skip has been through its stage's attention.
   """
 
   def __init__(self, *, dims: Sequence[int], resolutions: Sequence[Resolution],
                depths: Sequence[int], num_heads: Sequence[int], window_size: int,
-               patch_size: int, upsample: str, upsample_options: dict, drop_path_rate: float,
-               rngs: nnx.Rngs, dtype: DTypeLike | None = None, **block_kwargs):
+               patch_size: int, upsample: str, upsample_options: dict,
+               drop_path_rates: Sequence[Sequence[float]], rngs: nnx.Rngs,
+               dtype: DTypeLike | None = None, **block_kwargs):
     levels = len(dims) - 1  # Decoder levels n-2 .. 0, stored deepest first.
-    rates = np.linspace(0.0, drop_path_rate, max(sum(depths), 1)).tolist()
     self.bottleneck_norm = layer_norm(dims[-1], rngs=rngs, dtype=dtype)
     ups, projs, stages = [], [], []
     for k in range(levels):
@@ -106,9 +109,10 @@ class Decoder(nnx.Module):
       ups.append(resampling.make_upsampler(upsample, dims[i + 1], dims[i], rngs=rngs,
                                            dtype=dtype, **upsample_options))
       projs.append(dense(2 * dims[i], dims[i], rngs=rngs, dtype=dtype))
+      level_rates = drop_path_rates[i]
+      rates = [level_rates[min(j, len(level_rates) - 1)] for j in range(depths[k])]
       stages.append(SwinStage(dims[i], depths[k], num_heads[i], resolutions[i], window_size,
-                              rngs=rngs, drop_path_rates=rates[sum(depths[:k]):],
-                              dtype=dtype, **block_kwargs))
+                              rngs=rngs, drop_path_rates=rates, dtype=dtype, **block_kwargs))
     self.upsamplers = nnx.List(ups)
     self.skip_projections = nnx.List(projs)
     self.stages = nnx.List(stages)
@@ -161,8 +165,9 @@ class UNet(nnx.Module):
                **encoder_kwargs):
     self.encoder = Encoder(rngs=rngs, dtype=dtype, **encoder_kwargs)
     block_keys = ('mlp_ratio', 'qkv_bias', 'drop_rate', 'attn_drop_rate', 'gelu_approximate',
-                  'attention', 'window_size', 'num_heads', 'patch_size', 'drop_path_rate')
+                  'attention', 'window_size', 'num_heads', 'patch_size')
     self.decoder = Decoder(dims=self.encoder.dims, resolutions=self.encoder.resolutions,
+                           drop_path_rates=self.encoder.drop_path_rates,
                            depths=decoder_depths, upsample=upsample,
                            upsample_options=upsample_options, rngs=rngs, dtype=dtype,
                            **{k: encoder_kwargs[k] for k in block_keys})
@@ -201,7 +206,7 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   """Validates config.model's encoder fields and returns Encoder's arguments."""
   depths, heads = tuple(cfg.depths), tuple(cfg.num_heads)
   n = len(depths)
-  _check(n >= 1 and all(d >= 1 for d in depths),
+  _check(n >= 1 and all(isinstance(d, numbers.Integral) and d >= 1 for d in depths),
          f'model.depths={depths} must be a non-empty tuple of positive ints')
   _check(len(heads) == n, f'model.num_heads={heads} has {len(heads)} entries but '
          f'model.depths={depths} has {n}')
@@ -213,8 +218,8 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   img_size = _pair(cfg.img_size)
   _check(min(img_size) >= 1, f'model.img_size={cfg.img_size} must be positive')
   global_attention = tuple(cfg.global_attention)
-  _check(all(0 <= i < n for i in global_attention),
-         f'model.global_attention={global_attention} names stages outside 0..{n - 1}')
+  _check(all(isinstance(i, numbers.Integral) and 0 <= i < n for i in global_attention),
+         f'model.global_attention={global_attention} must name stages by int in 0..{n - 1}')
   for field in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
     _check(0.0 <= cfg[field] < 1.0, f'model.{field}={cfg[field]} must be in [0, 1)')
   _check(cfg.mlp_ratio > 0, f'model.mlp_ratio={cfg.mlp_ratio} must be > 0')
@@ -258,7 +263,8 @@ def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> UNet:
   levels = len(kwargs['depths']) - 1
   decoder_depths = tuple(cfg.decoder_depths) or tuple(reversed(kwargs['depths'][:-1]))
   _check(levels >= 1, f'model.depths={kwargs["depths"]}: a UNet needs at least 2 stages')
-  _check(len(decoder_depths) == levels and all(d >= 1 for d in decoder_depths),
+  _check(len(decoder_depths) == levels
+         and all(isinstance(d, numbers.Integral) and d >= 1 for d in decoder_depths),
          f'model.decoder_depths={tuple(cfg.decoder_depths)} must hold {levels} positive ints '
          '(deepest level first)')
   upsample_options = _options(cfg.upsample_options, cfg.upsample)

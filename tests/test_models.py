@@ -107,6 +107,17 @@ def test_drop_path_rates_rise_linearly_over_all_blocks_like_timm():
   np.testing.assert_allclose(rates, np.linspace(0.0, 0.25, 6))
 
 
+def test_decoder_drop_path_rates_mirror_the_encoders_like_swin_unet():
+  """Level i takes encoder stage i's rates; a deeper level repeats the last."""
+  model = build_model(tiny_model_config(name='unet', depths=(2, 2, 2), drop_path_rate=0.3,
+                                        decoder_depths=(3, 1)), rngs=nnx.Rngs(0))
+  rate = lambda block: 0.0 if block.drop_path.dropout is None else block.drop_path.dropout.rate
+  encoder = np.linspace(0.0, 0.3, 6)
+  deep, shallow = ([rate(b) for b in stage.blocks] for stage in model.decoder.stages)
+  np.testing.assert_allclose(deep, [encoder[2], encoder[3], encoder[3]])  # Level 1, 3 blocks.
+  np.testing.assert_allclose(shallow, [encoder[0]])  # Level 0, 1 block.
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = build_model(tiny_model_config(dtype='bfloat16'), rngs=nnx.Rngs(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -169,6 +180,10 @@ def test_num_heads_are_checked_against_their_own_stage_width():
     (dict(window_size=0), r'model.window_size=0'),
     (dict(stem='hybrid'), r"model.stem='hybrid'.*'conv', 'patch'"),
     (dict(global_attention=(3,)), r'model.global_attention=\(3,\)'),
+    (dict(global_attention=('1',)), r"model.global_attention=\('1',\) must name stages by int"),
+    (dict(depths=(1.5, 1, 1)), r'model.depths=\(1.5, 1, 1\) must be a non-empty tuple of '
+                               r'positive ints'),
+    (dict(name='unet', decoder_depths=(1.5, 1)), r'model.decoder_depths=\(1.5, 1\) must hold'),
     (dict(drop_path_rate=1.0), r'model.drop_path_rate=1.0'),
     (dict(dtype='float16'), r"model.dtype='float16'.*bfloat16"),
     (dict(name='unet', decoder_depths=(1,)), r'model.decoder_depths=\(1,\)'),

@@ -1,7 +1,9 @@
 """Downsamplers: x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out).
 
-Odd H or W: merges and convs zero-pad the bottom/right, pooling ignores its
-pad, the anti-aliased (blur) entries reflect (resampling/antialias.py).
+Odd H or W: patch merging, space_to_depth and the 2x2 conv zero-pad the
+bottom/right; the 3x3 conv and depthwise_conv_pool zero-pad k // 2 on every
+side, conv_max_pool's conv and pool pad 'SAME'; pooling ignores its pad; the
+anti-aliased (blur) entries reflect (resampling/antialias.py).
 Adding one: write a module with the registry's constructor signature, add a line
 to DOWNSAMPLERS; the shared shape/gradient tests pick it up.
 """
