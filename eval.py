@@ -120,12 +120,10 @@ def plot_overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
 def write_overlays(config: ml_collections.ConfigDict, trained: trainer.Trained, split: str,
                    class_names: tuple[str, ...], path_prefix: str, num_images: int) -> None:
   """Predicts the first `num_images` of `split`: path_prefix_<i>.png each."""
-  batch = next(iter(data.create_eval_iterator(
-      config.data, batch_size=num_images, split=split, task=config.task)))
-  predicted = np.asarray(trained.predict(batch['image']))
-  for i in np.nonzero(batch['mask'])[0]:
-    plot_overlay(batch['image'][i], batch['label'][i], predicted[i],
-                 class_names, f'{path_prefix}_{i}.png')
+  images, labels = data.load_eval_examples(config.data, split, num_images, task=config.task)
+  predicted = np.asarray(trained.predict(images))
+  for i, (image, label) in enumerate(zip(images, labels)):
+    plot_overlay(image, label, predicted[i], class_names, f'{path_prefix}_{i}.png')
 
 
 def _classification_fields(results: dict, confusion: np.ndarray,

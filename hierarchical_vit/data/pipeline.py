@@ -176,14 +176,19 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   return _loader(source, sampler, operations, data_config.num_workers)
 
 
-def load_eval_examples(data_config: ml_collections.ConfigDict, split: str,
-                       count: int, margin: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """The first `count` eval-preprocessed examples of a split, in memory, for
-  analyses: images float32 (n, H + 2 margin, W + 2 margin, C) (margin: see
-  create_eval_iterator) and labels int32 (n,), n = min(count, split size)."""
+def load_eval_examples(data_config: ml_collections.ConfigDict, split: str, count: int,
+                       margin: int = 0, task: str = 'classification'
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` eval-preprocessed examples of a split, in order, in
+  memory, for analyses: images float32 (n, H + 2 margin, W + 2 margin, C)
+  (margin: see create_eval_iterator) and the task's labels, int32 (n,) or
+  (n, H, W), n = min(count, split size). Read in this process: grain workers
+  would interleave records."""
+  in_order = data_config.copy_and_resolve_references()
+  in_order.num_workers = 0
   images, labels = [], []
-  for batch in create_eval_iterator(data_config, batch_size=min(count, 500), split=split,
-                                    margin=margin):
+  for batch in create_eval_iterator(in_order, batch_size=min(count, 500), split=split,
+                                    task=task, margin=margin):
     images.append(batch['image'][batch['mask']])
     labels.append(batch['label'][batch['mask']])
     if sum(len(i) for i in images) >= count:

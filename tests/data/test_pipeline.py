@@ -341,6 +341,11 @@ def test_load_eval_examples_are_the_first_real_examples_in_order(fake_data_dir):
   images, labels = data.load_eval_examples(config, 'test', 10_000)
   assert len(images) == len(labels) == len(real)
   np.testing.assert_array_equal(labels, batch['label'][real])
+  # In order even where training reads with grain workers (which interleave records).
+  config.num_workers = 2
+  images, labels = data.load_eval_examples(config, 'test', 7)
+  np.testing.assert_array_equal(labels, batch['label'][real[:7]])
+  np.testing.assert_array_equal(images, batch['image'][real[:7]])
 
 
 @pytest.mark.parametrize('name, split, image_size, margin', [
