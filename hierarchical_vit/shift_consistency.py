@@ -89,15 +89,20 @@ def translate_images(images: Array, dy: Array, dx: Array, margin: int) -> jax.Ar
 @dataclasses.dataclass(frozen=True)
 class Shift:
   """move(images, dy, dx, max_shift) -> the shifted model inputs; with_margin:
-  whether images come max_shift pixels wider per side than those inputs."""
+  whether images come max_shift pixels wider per side than those inputs;
+  description: what a shift is, in results tables."""
   move: Callable[[Array, Array, Array, int], jax.Array]
   with_margin: bool
+  description: str
 
 
 # The module docstring's --shift choices.
-SHIFTS = {'circular': Shift(lambda images, dy, dx, _: roll_images(images, dy, dx), False),
-          'edge': Shift(translate_images, False),
-          'crop': Shift(crop_views, True)}
+SHIFTS = {
+    'circular': Shift(lambda images, dy, dx, _: roll_images(images, dy, dx), False,
+                      'circular shifts'),
+    'edge': Shift(translate_images, False, 'translations (edge pixels fill in)'),
+    'crop': Shift(crop_views, True, "crops of a wider view (Zhang's ImageNet protocol)"),
+}
 
 
 def random_offsets(num_images: int, max_shift: int, seed: int) -> Array:

@@ -398,7 +398,8 @@ def test_aggregates_by_hand(tmp_path):
   (tmp_path / 'information.json').write_text(json.dumps(
       {'errors': {'patch_merge': 0.125, 'avg_pool': 0.5}}))
   (tmp_path / 'shift_consistency.json').write_text(json.dumps(
-      {'variants': {'patch_merge': {'consistency': 0.75, 'consistency_std': 0.0125}}}))
+      {'variants': {'patch_merge': {'consistency': 0.75, 'consistency_std': 0.0125}},
+       'shift': 'crop', 'max_shift': 16, 'num_images': 500}))
   written = aggregate.write_all(results, config.sweep, str(tmp_path))
   assert len(written) == 5
   for path in written:
@@ -415,6 +416,8 @@ def test_aggregates_by_hand(tmp_path):
           in markdown)
   assert '| avg_pool | 3 | 88.00 ± 3.00 | 1,234,567 | 0.0500 | 101 | 0.500 | – |' in markdown
   assert '| recon. error | shift consistency (%) |' in markdown
+  assert ("two random crops of a wider view (Zhang's ImageNet protocol) of a held-out image "
+          'by up to 16 pixels per axis, on 500 images') in markdown
   assert '| patch_merge − avg_pool | 3, 3 | 4.00 ± 2.08 |' in markdown
   csv_lines = (tmp_path / 'results.csv').read_text().splitlines()
   assert len(csv_lines) == 7 and csv_lines[0].startswith('run,variant,seed,eval/accuracy,')

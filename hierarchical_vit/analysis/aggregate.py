@@ -33,6 +33,7 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 
+from hierarchical_vit import shift_consistency
 from hierarchical_vit.analysis import stats
 
 Result = dict[str, Any]
@@ -119,11 +120,12 @@ def _information_error(information: dict[str, float], overrides: dict) -> float 
 
 def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
              information: dict[str, float] | None = None,
-             shift: dict[str, dict] | None = None) -> str:
+             shift: dict | None = None) -> str:
   """results.md: the variant table, the comparisons and what they mean.
 
-  information: {downsampler: reconstruction error}; shift: {variant:
-  hierarchical_vit.shift_consistency.by_variant entry}; each adds a column.
+  information: {downsampler: reconstruction error}; shift: a
+  hierarchical_vit.shift_consistency result ({'variants': {variant: by_variant
+  entry}, 'shift', 'max_shift', 'num_images'}); each adds a column.
   """
   metric = sweep.metric
   extra_header = (' recon. error |' if information else '') + (
@@ -141,7 +143,7 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
       error = _information_error(information, overrides[row['variant']])
       extra += ' – |' if error is None else f' {error:.3f} |'
     if shift:
-      measured = shift.get(row['variant'])
+      measured = shift['variants'].get(row['variant'])
       extra += ' – |' if measured is None else (
           f" {_percent(measured['consistency'])} ± {_percent(measured['consistency_std'])} |")
     lines.append(f'| {row["variant"]} | {row["n"]} | {_percent(row["mean"])} ± '
@@ -155,9 +157,11 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
               "information.json); measured with the downsampler's default options, so – "
               'for a variant that changes them.']
   if shift:
+    kind = shift_consistency.SHIFTS[shift['shift']].description
     lines += ['', 'shift consistency: how often the predicted class is the same for two random '
-              'circular shifts of a held-out image (Zhang 2019; '
-              'hierarchical_vit/shift_consistency.py; shift_consistency.json).']
+              f"{kind} of a held-out image by up to {shift['max_shift']} pixels per axis, on "
+              f"{shift['num_images']} images (Zhang 2019; hierarchical_vit/shift_consistency.py; "
+              'shift_consistency.json).']
   if 'grid' in sweep:
     lines += ['', f'## Grid: {metric} (%), mean ± std (n)', ''] + _grid_markdown(
         results, metric, sweep.grid)
@@ -253,11 +257,13 @@ def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> N
   plt.close(fig)
 
 
-def _read_json(path: str, key: str) -> dict | None:
+def _read_json(path: str, key: str | None = None) -> dict | None:
+  """The JSON object at path (its entry `key`, if given); None if no file."""
   if not os.path.exists(path):
     return None
   with open(path, encoding='utf-8') as f:
-    return json.load(f)[key]
+    content = json.load(f)
+  return content if key is None else content[key]
 
 
 def write_all(results: Sequence[Result], sweep: ml_collections.ConfigDict,
@@ -266,14 +272,13 @@ def write_all(results: Sequence[Result], sweep: ml_collections.ConfigDict,
 
   Reads, if present, output_dir/information.json ({'errors': {downsampler:
   error}}, from hierarchical_vit.information) and shift_consistency.json
-  ({'variants': ...}, from hierarchical_vit.shift_consistency) for results.md's
-  columns.
+  (from hierarchical_vit.shift_consistency) for results.md's columns.
   """
   if not results:
     return []
   os.makedirs(output_dir, exist_ok=True)
   information = _read_json(os.path.join(output_dir, 'information.json'), 'errors')
-  shift = _read_json(os.path.join(output_dir, 'shift_consistency.json'), 'variants')
+  shift = _read_json(os.path.join(output_dir, 'shift_consistency.json'))
   names = ['results.csv', 'results.md', 'metric_vs_params.png', 'metric_vs_gflops.png',
            'learning_curves.png'] + (['grid.png'] if 'grid' in sweep else [])
   paths = {name: os.path.join(output_dir, name) for name in names}
