@@ -335,7 +335,14 @@ def create_train_state(config: ml_collections.ConfigDict, params,
 
 
 class _PreemptionFlag:
-  """Set by SIGTERM; the loop saves and exits at the next step boundary."""
+  """Set by SIGTERM; the loop saves and exits at the next step boundary.
+
+  Across processes the flag is agreed on by an all-gather, which makes the
+  host wait for the step in flight, so it is polled only every
+  `poll_every_steps` steps: a signal then stops the run within that many.
+  """
+
+  poll_every_steps = 10
 
   def __init__(self):
     self._event = threading.Event()
@@ -346,11 +353,12 @@ class _PreemptionFlag:
     logging.warning('Received signal %d: checkpointing at the next step.', signum)
     self._event.set()
 
-  def is_set(self) -> bool:
+  def is_set(self, step: int) -> bool:
+    """Whether to stop after `step` (the same answer in every process)."""
     # All processes must agree, or some would wait forever in a collective.
     if jax.process_count() > 1:
-      return bool(multihost_utils.process_allgather(
-          np.array(self._event.is_set())).any())
+      return step % self.poll_every_steps == 0 and bool(
+          multihost_utils.process_allgather(np.array(self._event.is_set())).any())
     return self._event.is_set()
 
   def restore(self) -> None:
@@ -458,7 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         for _ in range(tc.grad_accum_steps):
           batch = parallel.shard_batch(next(train_iter), batch_sharding)
           state, train_metrics = train_step(state, batch, rest)
-      preempted = preemption.is_set()
+      preempted = preemption.is_set(step)
       is_last = step == total_steps
       is_eval = step % eval_every == 0 or is_last
       is_save = (is_eval or preempted or is_last

@@ -202,6 +202,24 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
   assert latest < 10_000 and f'Preempted: saved step {latest},' in out
 
 
+def test_preemption_is_polled_across_processes_every_few_steps(monkeypatch):
+  """Each cross-process poll waits for the step in flight: only every
+  poll_every_steps steps, and every process gets the same answer."""
+  gathers = []
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(trainer.multihost_utils, 'process_allgather',
+                      lambda x: gathers.append(x) or np.stack([x, np.array(False)]))
+  flag = trainer._PreemptionFlag()
+  try:
+    every = flag.poll_every_steps
+    assert not any(flag.is_set(step) for step in range(1, 2 * every + 1))
+    assert len(gathers) == 2
+    flag._handle(signal.SIGTERM, None)
+    assert not flag.is_set(2 * every + 1) and flag.is_set(3 * every)
+  finally:
+    flag.restore()
+
+
 def test_one_vs_eight_devices_agree(data_dir, trained, tmp_path):
   """Same global batch on 8 fake CPU devices: same loss trajectory."""
   _, workdir, _ = trained
