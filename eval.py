@@ -16,7 +16,6 @@ EMA weights when the run kept them.
 """
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 
@@ -32,6 +31,7 @@ from matplotlib import patches
 from ml_collections import config_flags
 
 from hierarchical_vit import data
+from hierarchical_vit import files
 from hierarchical_vit import parallel
 from hierarchical_vit import tcmalloc
 from hierarchical_vit.training import tasks
@@ -213,8 +213,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       'confusion_matrix': confusion.astype(int).tolist(),
   }
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, f'eval_{split}_{step}.json'), 'w') as f:
-      json.dump(report, f, indent=2)
+    files.write_json(os.path.join(workdir, f'eval_{split}_{step}.json'), report, indent=2)
     plot_confusion(confusion, info.class_names,
                    f'{info.name} {split} @ step {step}: '
                    f'{task_report.short(report)}',

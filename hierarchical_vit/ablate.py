@@ -60,7 +60,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from hierarchical_vit import data, report
+from hierarchical_vit import data, files, report
 from hierarchical_vit.analysis import aggregate
 from hierarchical_vit.models import build_model, input_shape
 from hierarchical_vit.training import config_history, tasks, trainer
@@ -376,13 +376,6 @@ def summarize(sweep: str, run: Run, records: Sequence[dict], cost: dict[str, flo
   }
 
 
-def _write_json(path: str, value: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + '.tmp', path)  # Atomic: a killed sweep leaves no half file.
-
-
 class Sweep:
   """Where a sweep's runs and results live.
 
@@ -508,8 +501,8 @@ class Sweep:
           if key not in costs:
             costs[key] = cost_fn(run.config.model)
           result = summarize(self.name, run, records, costs[key], wall_time, resumed)
-          _write_json(self.local_result(run), result)
-          _write_json(self.committed_result(run), result)
+          files.write_json(self.local_result(run), result)
+          files.write_json(self.committed_result(run), result)
           finished += 1
           logging.info('Run %d/%d, %s: %s = %s.', finished, len(todo), run.name,
                        self.config.sweep.metric, result['eval'].get(self.config.sweep.metric))

@@ -47,7 +47,6 @@ also measures trained models: the same on their stage-0 features (the first
 downsampler's real input) and their own trained first downsampler.
 """
 
-import json
 import os
 from collections.abc import Callable
 
@@ -56,7 +55,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from hierarchical_vit import data, resampling
+from hierarchical_vit import data, files, resampling
 from hierarchical_vit.resampling import antialias
 from hierarchical_vit.training import trainer
 
@@ -239,9 +238,7 @@ def main(argv):
     result['trained'][name] = trained_errors(run_dir, train, test)
     _print_table(f'Stage-0 features of {name}:', result['trained'][name])
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
-    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
-      json.dump(result, f, indent=1)
+    files.write_json(_OUTPUT.value, result)
     print(f'Wrote {_OUTPUT.value}')
 
 if __name__ == '__main__':

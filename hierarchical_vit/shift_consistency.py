@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from hierarchical_vit import data
+from hierarchical_vit import data, files
 from hierarchical_vit.training import trainer
 
 Array = np.ndarray
@@ -211,12 +211,9 @@ def main(argv):
   summary = by_variant(runs)
   print(markdown_table(summary))
   if _OUTPUT.value:
-    os.makedirs(os.path.dirname(_OUTPUT.value) or '.', exist_ok=True)
-    result = {'num_images': _NUM_IMAGES.value, 'max_shift': _MAX_SHIFT.value,
-              'seed': _SEED.value, 'shift': _SHIFT.value, 'runs': runs,
-              'variants': summary}
-    with open(_OUTPUT.value, 'w', encoding='utf-8') as f:
-      json.dump(result, f, indent=1)
+    files.write_json(_OUTPUT.value, {
+        'num_images': _NUM_IMAGES.value, 'max_shift': _MAX_SHIFT.value, 'seed': _SEED.value,
+        'shift': _SHIFT.value, 'runs': runs, 'variants': summary})
     print(f'Wrote {_OUTPUT.value}')
 
 

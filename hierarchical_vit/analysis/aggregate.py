@@ -20,6 +20,7 @@ A crossed sweep (e.g. upsampler x downsampler) names its layout in
 """
 
 import csv
+import io
 import json
 import os
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from matplotlib import ticker  # pylint: disable=g-import-not-at-top
 import ml_collections
 import numpy as np
 
-from hierarchical_vit import shift_consistency
+from hierarchical_vit import files, shift_consistency
 from hierarchical_vit.analysis import stats
 
 Result = dict[str, Any]
@@ -97,12 +98,13 @@ def comparison_table(results: Sequence[Result], metric: str,
 
 def write_csv(results: Sequence[Result], metric: str, path: str) -> None:
   columns = CSV_COLUMNS[:3] + (metric,) + CSV_COLUMNS[3:]
-  with open(path, 'w', newline='', encoding='utf-8') as f:
-    writer = csv.DictWriter(f, columns)
-    writer.writeheader()
-    for r in results:
-      writer.writerow({**{k: r.get(k) for k in CSV_COLUMNS}, metric: metric_of(r, metric),
-                       'overrides': json.dumps(r['overrides'], sort_keys=True)})
+  text = io.StringIO()
+  writer = csv.DictWriter(text, columns)
+  writer.writeheader()
+  for r in results:
+    writer.writerow({**{k: r.get(k) for k in CSV_COLUMNS}, metric: metric_of(r, metric),
+                     'overrides': json.dumps(r['overrides'], sort_keys=True)})
+  files.write_text(path, text.getvalue())
 
 
 def _percent(x: float) -> str:
@@ -283,8 +285,7 @@ def write_all(results: Sequence[Result], sweep: ml_collections.ConfigDict,
            'learning_curves.png'] + (['grid.png'] if 'grid' in sweep else [])
   paths = {name: os.path.join(output_dir, name) for name in names}
   write_csv(results, sweep.metric, paths['results.csv'])
-  with open(paths['results.md'], 'w', encoding='utf-8') as f:
-    f.write(markdown(results, sweep, information, shift))
+  files.write_text(paths['results.md'], markdown(results, sweep, information, shift))
   plot_cost(results, sweep.metric, 'params', paths['metric_vs_params.png'])
   plot_cost(results, sweep.metric, 'gflops', paths['metric_vs_gflops.png'])
   plot_learning_curves(results, sweep.metric, paths['learning_curves.png'])

@@ -7,11 +7,12 @@ Welch's t interval with a Student t quantile computed here.
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 
-def mean_std(values) -> tuple[float, float]:
+def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
   """Mean and sample standard deviation (ddof = 1; 0.0 for a single value)."""
   values = np.asarray(values, np.float64)
   std = float(values.std(ddof=1)) if values.size > 1 else 0.0
@@ -61,7 +62,8 @@ class Difference:
   ci_high: float
 
 
-def welch_difference(a, b, confidence: float = 0.95) -> Difference:
+def welch_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
+                     confidence: float = 0.95) -> Difference:
   """Welch's unequal-variance t interval for mean(a) - mean(b).
 
   Needs >= 2 values on each side; with zero variance on both sides the

@@ -32,11 +32,6 @@ class MetricWriter:
       self._tb.add_scalar(name, value, step)
     self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
 
-  def flush(self) -> None:
-    if self._active:
-      self._tb.flush()
-      self._jsonl.flush()
-
   def close(self) -> None:
     if self._active:
       self._tb.close()

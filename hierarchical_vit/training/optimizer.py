@@ -23,7 +23,7 @@ def create_learning_rate_schedule(train_config: ml_collections.ConfigDict,
       end_value=train_config.min_learning_rate)
 
 
-def weight_decay_mask(params):
+def weight_decay_mask(params: optax.Params) -> optax.Params:
   """True for parameters that get weight decay.
 
   Excluded: 1-D arrays (LayerNorm scale/bias, Linear biases) and relative

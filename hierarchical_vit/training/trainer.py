@@ -33,6 +33,7 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
 from hierarchical_vit import data
+from hierarchical_vit import files
 from hierarchical_vit import interop
 from hierarchical_vit import parallel
 from hierarchical_vit.models import build_model, input_shape
@@ -232,7 +233,7 @@ def make_eval_step(graphdef: nnx.GraphDef, num_classes: int,
   return eval_step
 
 
-def evaluate(eval_step: Callable, params, rest: nnx.State,
+def evaluate(eval_step: Callable, params: nnx.State | dict, rest: nnx.State,
              batches: Iterable[dict[str, np.ndarray]],
              sharding: jax.sharding.NamedSharding,
              task: str = 'classification') -> dict[str, Any]:
@@ -320,7 +321,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int =
   return Trained(eval_graphdef, params, rest, step, key)
 
 
-def create_train_state(config: ml_collections.ConfigDict, params,
+def create_train_state(config: ml_collections.ConfigDict, params: nnx.State | dict,
                        tx: optax.GradientTransformation) -> State:
   """The initial train state (host-agnostic; shard it with device_put)."""
   state = {
@@ -385,10 +386,7 @@ def _check_finite(step: int, scalars: dict[str, float], last_saved: int | None):
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes workdir/config.json atomically: a killed write leaves the old one."""
   if jax.process_index() == 0:
-    path = os.path.join(workdir, 'config.json')
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json(indent=2))
-    os.replace(path + '.tmp', path)
+    files.write_text(os.path.join(workdir, 'config.json'), config.to_json(indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,

@@ -1,0 +1,22 @@
+"""Atomic file writes: a reader, or a run killed mid-write, finds the old file
+or the new one, never half of either (results, reports and configs are read
+back by resumed runs and sweeps)."""
+
+import json
+import os
+from typing import Any
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes text to path (creating its directory) via a temporary file and an
+  atomic rename."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w', encoding='utf-8', newline='') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, value: Any, indent: int = 1) -> None:
+  """write_text of json.dumps(value, indent=indent)."""
+  write_text(path, json.dumps(value, indent=indent))

@@ -1,0 +1,28 @@
+"""Atomic writes: the new file whole, or the old one untouched."""
+
+import json
+import os
+
+import pytest
+
+from hierarchical_vit import files
+
+
+def test_write_json_creates_directories_and_replaces_whole(tmp_path):
+  path = str(tmp_path / 'a' / 'b' / 'result.json')
+  files.write_json(path, {'x': 1})
+  files.write_json(path, {'y': [1, 2]})
+  with open(path, encoding='utf-8') as f:
+    assert json.load(f) == {'y': [1, 2]}
+  assert os.listdir(tmp_path / 'a' / 'b') == ['result.json']  # No temporary left.
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path):
+  path = str(tmp_path / 'result.json')
+  files.write_json(path, {'x': 1})
+  with pytest.raises(TypeError):
+    files.write_json(path, {'x': object()})  # Not serializable: fails before any write.
+  with pytest.raises(TypeError):
+    files.write_text(path, None)  # Fails while writing the temporary file.
+  with open(path, encoding='utf-8') as f:
+    assert json.load(f) == {'x': 1}
