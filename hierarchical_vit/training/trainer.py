@@ -149,7 +149,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 # Not data.num_workers: grain's checkpointed iterator state is per worker (it
 # refuses another count), and the count decides which examples share a batch.
 _RESUME_MAY_CHANGE = ('data.data_dir', 'mesh.', 'sweep.', 'train.log_every_steps',
-                      'train.checkpoint_every_steps', 'train.keep_checkpoints')
+                      'train.checkpoint_every_steps', 'train.keep_checkpoints',
+                      'train.eval_batch_size')
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:

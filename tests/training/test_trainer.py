@@ -383,7 +383,8 @@ def test_where_data_is_read_and_how_the_run_is_executed_may_change_on_resume(tra
   config, workdir, _ = trained
   moved = config.copy_and_resolve_references()
   moved.data.data_dir = '/elsewhere'
-  moved.train.update(log_every_steps=7, checkpoint_every_steps=5, keep_checkpoints=4)
+  moved.train.update(log_every_steps=7, checkpoint_every_steps=5, keep_checkpoints=4,
+                     eval_batch_size=2 * config.train.eval_batch_size)
   moved.mesh.strategy = 'fsdp'
   trainer.check_resumable(moved, workdir)
   moved.train.learning_rate *= 2
