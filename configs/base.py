@@ -41,6 +41,11 @@ def get_model_config() -> ml_collections.ConfigDict:
   # Attention core, a name in hierarchical_vit.layers.attention.ATTENTION_CORES:
   # 'einsum' (any backend) | 'cudnn' (NVIDIA GPU, bfloat16, attn_drop_rate 0).
   m.attention = 'einsum'
+  # Activation memory, hierarchical_vit.layers.swin.REMAT_POLICIES: 'none' |
+  # 'block' (each Swin block recomputed in the backward pass: keeps only block
+  # inputs, ~1/3 more compute) | 'block_save_dots' (keeps the Linear outputs
+  # too, recomputes LayerNorm, GELU and attention). Same function either way.
+  m.remat = 'none'
   # Downsampler between encoder stages: a name in
   # hierarchical_vit.resampling.DOWNSAMPLERS: patch_merge | avg_pool | max_pool
   # | soft_pool (softmax-weighted, Stergiou 2021) | conv | space_to_depth

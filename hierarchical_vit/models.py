@@ -165,7 +165,7 @@ class UNet(nnx.Module):
                **encoder_kwargs):
     self.encoder = Encoder(rngs=rngs, dtype=dtype, **encoder_kwargs)
     block_keys = ('mlp_ratio', 'qkv_bias', 'drop_rate', 'attn_drop_rate', 'gelu_approximate',
-                  'attention', 'window_size', 'num_heads', 'patch_size')
+                  'attention', 'remat', 'window_size', 'num_heads', 'patch_size')
     self.decoder = Decoder(dims=self.encoder.dims, resolutions=self.encoder.resolutions,
                            drop_path_rates=self.encoder.drop_path_rates,
                            depths=decoder_depths, upsample=upsample,
@@ -238,7 +238,7 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
       downsample_options=downsample_options,
       drop_path_rate=cfg.drop_path_rate, drop_rate=cfg.drop_rate,
       attn_drop_rate=cfg.attn_drop_rate, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-      gelu_approximate=cfg.gelu_approximate, attention=cfg.attention)
+      gelu_approximate=cfg.gelu_approximate, attention=cfg.attention, remat=cfg.remat)
 
 
 def _check_attention(cfg: ml_collections.ConfigDict) -> None:

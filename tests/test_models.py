@@ -118,6 +118,36 @@ def test_decoder_drop_path_rates_mirror_the_encoders_like_swin_unet():
   np.testing.assert_allclose(shallow, [encoder[0]])  # Level 0, 1 block.
 
 
+def _loss_grads_residual_bytes(remat: str):
+  """A training-mode loss (drop path on), its gradients, and the bytes the
+  forward keeps for the backward (the residuals jax.vjp closes over)."""
+  model = build_model(tiny_model_config(img_size=32, depths=(2, 2, 2), drop_path_rate=0.3,
+                                        remat=remat), rngs=nnx.Rngs(0))
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  rest = nnx.to_pure_dict(rest)
+  x = jax.random.normal(jax.random.key(1), (8, 32, 32, 1))
+  loss, vjp = jax.vjp(lambda p: nnx.merge(graphdef, p, rest)(x).sum(), params)
+  (grads,) = vjp(jnp.ones_like(loss))
+  return loss, grads, sum(leaf.nbytes for leaf in jax.tree.leaves(vjp))
+
+
+def test_remat_keeps_the_function_and_drops_the_residuals():
+  loss, grads, kept = _loss_grads_residual_bytes('none')
+  saved = {}
+  for remat in ('block', 'block_save_dots'):
+    remat_loss, remat_grads, saved[remat] = _loss_grads_residual_bytes(remat)
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)  # Same drop-path draws.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), remat_grads, grads)
+  # Measured: 16.9 MiB kept without remat, 2.3 with 'block', 5.8 with 'block_save_dots'.
+  assert saved['block'] < saved['block_save_dots'] < kept / 2
+  assert saved['block'] < kept / 5
+  with pytest.raises(ValueError, match=r"model.remat='all' is not one of \['block', "):
+    build_model(tiny_model_config(remat='all'), rngs=nnx.Rngs(0))
+  unet = build_model(tiny_model_config(name='unet', remat='block'), rngs=nnx.Rngs(0))
+  assert {stage.remat for stage in [*unet.encoder.stages, *unet.decoder.stages]} == {'block'}
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = build_model(tiny_model_config(dtype='bfloat16'), rngs=nnx.Rngs(0))
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,6 +1,6 @@
 """Swin Transformer block and stage (a run of blocks at one resolution)."""
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -63,16 +63,32 @@ class SwinBlock(nnx.Module):
     return x + self.drop_path(self.mlp(on_tokens(self.norm2, x)))
 
 
+# What each block keeps for the backward pass (config.model.remat): 'none'
+# keeps every activation; the others wrap the block in jax.checkpoint and
+# recompute its forward during the backward pass, keeping only the block's
+# input ('block') or also its Linear layers' outputs ('block_save_dots': the
+# recomputation is then LayerNorm, GELU and the attention core).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    'none': None,
+    'block': jax.checkpoint_policies.nothing_saveable,
+    'block_save_dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
 class SwinStage(nnx.Module):
   """`depth` Swin blocks at one resolution; every second block is shifted.
 
   The window is fixed here from the stage's nominal `resolution` (it sizes the
   relative position tables); a stage marked global attends over the whole map.
+  remat names a REMAT_POLICIES entry, applied to each block.
   """
 
   def __init__(self, dim: int, depth: int, num_heads: int, resolution: tuple[int, int],
                window_size: int, *, rngs: nnx.Rngs, drop_path_rates: Sequence[float],
-               global_attention: bool = False, **block_kwargs):
+               global_attention: bool = False, remat: str = 'none', **block_kwargs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'model.remat={remat!r} is not one of {sorted(REMAT_POLICIES)}')
+    self.remat = remat
     if global_attention:
       window, shift = tuple(resolution), (0, 0)
     else:
@@ -85,6 +101,9 @@ class SwinStage(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, H, W, C)."""
+    run = lambda block, x: block(x)
+    if self.remat != 'none':
+      run = nnx.remat(run, policy=REMAT_POLICIES[self.remat])
     for block in self.blocks:
-      x = block(x)
+      x = run(block, x)
     return x
