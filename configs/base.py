@@ -77,7 +77,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.upsample_options = ml_collections.ConfigDict({
       'interpolate': {'method': 'bilinear'},  # bilinear | nearest | bicubic.
   })
-  m.decoder_depths = ()      # UNet decoder blocks per stage (deepest first); () mirrors depths.
+  # UNet decoder blocks per level, len(depths) - 1 entries, deepest first;
+  # () = reversed(depths[:-1]), the encoder's mirror.
+  m.decoder_depths = ()
   return m
 
 
@@ -91,8 +93,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.train_split = 'train'    # tfds split names; slices work, e.g. 'train[:90%]'.
   d.eval_split = 'test'      # Evaluated during training and by eval.py.
   d.image_size = 32          # Images are brought to image_size x image_size ...
-  # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear). Data of varying
-  # size (imagenet2012) ignores it: Inception crop in training, centre crop in eval.
+  # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear). Classification
+  # of data of varying size (imagenet2012) ignores it: Inception crop in
+  # training, centre crop in eval; segmentation always uses it.
   d.resize_mode = 'pad'
   d.num_workers = 0          # grain worker processes (0 = in the main process).
   # Augmentation (training split only).
@@ -154,8 +157,9 @@ def get_mesh_config() -> ml_collections.ConfigDict:
   mesh.strategy = 'data_parallel'
   mesh.axes = ('data', 'fsdp')  # Fixed: names the axes of mesh.shape (checked).
   # Size per axis; one -1 takes the remaining devices. () = every device on
-  # the strategy's axis: (-1, 1) for data_parallel, (1, -1) for fsdp. Hybrid
-  # FSDP (shard within a host, replicate across hosts): (num_hosts, -1).
+  # the strategy's axis: (-1, 1) for data_parallel, (1, -1) for fsdp (on
+  # several TPU slices (NUM_SLICES, -1), see dcn_shape). Hybrid FSDP (shard
+  # within a host, replicate across hosts): (num_hosts, -1).
   # The batch is split over both axes either way.
   mesh.shape = ()
   # Hybrid meshes, for devices joined by a slow network: how many granules
@@ -163,8 +167,9 @@ def get_mesh_config() -> ml_collections.ConfigDict:
   # each granule's devices form one (shape / dcn_shape) block of the mesh, so
   # an axis with one granule keeps its collectives on the fast links. () = one
   # TPU slice per 'data' index (and, on one slice, no hybrid mesh). E.g. 2
-  # GPU nodes of 8 with strategy 'fsdp': dcn_shape (2, 1) gives the mesh
-  # (2, 8), FSDP within each node. See docs/scaling.md.
+  # GPU nodes of 8, one process per node, strategy 'fsdp': dcn_shape (2, 1)
+  # gives the mesh (2, 8), FSDP within each node (one process per GPU: the
+  # granules are the GPUs, so use shape (2, -1) instead). See docs/scaling.md.
   mesh.dcn_shape = ()
   # Smaller arrays stay replicated under fsdp: gathering them costs more
   # latency than the memory saved (2**18 f32 = 1 MiB).

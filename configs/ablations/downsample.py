@@ -31,8 +31,8 @@ def _experiment(dataset: str) -> ml_collections.ConfigDict:
   if dataset == 'fashion_mnist':
     # The quickstart model (conv stem to 8x8 tokens, two downsamplings) for
     # 1 epoch: ~2 min a run on 2 CPU cores (measured: docs/results/README.md),
-    # so ~45 min for the 7 downsamplers x 3 seeds. Two evaluations per epoch
-    # give the learning curves a second point.
+    # so ~75 min for the 33 runs with --runs_at_once=2. Two evaluations per
+    # epoch give the learning curves a second point.
     config = quickstart.get_config()
     config.train.num_epochs = 1.0
     config.train.warmup_epochs = 0.1
