@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from configs import base
 from configs.ablations import antialias, downsample, upsample
 from hierarchical_vit import ablate, information, shift_consistency
 from hierarchical_vit.analysis import aggregate, stats
-from hierarchical_vit.training import tasks
+from hierarchical_vit.training import tasks, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -363,6 +364,24 @@ def test_welch_difference_by_hand():
   assert stats.mean_std([0.90, 0.92, 0.94]) == pytest.approx((0.92, 0.02))
 
 
+def test_welch_difference_with_unequal_sizes_matches_scipy():
+  """n = 4 against n = 2, unequal variances: scipy's Welch t-test gives the
+  statistic (diff / s.e.), the df (through its p-value) and the interval."""
+  scipy_stats = import_optional('scipy.stats')
+  a, b = [0.90, 0.92, 0.94, 0.97], [0.85, 0.91]
+  diff = stats.welch_difference(a, b, confidence=0.9)
+  test = scipy_stats.ttest_ind(a, b, equal_var=False)
+  assert diff.mean / diff.std_error == pytest.approx(test.statistic)
+  assert 2 * scipy_stats.t.sf(abs(test.statistic), diff.df) == pytest.approx(test.pvalue)
+  low, high = test.confidence_interval(0.9)
+  assert (diff.ci_low, diff.ci_high) == pytest.approx((low, high), abs=1e-6)
+  # Zero variance on both sides: the point difference; one value: refused.
+  point = stats.welch_difference([1.0, 1.0], [0.5, 0.5])
+  assert (point.mean, point.ci_low, point.ci_high, point.std_error) == (0.5, 0.5, 0.5, 0.0)
+  with pytest.raises(ValueError, match='needs >= 2 values per side, got 1 and 2'):
+    stats.welch_difference([1.0], b)
+
+
 def _result(variant: str, seed: int, accuracy: float) -> dict:
   return {'run': f'{variant}-seed{seed}', 'variant': variant, 'seed': seed,
           'overrides': {'model.downsample': variant, 'seed': seed},
@@ -516,11 +535,20 @@ def test_real_run_through_train_py(tmp_path, data_dir):
   # The information measure on the trained model's features and downsampler.
   rng = np.random.default_rng(0)
   images = rng.normal(size=(8, 32, 32, 1)).astype(np.float32)
-  errors = information.trained_errors(str(tmp_path / 'work/runs/avg_pool-seed0'),
-                                      images[:6], images[6:])
-  assert errors['space_to_depth'] < 1e-4 < errors['trained']
-  # Shift consistency of the trained run, in-process and through its CLI.
   run_dir = str(tmp_path / 'work/runs/avg_pool-seed0')
+  errors = information.trained_errors(run_dir, images[:6], images[6:])
+  assert errors['space_to_depth'] < 1e-4 < errors['trained']
+  # The features are stage 0's output, as the whole encoder computes it, and
+  # 'trained' is the model's first downsampler on them.
+  model = trainer.restore_trained(trainer.load_config(run_dir), run_dir).model()
+  stage0 = lambda x: np.asarray(model.encoder(jnp.asarray(x))[0], np.float64)
+  f_train, f_test = stage0(images[:6]), stage0(images[6:])
+  assert errors['avg_pool'] == pytest.approx(
+      information.downsampler_errors(f_train, f_test)['avg_pool'], rel=1e-4)
+  first = model.encoder.downsamplers[0]  # Eager here, jitted there: float32 rounding apart.
+  assert errors['trained'] == pytest.approx(information.reconstruction_error(
+      lambda x: np.asarray(first(jnp.asarray(x, jnp.float32))), f_train, f_test), rel=1e-2)
+  # Shift consistency of the trained run, in-process and through its CLI.
   measured = shift_consistency.measure_run(run_dir, num_images=20, max_shift=2)
   assert measured['step'] == 2 and len(measured['diagonal']) == 2
   assert all(0 <= measured[m] <= 1 for m in shift_consistency.METRICS)

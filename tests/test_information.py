@@ -9,18 +9,56 @@ from hierarchical_vit.resampling import DOWNSAMPLERS
 from tests.test_resampling import _numpy_blur, _numpy_max_2x2_stride_1, _numpy_soft_pool
 
 
-def _reference_error(features: np.ndarray, images: np.ndarray) -> float:
-  """Independent reference: explicit 2x2 loops, lstsq fit and error on the same data."""
-  n, h, w, c = images.shape
+def _rows(features: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Explicit 2x2 loops: ([feature token, 1] rows, flattened 2x2 block rows)."""
+  n, h, w, _ = images.shape
   rows_in, rows_out = [], []
   for b in range(n):
     for i in range(h // 2):
       for j in range(w // 2):
         rows_out.append(images[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2].ravel())
         rows_in.append(np.append(features[b, i, j], 1.0))
-  x, y = np.array(rows_in), np.array(rows_out)
-  fit = x @ np.linalg.lstsq(x, y, rcond=None)[0]
-  return np.linalg.norm(y - fit) / np.linalg.norm(y - y.mean(0))
+  return np.array(rows_in), np.array(rows_out)
+
+
+def _reference_error(features: np.ndarray, images: np.ndarray,
+                     test_features: np.ndarray | None = None,
+                     test_images: np.ndarray | None = None) -> float:
+  """Independent reference: lstsq fit on (features, images), error on the test
+  pair (the same data if none is given)."""
+  x, y = _rows(features, images)
+  if test_images is not None:
+    x_test, y_test = _rows(test_features, test_images)
+  else:
+    x_test, y_test = x, y
+  fit = x_test @ np.linalg.lstsq(x, y, rcond=None)[0]
+  return np.linalg.norm(y_test - fit) / np.linalg.norm(y_test - y_test.mean(0))
+
+
+def _reference_reduced_rank_sse(x: np.ndarray, y: np.ndarray, rank: int) -> tuple[float, float]:
+  """(residual, total) sums of squares of the best rank-`rank` affine map from
+  rows x (with a ones column) to y, fitted and measured on the same rows, by
+  Pythagoras: the OLS residual plus the fitted values' discarded variance (the
+  smallest eigenvalues of their covariance), instead of projecting."""
+  fitted = x @ np.linalg.lstsq(x, y, rcond=None)[0]
+  centred = fitted - fitted.mean(0)
+  eigenvalues = np.sort(np.linalg.eigvalsh(centred.T @ centred))[::-1]
+  residual = np.sum((y - fitted) ** 2) + eigenvalues[rank:].sum()
+  return residual, np.sum((y - y.mean(0)) ** 2)
+
+
+def _windows_3x3(channel: np.ndarray) -> np.ndarray:
+  """(N, H, W) -> (N, H/2, W/2, 9): the 3x3 window around (2i, 2j) at stride
+  2, zeros outside, by explicit loops."""
+  n, h, w = channel.shape
+  out = np.zeros((n, h // 2, w // 2, 9))
+  for i in range(h // 2):
+    for j in range(w // 2):
+      for k, (dy, dx) in enumerate((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+        y, x = 2 * i + dy, 2 * j + dx
+        if 0 <= y < h and 0 <= x < w:
+          out[:, i, j, k] = channel[:, y, x]
+  return out
 
 
 @pytest.fixture
@@ -88,7 +126,37 @@ def test_every_downsampler_has_a_measure_and_the_blurs_match_numpy():
       _reference_error(_numpy_soft_pool(smooth), smooth), rel=1e-4)
   nest_pool = np.asarray(nn.max_pool(smooth, (3, 3), (2, 2), padding='SAME'))
   assert errors['conv_max_pool'] == pytest.approx(_reference_error(nest_pool, smooth), rel=1e-4)
+  # blur_merge: the best rank-2C map of the blurred 2x2 block (4C features).
+  residual, total = _reference_reduced_rank_sse(*_rows(blocks_of(_numpy_blur(smooth, 3, 1)),
+                                                       smooth), 2 * smooth.shape[-1])
+  assert errors['blur_merge'] == pytest.approx(np.sqrt(residual / total), rel=1e-6)
   # Fitted and measured on the same images, no rank-2C map of any features
   # beats the blocks' own top 2C principal components (Eckart-Young); the
   # blur's zero at the Nyquist frequency loses what merging alone keeps.
   assert errors['patch_merge'] * 1.01 < errors['blur_merge'] < 1.0
+  # depthwise_conv_pool at C = 2: per channel, rank 2 from its 3x3 window;
+  # the channels' residuals and totals add up.
+  sums = [_reference_reduced_rank_sse(*_rows(_windows_3x3(smooth[..., c]), smooth[..., c:c + 1]),
+                                      2) for c in range(smooth.shape[-1])]
+  assert errors['depthwise_conv_pool'] == pytest.approx(
+      np.sqrt(sum(r for r, _ in sums) / sum(t for _, t in sums)), rel=1e-6)
+
+
+def blocks_of(x: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) -> (N, H/2, W/2, 4C): each 2x2 block flattened (y, x, c), by slicing."""
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(
+      n, h // 2, w // 2, 4 * c)
+
+
+def test_fitted_on_train_measured_on_test():
+  """The inverse is fitted on the first images only and judged on the others."""
+  rng = np.random.default_rng(5)
+  noise = rng.normal(size=(40, 9, 9, 1))
+  smooth = noise[:, 1:, 1:] + noise[:, :-1, 1:] + noise[:, 1:, :-1] + noise[:, :-1, :-1]
+  train, test = smooth[:30], smooth[30:]
+  mean = lambda x: information.pool(x, np.mean)
+  held_out = information.reconstruction_error(mean, train, test)
+  assert held_out == pytest.approx(
+      _reference_error(mean(train), train, mean(test), test), rel=1e-9)
+  assert held_out != pytest.approx(_reference_error(mean(test), test), rel=1e-3)

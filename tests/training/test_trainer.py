@@ -157,11 +157,12 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
 
 
 def test_config_history_fills_only_what_is_missing():
-  saved = {'model': {'attention': 'cudnn', 'name': 'classifier'}, 'data': {'name': 'x'}}
+  saved = {'model': {'attention': 'cudnn', 'remat': 'block', 'name': 'classifier'},
+           'data': {'name': 'x'}}
   assert config_history.upgrade(saved) == saved
   old = {'model': {'name': 'classifier'}, 'data': {'name': 'x', 'shuffle_buffer': 0}}
   upgraded = config_history.upgrade(old)
-  assert upgraded == {'model': {'name': 'classifier', 'attention': 'einsum'},
+  assert upgraded == {'model': {'name': 'classifier', 'attention': 'einsum', 'remat': 'none'},
                       'data': {'name': 'x'}}
   assert old['data'] == {'name': 'x', 'shuffle_buffer': 0}  # The input is left as it was.
 
@@ -435,6 +436,38 @@ def _run_steps(config, images, labels, steps: int) -> list[dict]:
       state, _ = train_step(state, batch, rest)
     states.append(jax.device_get(state))
   return states
+
+
+def test_logged_train_metrics_against_numpy():
+  """The step's train/loss (label-smoothed cross-entropy), train/accuracy and
+  train/learning_rate (of the optimizer step, with accumulation), recomputed in
+  numpy from the model's logits before the update."""
+  rng = np.random.default_rng(1)
+  images = jnp.asarray(rng.normal(size=(16, 32, 32, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
+  config = tiny_config('', grad_accum_steps=2, label_smoothing=0.1, warmup_epochs=0.5)
+  config.model.drop_path_rate = 0.0  # Deterministic: the logits below are the step's.
+  graphdef, _, params, rest = trainer.init_model(config)
+  logits = np.asarray(nnx.merge(graphdef, params, rest)(images), np.float64)
+  schedule = optimizer_lib.create_learning_rate_schedule(config.train, 10, 100)
+  tx = optimizer_lib.create_optimizer(config.train, schedule)
+  state = trainer.create_train_state(config, params, tx)
+  train_step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
+  logged = []
+  for _ in range(3):
+    state, metrics = train_step(state, {'image': images, 'label': labels}, rest)
+    logged.append(jax.device_get(metrics))
+  targets = np.eye(10)[np.asarray(labels)] * 0.9 + 0.1 / 10
+  log_softmax = logits - logits.max(-1, keepdims=True)
+  log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+  np.testing.assert_allclose(logged[0]['train/loss'], -(targets * log_softmax).sum(-1).mean(),
+                             rtol=1e-5)
+  assert logged[0]['train/accuracy'] == pytest.approx(
+      np.mean(logits.argmax(-1) == np.asarray(labels)))
+  # Micro-steps 0 and 1 are optimizer step 0, micro-step 2 is step 1 (warmup: rising).
+  lrs = [float(m['train/learning_rate']) for m in logged]
+  assert lrs == pytest.approx([float(schedule(0)), float(schedule(0)), float(schedule(1))])
+  assert lrs[2] > lrs[0]
 
 
 def test_accumulation_equals_the_big_batch_and_ema_follows_the_params():
