@@ -172,6 +172,20 @@ def flat(params: dict) -> dict[str, np.ndarray]:
           for path, value in traverse_util.flatten_dict(params).items()}
 
 
+@pytest.mark.parametrize('window', [(12, 12), (4, 7), (7, 4)],
+                         ids=['grow_224_to_384', 'wide', 'tall'])
+def test_resize_bias_table_matches_torch_bicubic(window):
+  """A 7x7-window table (13 x 13 offsets) to other windows, as torch resizes it
+  (timm's fine-tuning recipe): growing, and non-square both ways round."""
+  table = np.random.default_rng(0).normal(size=(13 * 13, 3)).astype(np.float32)
+  out_h, out_w = 2 * window[0] - 1, 2 * window[1] - 1
+  grid = torch.from_numpy(table).T.reshape(1, 3, 13, 13)
+  expected = torch.nn.functional.interpolate(grid, size=(out_h, out_w), mode='bicubic',
+                                             align_corners=False)
+  np.testing.assert_allclose(interop.resize_bias_table(table, window),
+                             expected.reshape(3, out_h * out_w).T.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_init_from_resizes_bias_tables_and_reinitializes_head(tmp_path):
   # timm at 56 px, patch 2: 28 -> 14 -> 7 tokens, all in windows of 7, 7
   # classes; ours: window 4, so (2 * 4 - 1)^2 = 49-entry tables instead of

@@ -144,3 +144,23 @@ def test_classification_targets_are_one_hot_without_mixing():
       {'image': images, 'label': CLASSES}, jax.random.key(1))
   np.testing.assert_array_equal(targets, one_hot)
   np.testing.assert_array_equal(out_images, images)
+
+
+def test_both_alphas_use_both_methods_and_mix_prob_skips_batches():
+  """With both alphas each batch is cutmix (pixels from one source: 0/1 in the
+  identity batch) or mixup (every pixel blended), about half each; mix_prob =
+  0.25 leaves about 3 batches in 4 unchanged."""
+  images, labels = _identity_batch()
+  kinds = []
+  for seed in range(40):
+    mixed, _ = mixing.mix_batch(jax.random.key(seed), images, labels,
+                                mixup_alpha=0.8, cutmix_alpha=1.0)
+    binary = np.all(np.isin(np.asarray(mixed), (0.0, 1.0)))
+    kinds.append('cutmix' if binary else 'mixup')
+  assert 10 <= kinds.count('cutmix') <= 30, kinds
+  unchanged = sum(
+      bool(np.array_equal(mixing.mix_batch(jax.random.key(seed), images, labels,
+                                           mixup_alpha=0.8, cutmix_alpha=0.0,
+                                           mix_prob=0.25)[0], images))
+      for seed in range(40))
+  assert 22 <= unchanged <= 38, unchanged

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hierarchical_vit.data import transforms
+from hierarchical_vit.data import prepare, transforms
+from tests.data.conftest import FASHION_MNIST_SOURCE
 
 
 def _image(h, w, c=1, seed=0):
@@ -340,3 +341,20 @@ def test_random_resized_crop_samples_a_box_within_scale_and_ratio(monkeypatch):
   assert 0.2 - 0.02 <= min(areas) and max(areas) <= 0.5 + 0.02
   assert 0.5 - 0.05 <= min(aspects) and max(aspects) <= 2.0 + 0.1
   assert max(areas) - min(areas) > 0.2 and max(aspects) / min(aspects) > 3  # Spread.
+
+
+def test_fashion_mnist_mean_std_are_the_train_splits():
+  pixels = prepare.read_idx(f'{FASHION_MNIST_SOURCE}/train-images-idx3-ubyte.gz') / 255.0
+  (mean,), (std,) = transforms.MEAN_STD['fashion_mnist']
+  assert (mean, std) == pytest.approx((pixels.mean(), pixels.std()), abs=6e-5)
+
+
+def test_trivial_augment_draws_one_op_at_one_of_31_levels(monkeypatch):
+  calls = []
+  monkeypatch.setattr(transforms, 'apply_op',
+                      lambda image, name, level, rng: calls.append((name, level)) or image)
+  rng = np.random.default_rng(0)
+  for _ in range(2000):
+    transforms.trivial_augment(np.zeros((4, 4, 1), np.uint8), rng)
+  assert {level for _, level in calls} == {k / 30 for k in range(31)}
+  assert {name for name, _ in calls} == set(transforms.OP_NAMES)
