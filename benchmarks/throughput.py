@@ -38,8 +38,9 @@ from absl import app, flags
 from flax import nnx
 
 from configs import base
-from hierarchical_vit import report, tcmalloc
+from hierarchical_vit import files, report, tcmalloc
 from hierarchical_vit.layers.attention import ATTENTION_CORES
+from hierarchical_vit.layers.swin import REMAT_POLICIES
 from hierarchical_vit.models import build_model
 from hierarchical_vit.presets import apply_preset
 from hierarchical_vit.training import optimizer as optimizer_lib
@@ -72,7 +73,7 @@ def _rss_mib() -> float:
 
 
 def model_config(bench: BenchConfig, gelu_approximate: bool, dtype: str = 'float32',
-                 attention: str = 'einsum') -> ml_collections.ConfigDict:
+                 attention: str = 'einsum', remat: str = 'none') -> ml_collections.ConfigDict:
   """Full config (train defaults of configs/base.py) for a benchmark model."""
   config = base.get_config()
   apply_preset(config.model, bench.preset)
@@ -80,6 +81,7 @@ def model_config(bench: BenchConfig, gelu_approximate: bool, dtype: str = 'float
   config.model.gelu_approximate = gelu_approximate
   config.model.dtype = dtype
   config.model.attention = attention
+  config.model.remat = remat
   return config
 
 
@@ -243,10 +245,12 @@ def paired_ratio(ours_s: list[float], timm_s: list[float]) -> dict[str, float]:
 
 def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
               rounds: int, with_timm: bool, dtype: str = 'float32',
-              timm_compile: bool = False, attention: str = 'einsum') -> dict[str, Any]:
+              timm_compile: bool = False, attention: str = 'einsum',
+              remat: str = 'none') -> dict[str, Any]:
   """Interleaved timed rounds of ours (and timm) on CONFIGS[name]."""
   bench = CONFIGS[name]
-  config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype, attention=attention)
+  config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype, attention=attention,
+                        remat=remat)
   ours = Ours(config, batch)
   timm_model = Timm(bench, config, batch, timm_compile) if with_timm else None
   contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train}
@@ -265,7 +269,7 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
     peaks.append(peak())
 
   result = {
-      'config': name, 'gelu': gelu, 'dtype': dtype, 'attention': attention,
+      'config': name, 'gelu': gelu, 'dtype': dtype, 'attention': attention, 'remat': remat,
       'timm_compile': timm_compile,
       'batch': batch, 'params': int(ours.num_params),
       'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
@@ -345,7 +349,8 @@ def main(argv):
   for name in names:
     for gelu in gelus:
       results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
-                               with_timm, _DTYPE.value, _TIMM_COMPILE.value, _ATTENTION.value))
+                               with_timm, _DTYPE.value, _TIMM_COMPILE.value, _ATTENTION.value,
+                               _REMAT.value))
       print(json.dumps(results[-1]), flush=True)
   summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
@@ -358,8 +363,7 @@ def main(argv):
   print(format_table(results))
   print(f'load average {summary["load_average"]}, peak RSS {summary["peak_rss_mib"]:.0f} MiB')
   if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w') as f:
-      json.dump(summary, f, indent=1)
+    files.write_json(_OUTPUT.value, summary)
 
 
 if __name__ == '__main__':
@@ -376,6 +380,9 @@ if __name__ == '__main__':
                              'Compute dtype of both (ours: model.dtype; timm: autocast).')
   _ATTENTION = flags.DEFINE_enum('attention', 'einsum', list(ATTENTION_CORES),
                                  'Our attention core (model.attention).')
+  _REMAT = flags.DEFINE_enum('remat', 'none', list(REMAT_POLICIES),
+                             'Our per-block recomputation (model.remat): XLA peak MiB shows '
+                             'what it saves.')
   _TIMM = flags.DEFINE_bool('timm', True, 'Time timm beside ours if it imports.')
   _TIMM_COMPILE = flags.DEFINE_bool('timm_compile', False,
                                     "Run timm's model through torch.compile (compiled at warm-up).")

@@ -77,11 +77,14 @@ def test_matmul_peak_multiplies_in_the_benchmark_dtype(dtype):
   assert peak() > 0
 
 
-def test_model_config_selects_the_attention_core():
+def test_model_config_selects_the_attention_core_and_remat():
   bench = throughput.CONFIGS['swin_t_224']
-  assert throughput.model_config(bench, gelu_approximate=False).model.attention == 'einsum'
-  config = throughput.model_config(bench, False, dtype='bfloat16', attention='cudnn')
-  assert (config.model.attention, config.model.dtype) == ('cudnn', 'bfloat16')
+  default = throughput.model_config(bench, gelu_approximate=False)
+  assert (default.model.attention, default.model.remat) == ('einsum', 'none')
+  config = throughput.model_config(bench, False, dtype='bfloat16', attention='cudnn',
+                                   remat='block')
+  assert (config.model.attention, config.model.dtype, config.model.remat) == (
+      'cudnn', 'bfloat16', 'block')
 
 
 def test_cpu_model_reads_cpuinfo_and_falls_back_to_the_architecture(tmp_path):

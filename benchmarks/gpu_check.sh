@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU measurements docs/performance.md still lacks, in one command on a
+# lent device machine (an image with jax[cuda], flax, torch and timm, but not
+# this project's other dependencies, and no network):
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR [WHEELS_DIR]
+#
+# WHEELS_DIR (default .whl) holds those other dependencies as wheels, fetched
+# beforehand where a package index answers (docs/performance.md: "Running the
+# GPU checks"). Each measurement writes OUT_DIR/<name>.json, the most wanted
+# first, so a run cut short keeps what it finished.
+set -euo pipefail
+out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [WHEELS_DIR]}
+wheels=${2:-.whl}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false HIERARCHICAL_VIT_TCMALLOC=0
+if [ -d "$wheels" ]; then
+  site=/tmp/hierarchical_vit_site
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" \
+      "$wheels"/*.whl
+  for sdist in "$wheels"/*.tar.gz; do
+    [ -e "$sdist" ] && python3 -m pip install -q --no-index --no-deps --no-build-isolation \
+        --target "$site" "$sdist"
+  done
+  export PYTHONPATH="$site:$PWD"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+swin_t="--configs=swin_t_224 --gelu=erf --dtype=bfloat16 --batch=128"
+# 1. Ours with cuDNN's fused attention against timm under torch.compile.
+python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=cudnn \
+    --timm_compile --output="$out/cudnn_vs_timm_compiled.json"
+# 2. What per-block recomputation saves in the compiled train step (XLA peak MiB).
+for remat in none block block_save_dots; do
+  python3 -m benchmarks.throughput $swin_t --steps=5 --rounds=2 --notimm --remat=$remat \
+      --output="$out/remat_$remat.json"
+done
