@@ -194,6 +194,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   task_report = _REPORTS[config.task]
   mesh = parallel.create_mesh(_eval_mesh_config(config.mesh))
   info = data.get_dataset_info(config.data, task=config.task)
+  data.check_split(config.data, split, '--split')
   trainer.check_config(config, info, jax.process_count(), jax.device_count(), training=False)
   trained = trainer.restore_trained(config, workdir, step, mesh)
   step = trained.step

@@ -387,11 +387,11 @@ class Sweep:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, results_dir: str = ''):
+    self.runs = expand_sweep(config)  # First: it refuses a config without a sweep.
     self.name = config.sweep.name
     if not _NAME_PATTERN.match(self.name):
       raise ValueError(f'sweep.name={self.name!r} must match {_NAME_PATTERN.pattern}')
     self.config = config
-    self.runs = expand_sweep(config)
     self.workdir = workdir
     self.output_dir = (os.path.join(results_dir, self.name) if results_dir
                        else os.path.join(workdir, 'results'))
@@ -533,6 +533,9 @@ def main(argv):
     for run in runs:
       print(shlex.join(train_command(run, config_spec, sweep.run_dir(run), base_overrides)))
     return
+  for config in {r.config.data.to_json(): r.config for r in runs}.values():
+    # Missing data fails here, with how to prepare it, not inside a child.
+    data.get_dataset_info(config.data, task=config.task)
   cache_dir = os.path.join(os.path.abspath(_WORKDIR.value), 'compilation_cache')
   train_fn = SubprocessTrainer(config_spec, base_overrides, cache_dir, _RUNS_AT_ONCE.value)
   with train_fn.forwarding_sigterm():

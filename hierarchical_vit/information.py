@@ -48,14 +48,15 @@ downsampler's real input) and their own trained first downsampler.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from hierarchical_vit import data, files, resampling
+from hierarchical_vit import data, files, resampling, shift_consistency
 from hierarchical_vit.resampling import antialias
 from hierarchical_vit.training import trainer
 
@@ -222,9 +223,24 @@ def _print_table(title: str, errors: dict[str, float]) -> None:
     print(f'  {name:>20}: {error:.4f}')
 
 
+def check_runs_match(config: ml_collections.ConfigDict, run_dirs: Sequence[str]) -> None:
+  """ValueError unless every run trained on config's data set at its image
+  size: the images are loaded once, from config, for all of them."""
+  want = (config.data.name, config.data.image_size)
+  for run_dir in run_dirs:
+    run = trainer.load_config(run_dir)
+    if (run.data.name, run.data.image_size) != want:
+      raise ValueError(
+          f'--run_dirs: {run_dir} trained on {run.data.name!r} at data.image_size='
+          f'{run.data.image_size}, but --config gives {want[0]!r} at {want[1]}; measure it '
+          f'with its own config (--config=configs/saved.py:{run_dir}).')
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
+  run_dirs = shift_consistency.expand_run_dirs(_RUN_DIRS.value)
+  check_runs_match(config, run_dirs)  # Before the measures, which take minutes.
   train = data.load_eval_examples(config.data, config.data.train_split, _NUM_TRAIN.value)[0]
   test = data.load_eval_examples(config.data, config.data.eval_split, _NUM_TEST.value)[0]
   result = {'data': config.data.name, 'input_shape': train.shape[1:],
@@ -233,7 +249,7 @@ def main(argv):
                        '(see hierarchical_vit/information.py)',
             'errors': downsampler_errors(train, test), 'trained': {}}
   _print_table('Pixels:', result['errors'])
-  for run_dir in _RUN_DIRS.value:
+  for run_dir in run_dirs:
     name = os.path.basename(os.path.normpath(run_dir))
     result['trained'][name] = trained_errors(run_dir, train, test)
     _print_table(f'Stage-0 features of {name}:', result['trained'][name])
@@ -245,10 +261,11 @@ if __name__ == '__main__':
   # Defined here, not at import, so that the library functions above can be
   # imported next to other modules' flags.
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment (or sweep) config.')
+  flags.mark_flag_as_required('config')
   _OUTPUT = flags.DEFINE_string('output', '', 'Where to write the JSON result (optional).')
   _NUM_TRAIN = flags.DEFINE_integer('num_train', 2000, 'Training-split images to fit on.')
   _NUM_TEST = flags.DEFINE_integer('num_test', 1000, 'Held-out eval-split images to measure on.')
   _RUN_DIRS = flags.DEFINE_list(
-      'run_dirs', [], 'Finished runs (e.g. WORKDIR/runs/avg_pool-seed0) whose stage-0 '
-      'features and trained first downsampler to measure too.')
+      'run_dirs', [], 'Finished runs or glob patterns (e.g. WORKDIR/runs/avg_pool-seed0) '
+      'whose stage-0 features and trained first downsampler to measure too.')
   app.run(main)

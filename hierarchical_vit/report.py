@@ -82,5 +82,6 @@ def main(argv):
 if __name__ == '__main__':
   # Defined here, not at import: importers (e.g. ablate) have flags of their own.
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+  flags.mark_flag_as_required('config')
   flags.DEFINE_integer('batch', 8, 'Batch size to cost the forward pass at.')
   app.run(main)

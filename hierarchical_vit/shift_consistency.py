@@ -51,6 +51,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 
@@ -185,13 +186,19 @@ def markdown_table(summary: dict[str, dict]) -> str:
   return '\n'.join(lines)
 
 
+def classifier_config(run_dir: str) -> ml_collections.ConfigDict:
+  """The config of a classification run; ValueError for another task."""
+  config = trainer.load_config(run_dir)
+  if config.task != 'classification':
+    raise ValueError(f'{run_dir}: task={config.task!r}; shift consistency needs a classifier')
+  return config
+
+
 def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0,
                 shift: str = 'circular') -> dict:
   """shift_metrics of a finished classification run (its latest checkpoint,
   EMA weights if it kept them), plus the checkpoint's 'step'."""
-  config = trainer.load_config(run_dir)
-  if config.task != 'classification':
-    raise ValueError(f'{run_dir}: task={config.task!r}; shift consistency needs a classifier')
+  config = classifier_config(run_dir)
   margin = max_shift if SHIFTS[shift].with_margin else 0
   images, labels = data.load_eval_examples(config.data, config.data.eval_split, num_images,
                                            margin)
@@ -203,7 +210,10 @@ def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0,
 def main(argv):
   del argv
   runs = {}
-  for run_dir in expand_run_dirs(_RUN_DIRS.value):
+  run_dirs = expand_run_dirs(_RUN_DIRS.value)
+  for run_dir in run_dirs:  # All refused up front, not after minutes of measuring.
+    classifier_config(run_dir)
+  for run_dir in run_dirs:
     name = os.path.basename(os.path.normpath(run_dir))
     runs[name] = measure_run(run_dir, _NUM_IMAGES.value, _MAX_SHIFT.value, _SEED.value,
                              _SHIFT.value)

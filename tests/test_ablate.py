@@ -130,6 +130,8 @@ def test_bad_sweeps_raise():
     ablate.expand_sweep(config)
   with pytest.raises(ValueError, match='no field sweep'):
     ablate.expand_sweep(base.get_config())
+  with pytest.raises(ValueError, match='no field sweep: not a sweep config'):
+    ablate.Sweep(base.get_config(), '/tmp/unused')
   config = sweep_config()
   config.sweep.variants = ({'name': 'a', 'override': {'seed': 1}},)
   with pytest.raises(ValueError, match="must have exactly the keys 'name' and 'overrides'"):
@@ -633,3 +635,17 @@ def test_options_of_a_newer_downsampler_keep_the_fingerprint_until_changed():
   assert ablate.config_fingerprint(config) == ablate.config_fingerprint(old)
   config.model.downsample_options.blur_pool.filter_size = 5
   assert ablate.config_fingerprint(config) != ablate.config_fingerprint(old)
+
+
+def test_missing_data_stops_the_sweep_before_any_run(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  proc = subprocess.run(
+      [sys.executable, '-m', 'hierarchical_vit.ablate',
+       '--config=configs/ablations/downsample.py:fashion_mnist',
+       f'--workdir={tmp_path / "work"}', f'--results_dir={tmp_path / "results"}',
+       f'--config.data.data_dir={tmp_path / "empty"}', '--only=avg_pool-seed0'],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert "Data set 'fashion_mnist' is not prepared in data_dir" in proc.stderr
+  assert 'hierarchical_vit.data.prepare --dataset=fashion_mnist' in proc.stderr
+  assert not (tmp_path / 'work' / 'runs').exists()  # No child was started.

@@ -94,3 +94,4 @@ def test_cpu_model_reads_cpuinfo_and_falls_back_to_the_architecture(tmp_path):
   assert throughput.cpu_model(str(cpuinfo)) == 'Intel(R) Xeon(R) Processor'
   assert throughput.cpu_model(str(tmp_path / 'missing')) in (platform.processor(),
                                                                platform.machine())
+

@@ -1,11 +1,19 @@
 """The linear-inverse information-loss measure of the downsamplers."""
 
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import numpy as np
 import pytest
 
+from configs import quickstart
 from hierarchical_vit import information
 from hierarchical_vit.resampling import DOWNSAMPLERS
+from tests.test_shift_consistency import _fake_run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from tests.test_resampling import _numpy_blur, _numpy_max_2x2_stride_1, _numpy_soft_pool
 
 
@@ -160,3 +168,22 @@ def test_fitted_on_train_measured_on_test():
   assert held_out == pytest.approx(
       _reference_error(mean(train), train, mean(test), test), rel=1e-9)
   assert held_out != pytest.approx(_reference_error(mean(test), test), rel=1e-3)
+
+
+def test_information_refuses_runs_of_other_data(tmp_path):
+  config = quickstart.get_config()
+  same = _fake_run(tmp_path / 'a-seed0')
+  information.check_runs_match(config, [same])
+  canvas = _fake_run(tmp_path / 'b-seed0', name='fashion_mnist_canvas', image_size=64)
+  with pytest.raises(ValueError, match=r"b-seed0 trained on 'fashion_mnist_canvas' at "
+                                       r"data.image_size=64, but --config gives 'fashion_mnist' "
+                                       r'at 32'):
+    information.check_runs_match(config, [same, canvas])
+
+
+@pytest.mark.parametrize('module', ['hierarchical_vit.report', 'hierarchical_vit.information'])
+def test_analysis_clis_require_a_config(module):
+  proc = subprocess.run([sys.executable, '-m', module], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert 'Flag --config must have a value other than None' in proc.stderr, proc.stderr[-2000:]

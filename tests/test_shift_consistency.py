@@ -154,3 +154,21 @@ def test_expand_run_dirs_globs_dedupes_and_checks(tmp_path):
     sc.expand_run_dirs([str(tmp_path / '*')])
   with pytest.raises(FileNotFoundError, match='missing'):
     sc.expand_run_dirs([os.path.join(tmp_path, 'missing')])
+
+
+def _fake_run(path, task: str = 'classification', name: str = 'fashion_mnist',
+              image_size: int = 32) -> str:
+  os.makedirs(path)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump({'task': task, 'data': {'name': name, 'image_size': image_size}}, f)
+  return str(path)
+
+
+def test_runs_are_refused_up_front_by_task(tmp_path):
+  assert sc.classifier_config(_fake_run(tmp_path / 'a-seed0')).task == 'classification'
+  with pytest.raises(ValueError, match=r"seg-seed0: task='segmentation'; shift consistency "
+                                       'needs a classifier'):
+    sc.classifier_config(_fake_run(tmp_path / 'seg-seed0', task='segmentation'))
+  with pytest.raises(FileNotFoundError, match='is not a train.py workdir: it has no config.json'):
+    trainer.load_config(str(tmp_path))
+

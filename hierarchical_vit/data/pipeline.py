@@ -84,6 +84,8 @@ def get_dataset_info(data_config: ml_collections.ConfigDict,
   """
   builder = sources.get_builder(data_config.name, data_config.data_dir)
   info = builder.info
+  for field in ('train_split', 'eval_split'):
+    _check_split(info, data_config[field], f'data.{field}')
   class_names = _task(task).class_names(data_config.name, info)
   channels = info.features['image'].shape[-1]
   return DatasetInfo(
@@ -94,6 +96,20 @@ def get_dataset_info(data_config: ml_collections.ConfigDict,
       image_shape=(data_config.image_size, data_config.image_size, channels),
       class_names=class_names,
   )
+
+
+def check_split(data_config: ml_collections.ConfigDict, split: str, field: str) -> None:
+  """ValueError naming `field` unless `split` (a tfds split, slices such as
+  'train[:90%]' included) exists in config.data's prepared data set."""
+  _check_split(sources.get_builder(data_config.name, data_config.data_dir).info, split, field)
+
+
+def _check_split(info: tfds.core.DatasetInfo, split: str, field: str) -> None:
+  try:
+    info.splits[split]
+  except (KeyError, ValueError) as error:
+    # tfds' message lists the valid splits (or says how a slice is wrong).
+    raise ValueError(f'{field}={split!r} is not a split of {info.name!r}: {error}') from None
 
 
 def create_train_iterator(data_config: ml_collections.ConfigDict, *,

@@ -281,7 +281,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if isinstance(x, dict):
       return {k: tuples(v) for k, v in x.items()}
     return tuple(tuples(v) for v in x) if isinstance(x, list) else x
-  with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{workdir} is not a train.py workdir: it has no config.json.')
+  with open(path, encoding='utf-8') as f:
     return ml_collections.ConfigDict(tuples(config_history.upgrade(json.load(f))))
 
 
@@ -313,6 +316,9 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int =
   step = manager.latest_step() if step < 0 else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
+  if step not in manager.all_steps():
+    raise ValueError(f'step={step} has no checkpoint in {workdir}/checkpoints; saved steps: '
+                     f'{sorted(manager.all_steps())} (-1 = the latest).')
   _, eval_graphdef, params, rest = init_model(config)
   key = 'ema_params' if config.train.ema_decay > 0 else 'params'
   mesh = mesh or parallel.create_mesh(config.mesh)

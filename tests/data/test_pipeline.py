@@ -376,3 +376,14 @@ def test_eval_margin_is_refused_where_it_cannot_keep_the_scale(fake_data_dir, ca
   canvas = _config(canvas_dir, 'fashion_mnist_canvas', image_size=64)
   with pytest.raises(ValueError, match="margin=1 is not supported for task 'segmentation'"):
     data.create_eval_iterator(canvas, batch_size=2, task='segmentation', margin=1)
+
+
+def test_splits_are_checked_by_field_and_slices_pass(fashion_mnist_dir):
+  config = _config(fashion_mnist_dir)
+  data.check_split(config, 'train[:90%]', '--split')
+  with pytest.raises(ValueError, match=r"--split='validation' is not a split of "
+                                       r"'fashion_mnist': Unknown split 'validation'.*'test'"):
+    data.check_split(config, 'validation', '--split')
+  config.train_split = 'trian'
+  with pytest.raises(ValueError, match=r"data.train_split='trian' is not a split of"):
+    data.get_dataset_info(config)

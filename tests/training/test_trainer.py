@@ -154,6 +154,9 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
   got, want = trainer.restore_trained(loaded, old), trainer.restore_trained(config, workdir)
   assert got.step == want.step == 6
   jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
+  assert trainer.restore_trained(config, workdir, step=3).step == 3
+  with pytest.raises(ValueError, match=r'step=4 has no checkpoint in .*; saved steps: \[3, 6\]'):
+    trainer.restore_trained(config, workdir, step=4)
 
 
 def test_config_history_fills_only_what_is_missing():
