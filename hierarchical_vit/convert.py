@@ -20,6 +20,7 @@ GELU, so a model trained with model.gelu_approximate=True (the tanh form, as
 configs/cifar.py does) gives logits that differ at ~1e-3 in timm.
 """
 
+import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -44,6 +45,18 @@ _OVERRIDES = {
     'depths': flags.DEFINE_list('depths', None, 'Blocks per stage, e.g. 2,2,6,2.'),
     'num_heads': flags.DEFINE_list('num_heads', None, 'Heads per stage, e.g. 3,6,12,24.'),
 }
+flags.register_validator('input', lambda path: path is None or os.path.isfile(path),
+                         message='--input: no such file.')
+
+
+def _ints(values: list[str] | None) -> bool:
+  return values is None or all(v.strip().isdigit() for v in values)
+
+
+flags.register_validator('depths', _ints, message='--depths must be comma-separated ints, '
+                         'e.g. 2,2,6,2.')
+flags.register_validator('num_heads', _ints, message='--num_heads must be comma-separated '
+                         'ints, e.g. 3,6,12,24.')
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:

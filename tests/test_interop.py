@@ -5,7 +5,10 @@ every parameter perturbed (so that LayerNorm scales and biases are not their
 trivial 1 / 0 init), must give our converted model's logits.
 """
 
+import os
 import re
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,6 +26,7 @@ from hierarchical_vit.models import build_model  # noqa: E402
 from hierarchical_vit.resampling import DOWNSAMPLERS  # noqa: E402
 from hierarchical_vit.training import trainer  # noqa: E402
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # timm's Swin-T with the fields of our 'cifar_small' preset.
 SMALL = dict(patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12))
 
@@ -214,3 +218,24 @@ def test_init_from_resizes_bias_tables_and_reinitializes_head(tmp_path):
       np.testing.assert_array_equal(value, fresh[key], err_msg=key)
     elif key not in tables:
       np.testing.assert_array_equal(value, converted[key], err_msg=key)
+
+
+def _convert(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'hierarchical_vit.convert', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_convert_cli_writes_what_timm_loads_and_refuses_bad_flags(tmp_path):
+  model = our_swin('cifar_small', img_size=32, num_classes=10)
+  ours, theirs = str(tmp_path / 'ours.npz'), str(tmp_path / 'timm.safetensors')
+  interop.save_weights(model, ours)
+  proc = _convert(f'--input={ours}', f'--output={theirs}', '--preset=cifar_small',
+                  '--img_size=32', '--num_classes=10')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  timm_model = timm_swin(img_size=32, num_classes=10, **SMALL)
+  timm_model.load_state_dict(safetensors_torch.load_file(theirs), strict=True)
+  assert_same_logits(timm_model, model, 32)
+  missing = _convert(f'--input={tmp_path / "nope.npz"}', f'--output={theirs}')
+  assert missing.returncode != 0 and '--input: no such file.' in missing.stderr
+  typo = _convert(f'--input={ours}', f'--output={theirs}', '--depths=2,2,x')
+  assert typo.returncode != 0 and '--depths must be comma-separated ints' in typo.stderr
