@@ -11,6 +11,7 @@ order may differ.
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -197,6 +198,25 @@ def test_fsdp_checkpoint_restores_in_one_process_data_parallel(runs, data_dir):
   for key, atol in ('params', 2e-5), ('opt_state', 1e-6):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=atol),
                  state[key], reference[key])
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, data_dir, tmp_path):
+  """The 2-process run, cut back to its step-2 checkpoint, resumes on one
+  process (8 devices): the weights reshard and the data iterator, whose saved
+  positions are per process, continues at the same point of the epoch. Every
+  step reads the whole split, so steps 3 and 4 repeat the 2-process losses."""
+  workdir = str(tmp_path / 'resumed')
+  shutil.copytree(runs['two'], workdir)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints', str(NUM_STEPS)))
+  log = str(tmp_path / 'log.txt')
+  with _spawn(_train_cmd(workdir, data_dir, FSDP), 8, log) as proc:
+    _wait_all([proc], [log])
+  out = open(log).read()
+  assert 'Resuming from checkpoint at step 2.' in out
+  assert 'was written by 2 processes, this run has 1' in out
+  resumed, original = _losses(workdir), _losses(runs['two'])
+  np.testing.assert_allclose([resumed[s] for s in (3, 4)], [original[s] for s in (3, 4)],
+                             rtol=1e-5)
 
 
 def test_distributed_args(monkeypatch):

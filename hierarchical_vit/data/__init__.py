@@ -8,5 +8,6 @@ from hierarchical_vit.data.pipeline import create_train_iterator
 from hierarchical_vit.data.pipeline import get_dataset_info
 from hierarchical_vit.data.pipeline import load_eval_examples
 from hierarchical_vit.data.pipeline import SEGMENTATION_LABELS
+from hierarchical_vit.data.pipeline import seek_train_iterator
 from hierarchical_vit.data.sources import MissingDataError
 from hierarchical_vit.data.transforms import IGNORE_INDEX

@@ -23,6 +23,7 @@ Mixup / cutmix run on device afterwards: see `mixing.mix_batch`.
 """
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 
@@ -147,6 +148,34 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
       grain.transforms.Batch(global_batch_size // process_count,
                              drop_remainder=True)]
   return iter(_loader(source, sampler, operations, data_config.num_workers))
+
+
+def seek_train_iterator(iterator: grain.DataLoaderIterator, batches: int, batch_size: int,
+                        process_index: int = 0, process_count: int = 1) -> None:
+  """Moves a fresh create_train_iterator iterator (same process layout) to
+  where it stands after `batches` batches of `batch_size`, without reading them.
+
+  For a resume under another process count, whose saved per-process positions
+  do not apply: each process continues its own shard at the same position in
+  the epoch, so the rest of that epoch follows the new shards' orders (some
+  examples repeat, others are skipped, until the epoch ends).
+  """
+  state = json.loads(iterator.get_state())  # grain's state is JSON bytes.
+  workers = state['worker_count']
+  # grain's sampler gives process p the indices p, p + P, p + 2P, ...; with W
+  # workers, worker w reads every W-th of those from the w-th on, one batch per
+  # worker in turn. last_seen_indices are each worker's last index read.
+  if workers == 0:
+    seen = {'0': process_index + process_count * (batches * batch_size - 1)}
+    last_worker = -1
+  else:
+    seen = {}
+    for w in range(workers):
+      read = (batches // workers + (w < batches % workers)) * batch_size
+      seen[str(w)] = process_index + process_count * (w + workers * (read - 1))
+    last_worker = (batches - 1) % workers
+  iterator.set_state(json.dumps(
+      {**state, 'last_seen_indices': seen, 'last_worker_index': last_worker}).encode())
 
 
 def create_eval_iterator(data_config: ml_collections.ConfigDict, *,

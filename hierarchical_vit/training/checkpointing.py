@@ -11,6 +11,7 @@ complete, so a run killed mid-save leaves the previous checkpoint as latest.
 
 import functools
 import os
+import re
 from typing import Any
 
 import grain
@@ -79,6 +80,18 @@ def restore(manager: ocp.CheckpointManager, step: int,
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored['state']
+
+
+def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int:
+  """How many processes wrote checkpoint `step` (its data item holds one
+  process_<i>-of-<n>.json each)."""
+  names = os.listdir(os.path.join(os.fspath(manager.directory), str(step), 'data'))
+  counts = {int(m.group(1)) for name in names
+            if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', name))}
+  if len(counts) != 1:
+    raise ValueError(f'checkpoint {step} in {manager.directory}: no single process count '
+                     f'in its data files {sorted(names)}')
+  return counts.pop()
 
 
 def restore_weights(manager: ocp.CheckpointManager, step: int,

@@ -396,6 +396,23 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     files.write_text(os.path.join(workdir, 'config.json'), config.to_json(indent=2))
 
 
+def _resume(manager, step: int, state: State, train_iter, micro_batch_size: int) -> State:
+  """Restores checkpoint `step`. The data iterator returns to its saved
+  position; under another process count (whose shards differ) it continues
+  at the same point of the epoch instead (data.seek_train_iterator)."""
+  saved = checkpointing.saved_process_count(manager, step)
+  if saved == jax.process_count():
+    return checkpointing.restore(manager, step, state, train_iter)
+  state = checkpointing.restore(manager, step, state)
+  batches = int(state['step'])  # One batch per micro-step.
+  logging.warning('Checkpoint %d was written by %d processes, this run has %d: the data '
+                  'order restarts from the same point of the epoch in the new shards.',
+                  step, saved, jax.process_count())
+  data.seek_train_iterator(train_iter, batches, micro_batch_size // jax.process_count(),
+                           jax.process_index(), jax.process_count())
+  return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, float]:
   """Trains (resuming from workdir's latest checkpoint) and evaluates.
@@ -437,7 +454,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       task=config.task)
   if last_saved is not None:
     logging.info('Resuming from checkpoint at step %d.', last_saved)
-    state = checkpointing.restore(manager, last_saved, state, train_iter)
+    state = _resume(manager, last_saved, state, train_iter, micro_batch_size)
   start_step = int(state['step']) // tc.grad_accum_steps
 
   train_step = jax.jit(

@@ -387,3 +387,22 @@ def test_splits_are_checked_by_field_and_slices_pass(fashion_mnist_dir):
   config.train_split = 'trian'
   with pytest.raises(ValueError, match=r"data.train_split='trian' is not a split of"):
     data.get_dataset_info(config)
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+@pytest.mark.parametrize('process_index, process_count', [(0, 1), (1, 3)])
+def test_seek_lands_where_reading_would(fashion_mnist_dir, workers, process_index,
+                                        process_count):
+  """seek_train_iterator(fresh, n) leaves the iterator in the state that
+  reading n batches does (grain's per-worker positions included)."""
+  config = _config(fashion_mnist_dir, num_workers=workers)
+  make = lambda: data.create_train_iterator(
+      config, global_batch_size=4 * process_count, seed=0, process_index=process_index,
+      process_count=process_count)
+  read = make()
+  for _ in range(5):
+    next(read)
+  sought = make()
+  data.seek_train_iterator(sought, 5, 4, process_index, process_count)
+  assert sought.get_state() == read.get_state()
+  np.testing.assert_array_equal(next(sought)['label'], next(read)['label'])
