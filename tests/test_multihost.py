@@ -201,15 +201,16 @@ def test_fsdp_checkpoint_restores_in_one_process_data_parallel(runs, data_dir):
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, data_dir, tmp_path):
-  """The 2-process run, cut back to its step-2 checkpoint, resumes on one
-  process (8 devices): the weights reshard and the data iterator, whose saved
-  positions are per process, continues at the same point of the epoch. Every
-  step reads the whole split, so steps 3 and 4 repeat the 2-process losses."""
+  """The 2-process FSDP run, cut back to its step-2 checkpoint, resumes in one
+  process on one device, data parallel: the weights reshard and the data
+  iterator, whose saved positions are per process, continues at the same point
+  of the epoch. Every step reads the whole split, so steps 3 and 4 repeat the
+  2-process losses."""
   workdir = str(tmp_path / 'resumed')
   shutil.copytree(runs['two'], workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', str(NUM_STEPS)))
   log = str(tmp_path / 'log.txt')
-  with _spawn(_train_cmd(workdir, data_dir, FSDP), 8, log) as proc:
+  with _spawn(_train_cmd(workdir, data_dir, {}), 1, log) as proc:
     _wait_all([proc], [log])
   out = open(log).read()
   assert 'Resuming from checkpoint at step 2.' in out
