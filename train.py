@@ -2,9 +2,10 @@ r"""Trains a hierarchical ViT; re-running with the same workdir resumes.
 
 A resume must use the config the run started with (the workdir's config.json):
 only where the data is read from and how the run is executed (data_dir, mesh,
-sweep, logging and checkpoint intervals, keep_checkpoints, eval_batch_size) may
-change; anything else is refused, since it would silently change what is
-trained (data.num_workers included: grain's saved iterator state is per worker).
+sweep, logging and checkpoint intervals, keep_checkpoints, eval_batch_size,
+model.remat) may change; anything else is refused, since it would silently
+change what is trained (data.num_workers included: grain's saved iterator
+state is per worker).
 
   python train.py --config=configs/base.py --workdir=workdirs/run1 \
       --config.data.data_dir=data --config.train.num_epochs=5

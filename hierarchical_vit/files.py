@@ -8,13 +8,18 @@ from typing import Any
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes text to path (creating its directory) via a temporary file and an
-  atomic rename."""
+  """Writes text to path (creating its directory) via a temporary file of this
+  process beside it and an atomic rename; a failed write removes the temporary."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w', encoding='utf-8', newline='') as f:
-    f.write(text)
-  os.replace(tmp, path)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  try:
+    with open(tmp, 'w', encoding='utf-8', newline='') as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def write_json(path: str, value: Any, indent: int = 1) -> None:

@@ -26,3 +26,7 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
     files.write_text(path, None)  # Fails while writing the temporary file.
   with open(path, encoding='utf-8') as f:
     assert json.load(f) == {'x': 1}
+  os.mkdir(tmp_path / 'taken')
+  with pytest.raises(IsADirectoryError):  # Fails at the rename.
+    files.write_text(str(tmp_path / 'taken'), 'x')
+  assert sorted(os.listdir(tmp_path)) == ['result.json', 'taken']  # No temporary left.

@@ -311,13 +311,15 @@ def _eval_ops(data_config: ml_collections.ConfigDict,
           f'margin={margin} is too large for data.image_size={size}: the resized image '
           f'has at most {int((size / transforms.CROP_FRACTION - size) // 2)} pixels '
           'each side of the view.')
-    resize = transforms.CentreCrop(view, crop_fraction)
-  else:
-    if margin and data_config.resize_mode != 'pad':
+    resize = [transforms.CentreCrop(view, crop_fraction)]
+  elif margin:
+    if data_config.resize_mode != 'pad':
       raise ValueError(f'margin={margin} needs data.resize_mode=\'pad\' (a resize would '
                        f'change the scale); got {data_config.resize_mode!r}.')
-    resize = transforms.ToSize(view, data_config.resize_mode)
-  return [resize, transforms.Normalize(*_mean_std(data_config, info))]
+    resize = [transforms.ZeroBorder(margin), transforms.ToSize(view, 'pad')]
+  else:
+    resize = [transforms.ToSize(size, data_config.resize_mode)]
+  return resize + [transforms.Normalize(*_mean_std(data_config, info))]
 
 
 def _segmentation_train_ops(data_config: ml_collections.ConfigDict,

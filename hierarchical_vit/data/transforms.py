@@ -281,6 +281,18 @@ class ToSize(grain.transforms.Map):
 
 
 @dataclasses.dataclass(frozen=True)
+class ZeroBorder(grain.transforms.Map):
+  """Zero-pads `width` pixels on every side of the image. Before ToSize(size +
+  2 width, 'pad'), the result's centre size x size is exactly ToSize(size)'s
+  view, whatever the parities (a centre crop alone can round the other way)."""
+  width: int
+
+  def map(self, example: dict) -> dict:
+    w = self.width
+    return {**example, 'image': np.pad(example['image'], ((w, w), (w, w), (0, 0)))}
+
+
+@dataclasses.dataclass(frozen=True)
 class CentreCrop(grain.transforms.Map):
   """Eval view of variable-size images (ImageNet): resize + centre crop."""
   size: int

@@ -150,7 +150,7 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
 # refuses another count), and the count decides which examples share a batch.
 _RESUME_MAY_CHANGE = ('data.data_dir', 'mesh.', 'sweep.', 'train.log_every_steps',
                       'train.checkpoint_every_steps', 'train.keep_checkpoints',
-                      'train.eval_batch_size')
+                      'train.eval_batch_size', 'model.remat')
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -351,6 +351,8 @@ def test_load_eval_examples_are_the_first_real_examples_in_order(fake_data_dir):
 @pytest.mark.parametrize('name, split, image_size, margin', [
     ('imagenet2012', 'validation', 24, 1),  # Resized to 27.4 px: 1 real pixel each side.
     ('cifar10', 'test', 32, 4),  # Fixed size, 'pad': a black margin.
+    # An odd excess: cropping 32 to 31 and padding 32 to 33 round the other way.
+    ('cifar10', 'test', 31, 1),
 ])
 def test_eval_margin_widens_the_view_around_the_same_centre(fake_data_dir, name, split,
                                                            image_size, margin):

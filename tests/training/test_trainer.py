@@ -390,6 +390,7 @@ def test_where_data_is_read_and_how_the_run_is_executed_may_change_on_resume(tra
   moved.train.update(log_every_steps=7, checkpoint_every_steps=5, keep_checkpoints=4,
                      eval_batch_size=2 * config.train.eval_batch_size)
   moved.mesh.strategy = 'fsdp'
+  moved.model.remat = 'block'  # Memory for compute, same function.
   trainer.check_resumable(moved, workdir)
   moved.train.learning_rate *= 2
   with pytest.raises(ValueError, match=r'train.learning_rate'):
