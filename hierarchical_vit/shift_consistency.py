@@ -19,7 +19,8 @@ random shifts of the image. How an image is shifted (`--shift`):
             image_size crops; offset (0, 0) is the usual centre view. For
             ImageNet at 224, max_shift=16 gives Zhang's random 224 crops of
             the 256 resize. Fixed-size data (resize_mode 'pad') get a black
-            margin instead of context.
+            margin, with real pixels only where the stored image is larger
+            than image_size.
 
 Offsets are drawn uniformly from {-max_shift, ..., max_shift} per axis and
 image, from `seed`, so every run is measured on the same shifted images.
