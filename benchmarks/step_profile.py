@@ -1,4 +1,4 @@
-r"""Where a train (or eval) step's time goes, op by op, on XLA:CPU.
+r"""Where a train (or eval) step's time goes, op by op (XLA:CPU or a GPU).
 
 Traces a few steps of `benchmarks.throughput`'s jitted step with jax.profiler,
 maps each executed op (XLA:CPU runs one thunk per fusion) back to the compiled
@@ -11,6 +11,8 @@ Op times are summed over the threads that ran them, so their total can exceed
 the step's wall time when XLA:CPU runs independent ops side by side.
 
   python -m benchmarks.step_profile --config=swin_t_32 --mode=train
+  python -m benchmarks.step_profile --config=swin_t_224 --gelu=erf --dtype=bfloat16 \
+      --trace_out=/tmp/swin_t_224   # on a GPU: kernels per HLO op
 """
 
 import collections
@@ -18,7 +20,9 @@ import glob
 import gzip
 import json
 import math
+import os
 import re
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -27,7 +31,8 @@ import jax
 from absl import app, flags
 
 from benchmarks import throughput
-from hierarchical_vit import tcmalloc
+from hierarchical_vit import files, tcmalloc
+from hierarchical_vit.layers.attention import ATTENTION_CORES
 
 _DEF = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]')
 _DOT = re.compile(r'= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)')
@@ -88,12 +93,40 @@ def hlo_dots(hlo_text: str) -> dict[str, tuple[float, str]]:
   return result
 
 
+def _named(events: list[dict[str, Any]], kind: str) -> dict[Any, str]:
+  """{pid or (pid, tid): name} from a trace's 'process_name' or 'thread_name' metadata."""
+  key = ((lambda e: e.get('pid')) if kind == 'process_name'
+         else (lambda e: (e.get('pid'), e.get('tid'))))
+  return {key(e): e.get('args', {}).get('name', '') for e in events
+          if e.get('ph') == 'M' and e.get('name') == kind}
+
+
 def op_times(trace_events: list[dict[str, Any]], steps: int) -> dict[str, float]:
-  """{op name: seconds per step} from a perfetto trace's complete ('X') events."""
+  """{op name: seconds per step} from a perfetto trace's complete ('X') events.
+
+  On an accelerator ops are the kernels on the device's streams, named by
+  the HLO op that launched them (several kernels of one op add up); host
+  events and the trace's derived lines (modules, ops, name scopes) would count
+  them twice. On XLA:CPU ops are the host threads' thunks.
+  """
+  devices = {pid for pid, name in _named(trace_events, 'process_name').items()
+             if name.startswith('/device:')}
+  streams = {key for key, name in _named(trace_events, 'thread_name').items()
+             if key[0] in devices and name.startswith('Stream')}
   times: dict[str, float] = collections.Counter()
   for event in trace_events:
-    if event.get('ph') == 'X' and not event['name'].startswith(_NOT_OPS):
-      times[event['name']] += event.get('dur', 0) * 1e-6 / steps
+    if event.get('ph') != 'X':
+      continue
+    if devices:
+      on_stream = (event.get('pid'), event.get('tid')) in streams if streams else True
+      if event.get('pid') not in devices or not on_stream:
+        continue
+      name = event.get('args', {}).get('hlo_op', event['name'])
+    elif event['name'].startswith(_NOT_OPS):
+      continue
+    else:
+      name = event['name']
+    times[name] += event.get('dur', 0) * 1e-6 / steps
   return dict(times)
 
 
@@ -121,9 +154,15 @@ def summarize(times: dict[str, float], dots: dict[str, tuple[float, str]]) -> di
           'other_s': sum(r['s'] for r in others), 'matmuls': matmuls, 'others': others}
 
 
-def profile(name: str, mode: str, gelu: str, batch: int, steps: int) -> dict[str, Any]:
-  """Traces `steps` steps of the benchmark config `name` and summarizes them."""
-  config = throughput.model_config(throughput.CONFIGS[name], gelu_approximate=gelu == 'tanh')
+def profile(name: str, mode: str, gelu: str, batch: int, steps: int, dtype: str = 'float32',
+            attention: str = 'einsum', trace_out: str = '') -> dict[str, Any]:
+  """Traces `steps` steps of the benchmark config `name` and summarizes them.
+
+  trace_out: a folder to keep the perfetto trace and the compiled HLO in, for
+  reading again offline (an accelerator is lent for minutes).
+  """
+  config = throughput.model_config(throughput.CONFIGS[name], gelu_approximate=gelu == 'tanh',
+                                   dtype=dtype, attention=attention)
   ours = throughput.Ours(config, batch)
   run = ours.train if mode == 'train' else ours.eval
   compiled = ours.train_step if mode == 'train' else ours.eval_step
@@ -135,8 +174,15 @@ def profile(name: str, mode: str, gelu: str, batch: int, steps: int) -> dict[str
     (trace_file,) = glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True)
     with gzip.open(trace_file) as f:
       events = json.load(f)['traceEvents']
+    if trace_out:
+      os.makedirs(trace_out, exist_ok=True)
+      shutil.copy(trace_file, os.path.join(trace_out, 'perfetto_trace.json.gz'))
+      with gzip.open(os.path.join(trace_out, 'hlo.txt.gz'), 'wt') as f:
+        f.write(compiled.as_text())
   summary = summarize(op_times(events, steps), hlo_dots(compiled.as_text()))
-  return {'config': name, 'mode': mode, 'gelu': gelu, 'batch': batch, 'step_s': wall,
+  return {'config': name, 'mode': mode, 'gelu': gelu, 'dtype': dtype, 'attention': attention,
+          'batch': batch, 'steps': steps, 'step_s': wall, 'backend': jax.default_backend(),
+          'devices': [str(d) for d in jax.devices()],
           'date': time.strftime('%Y-%m-%d %H:%M'), **summary}
 
 
@@ -155,11 +201,11 @@ def format_summary(result: dict[str, Any], rows: int) -> str:
 
 def main(argv):
   del argv
-  result = profile(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value)
+  result = profile(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value,
+                   _DTYPE.value, _ATTENTION.value, _TRACE_OUT.value)
   print(format_summary(result, _ROWS.value))
   if _OUTPUT.value:
-    with open(_OUTPUT.value, 'w') as f:
-      json.dump(result, f, indent=1)
+    files.write_json(_OUTPUT.value, result)
 
 
 if __name__ == '__main__':
@@ -169,6 +215,11 @@ if __name__ == '__main__':
   _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
   _STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps (times are per step).')
   _ROWS = flags.DEFINE_integer('rows', 25, 'Rows per printed table.')
+  _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype.')
+  _ATTENTION = flags.DEFINE_enum('attention', 'einsum', list(ATTENTION_CORES),
+                                 'model.attention.')
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the summary here as JSON.')
+  _TRACE_OUT = flags.DEFINE_string(
+      'trace_out', '', 'Keep the perfetto trace and compiled HLO (gzipped) in this folder.')
   tcmalloc.reexec_with_tcmalloc()
   app.run(main)

@@ -17,10 +17,13 @@ on accelerators) timed in the same rounds.
 
   python -m benchmarks.throughput --output=throughput.json   # small, swin_t_32 on CPU
   python -m benchmarks.throughput --configs=swin_t_224 --gelu=erf   # accelerators
+  python -m benchmarks.throughput --configs=swin_t_224 --gelu=erf --dtype=bfloat16 \
+      --attention=einsum --attention=cudnn --timm_compile   # two variants, one timm
 """
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import platform
@@ -193,6 +196,7 @@ class Timm:
     # On the GPU when there is one (the same card as ours); bf16 as autocast.
     self.device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     self.model.to(self.device)
+    self.compiled = compile_model
     if compile_model:  # Lazy: compiles at the first (warm-up) step.
       self.model = torch.compile(self.model)
     self.images = torch.randn(batch, 3, size, size, generator=gen).to(self.device)
@@ -235,6 +239,13 @@ def _timm_available() -> bool:
   return True
 
 
+def timm_for(name: str, gelu: str, dtype: str, batch: int, compile_model: bool) -> Timm:
+  """timm's model for a benchmark: attention core and remat are ours alone, so
+  one (compiled) timm serves every variant of ours on the same model."""
+  config = model_config(CONFIGS[name], gelu_approximate=gelu == 'tanh', dtype=dtype)
+  return Timm(CONFIGS[name], config, batch, compile_model)
+
+
 def paired_ratio(ours_s: list[float], timm_s: list[float]) -> dict[str, float]:
   """Median, min and max over rounds of timm's time / ours (a speedup)."""
   if len(ours_s) != len(timm_s) or not ours_s:
@@ -244,15 +255,13 @@ def paired_ratio(ours_s: list[float], timm_s: list[float]) -> dict[str, float]:
 
 
 def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
-              rounds: int, with_timm: bool, dtype: str = 'float32',
-              timm_compile: bool = False, attention: str = 'einsum',
-              remat: str = 'none') -> dict[str, Any]:
-  """Interleaved timed rounds of ours (and timm) on CONFIGS[name]."""
-  bench = CONFIGS[name]
-  config = model_config(bench, gelu_approximate=gelu == 'tanh', dtype=dtype, attention=attention,
-                        remat=remat)
+              rounds: int, timm_model: 'Timm | None' = None, dtype: str = 'float32',
+              attention: str = 'einsum', remat: str = 'none') -> dict[str, Any]:
+  """Interleaved timed rounds of ours (and `timm_model`, built by `timm_for`
+  for the same name, gelu and dtype) on CONFIGS[name]."""
+  config = model_config(CONFIGS[name], gelu_approximate=gelu == 'tanh', dtype=dtype,
+                        attention=attention, remat=remat)
   ours = Ours(config, batch)
-  timm_model = Timm(bench, config, batch, timm_compile) if with_timm else None
   contestants: dict[str, Callable[[int], float]] = {'ours_train': ours.train}
   if timm_model:  # Each of ours is timed next to its timm counterpart.
     contestants['timm_train'] = timm_model.train
@@ -270,7 +279,7 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
 
   result = {
       'config': name, 'gelu': gelu, 'dtype': dtype, 'attention': attention, 'remat': remat,
-      'timm_compile': timm_compile,
+      'timm_compile': bool(timm_model and timm_model.compiled),
       'batch': batch, 'params': int(ours.num_params),
       'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
       'peak_gflops': statistics.median(peaks), 'peak_matmul': f'{peak.dtype} {peak.n}^2',
@@ -295,6 +304,7 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
 def format_table(results: list[dict[str, Any]]) -> str:
   """A Markdown table of the results."""
   columns = [('config', 'config', '{}'), ('gelu', 'gelu', '{}'),
+             ('attention', 'attention', '{}'), ('remat', 'remat', '{}'),
              ('ours train img/s', 'ours_train_img_s', '{:.0f}'),
              ('timm train img/s', 'timm_train_img_s', '{:.0f}'),
              ('train ratio', 'train_ratio', '{:.2f}'),
@@ -345,25 +355,29 @@ def main(argv):
   peak_size = _PEAK_SIZE.value or (2048 if backend == 'cpu' else 8192)
   peak = MatmulPeak(peak_size, dtype=_DTYPE.value)
   gelus = ['tanh', 'erf'] if _GELU.value == 'both' else [_GELU.value]
-  results = []
-  for name in names:
-    for gelu in gelus:
-      results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
-                               with_timm, _DTYPE.value, _TIMM_COMPILE.value, _ATTENTION.value,
-                               _REMAT.value))
-      print(json.dumps(results[-1]), flush=True)
   summary = {
       'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': backend,
       'devices': [str(d) for d in jax.devices()], 'machine': cpu_model(),
-      'cpu_count': os.cpu_count(), 'load_average': os.getloadavg(),
-      'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-      'ld_preload': os.environ.get('LD_PRELOAD', ''),
-      'peak_rss_mib': _rss_mib(), 'results': results,
+      'cpu_count': os.cpu_count(), 'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'ld_preload': os.environ.get('LD_PRELOAD', ''),
+      'results': [],
   }
+  results = summary['results']
+  for name in names:
+    for gelu in gelus:
+      timm_model = (timm_for(name, gelu, _DTYPE.value, _BATCH.value, _TIMM_COMPILE.value)
+                    if with_timm else None)
+      for attention, remat in itertools.product(_ATTENTION.value, _REMAT.value):
+        results.append(benchmark(name, gelu, peak, _BATCH.value, _STEPS.value, _ROUNDS.value,
+                                 timm_model, _DTYPE.value, attention, remat))
+        print(json.dumps(results[-1]), flush=True)
+        # Written after each variant, so that one that crashes (a kernel the
+        # card lacks) keeps the figures of those before it.
+        summary.update(load_average=os.getloadavg(), peak_rss_mib=_rss_mib())
+        if _OUTPUT.value:
+          files.write_json(_OUTPUT.value, summary)
   print(format_table(results))
   print(f'load average {summary["load_average"]}, peak RSS {summary["peak_rss_mib"]:.0f} MiB')
-  if _OUTPUT.value:
-    files.write_json(_OUTPUT.value, summary)
 
 
 if __name__ == '__main__':
@@ -378,11 +392,14 @@ if __name__ == '__main__':
                             'Our GELU form (timm always uses exact erf).')
   _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
                              'Compute dtype of both (ours: model.dtype; timm: autocast).')
-  _ATTENTION = flags.DEFINE_enum('attention', 'einsum', list(ATTENTION_CORES),
-                                 'Our attention core (model.attention).')
-  _REMAT = flags.DEFINE_enum('remat', 'none', list(REMAT_POLICIES),
-                             'Our per-block recomputation (model.remat): XLA peak MiB shows '
-                             'what it saves.')
+  _ATTENTION = flags.DEFINE_multi_enum(
+      'attention', ['einsum'], list(ATTENTION_CORES),
+      'Our attention cores (model.attention); each is a variant of ours, timed against the '
+      'same timm.')
+  _REMAT = flags.DEFINE_multi_enum(
+      'remat', ['none'], list(REMAT_POLICIES),
+      'Our per-block recomputations (model.remat), crossed with --attention: XLA peak MiB '
+      'shows what each saves.')
   _TIMM = flags.DEFINE_bool('timm', True, 'Time timm beside ours if it imports.')
   _TIMM_COMPILE = flags.DEFINE_bool('timm_compile', False,
                                     "Run timm's model through torch.compile (compiled at warm-up).")

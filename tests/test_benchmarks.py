@@ -1,6 +1,10 @@
 """The throughput benchmark compares like with like (no timing here)."""
 
+import json
+import os
 import platform
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import pytest
@@ -27,14 +31,16 @@ def test_ours_and_timm_have_the_same_parameters(name):
 
 
 def test_format_table_has_a_row_per_result_and_dashes_for_missing_timm():
-  row = {'config': 'small', 'gelu': 'tanh', 'ours_train_img_s': 300.0,
+  row = {'config': 'small', 'gelu': 'tanh', 'attention': 'einsum', 'remat': 'block',
+         'ours_train_img_s': 300.0,
          'ours_eval_img_s': 1100.0, 'ours_train_mfu': 0.25, 'peak_gflops': 340.0,
          'train_compile_s': 5.9, 'eval_compile_s': 0.8, 'xla_peak_mib': 716.0}
   with_timm = dict(row, timm_train_img_s=400.0, timm_eval_img_s=1000.0, train_ratio=0.75,
                    eval_ratio=1.1, timm_train_mfu=0.33)
   lines = throughput.format_table([row, with_timm]).splitlines()
   assert len(lines) == 4
-  assert lines[2].split(' | ')[3] == '-'
+  assert lines[2].split(' | ')[5] == '-'
+  assert '| einsum | block |' in lines[2]
   assert '| 0.75 |' in lines[3] and '| 1.10 |' in lines[3] and '25%' in lines[3]
   assert '5.9 / 0.8' in lines[2]
   paired = dict(with_timm, train_ratio_range=[0.7, 0.8])
@@ -95,3 +101,23 @@ def test_cpu_model_reads_cpuinfo_and_falls_back_to_the_architecture(tmp_path):
   assert throughput.cpu_model(str(tmp_path / 'missing')) in (platform.processor(),
                                                                platform.machine())
 
+
+
+def test_cli_times_each_variant_and_writes_the_json_after_each(tmp_path):
+  output = tmp_path / 'throughput.json'
+  subprocess.run([sys.executable, '-m', 'benchmarks.throughput', '--configs=small', '--gelu=tanh',
+                  '--batch=2', '--steps=1', '--rounds=1', '--notimm', '--remat=none',
+                  '--remat=block', f'--output={output}'],
+                 check=True, env=dict(os.environ, HIERARCHICAL_VIT_TCMALLOC='0'),
+                 cwd=os.path.dirname(os.path.dirname(__file__)))
+  results = json.loads(output.read_text())['results']
+  assert [(r['attention'], r['remat']) for r in results] == [('einsum', 'none'),
+                                                             ('einsum', 'block')]
+  assert all(r['ours_train_img_s'] > 0 and 'timm_train_img_s' not in r for r in results)
+
+
+def test_timm_for_builds_one_reference_for_every_variant_of_ours():
+  reference = throughput.timm_for('small', 'tanh', 'bfloat16', batch=2, compile_model=False)
+  assert not reference.compiled and reference.images.shape == (2, 3, 32, 32)
+  with reference.autocast():
+    assert reference.model(reference.images).dtype == reference.torch.bfloat16

@@ -1,5 +1,8 @@
 """The step profiler's HLO and trace bookkeeping (no timing asserted)."""
 
+import gzip
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -48,3 +51,34 @@ def test_profile_of_a_real_step_accounts_for_its_matmuls():
   assert 0.8 * 96e-3 * 8 < result['matmul_gflop'] < 96e-3 * 8 * 1.05
   assert result['matmul_s'] > 0 and result['other_s'] > 0
   assert 'GFLOP/s' in step_profile.format_summary(result, rows=5)
+
+
+def test_op_times_on_a_gpu_counts_stream_kernels_by_their_hlo_op():
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
+            {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/device:GPU:0'}},
+            {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 7,
+             'args': {'name': 'Stream #7(Compute)'}},
+            {'ph': 'M', 'name': 'thread_name', 'pid': 2, 'tid': 8, 'args': {'name': 'XLA Ops'}},
+            # Two kernels of one op (a GEMM and its epilogue), one of another.
+            {'ph': 'X', 'pid': 2, 'tid': 7, 'name': 'nvjet_tst_128x64', 'dur': 300,
+             'args': {'hlo_op': 'gemm_fusion.4'}},
+            {'ph': 'X', 'pid': 2, 'tid': 7, 'name': 'loop_add_fusion', 'dur': 100,
+             'args': {'hlo_op': 'gemm_fusion.4'}},
+            {'ph': 'X', 'pid': 2, 'tid': 7, 'name': 'input_reduce_fusion', 'dur': 50},
+            # The derived line and the host repeat them: not counted again.
+            {'ph': 'X', 'pid': 2, 'tid': 8, 'name': 'gemm_fusion.4', 'dur': 400},
+            {'ph': 'X', 'pid': 1, 'tid': 1, 'name': 'PjitFunction(step)', 'dur': 900}]
+  assert step_profile.op_times(events, steps=1) == pytest.approx(
+      {'gemm_fusion.4': 400e-6, 'input_reduce_fusion': 50e-6})
+
+
+def test_profile_keeps_the_trace_and_hlo_for_offline_reading(tmp_path):
+  result = step_profile.profile('small', 'eval', 'tanh', batch=2, steps=1,
+                                trace_out=str(tmp_path))
+  with gzip.open(tmp_path / 'hlo.txt.gz', 'rt') as f:
+    dots = step_profile.hlo_dots(f.read())
+  with gzip.open(tmp_path / 'perfetto_trace.json.gz') as f:
+    times = step_profile.op_times(json.load(f)['traceEvents'], steps=1)
+  # Read back, they give the summary the profile gave.
+  assert step_profile.summarize(times, dots)['matmul_gflop'] == result['matmul_gflop'] > 0
+  assert (result['dtype'], result['attention']) == ('float32', 'einsum')
