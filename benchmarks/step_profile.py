@@ -37,6 +37,10 @@ from hierarchical_vit.layers.attention import ATTENTION_CORES
 _DEF = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]')
 _DOT = re.compile(r'= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)')
 _CALLS = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?calls=%([\w.\-]+)')
+# A GEMM that XLA:GPU hands to cuBLAS: (out, workspace) = custom-call(lhs, rhs).
+_CUBLAS = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = \(\w+\[([\d,]*)\]\S*, .*?custom-call\('
+                     r'%([\w.\-]+), %([\w.\-]+)\), custom_call_target="__cublas.*?'
+                     r'"lhs_contracting_dimensions":\[([\d",]*)\]')
 # Profiler bookkeeping around the ops themselves.
 _NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool', 'PjitFunction', 'ThreadpoolListener', '$',
             'end: ', 'CommonPjRt', 'Handle ', 'ParseArguments', 'AllocateOutput')
@@ -49,7 +53,8 @@ def _dims(text: str) -> list[int]:
 def hlo_dots(hlo_text: str) -> dict[str, tuple[float, str]]:
   """{op name: (matmul FLOPs, 'lhs x rhs -> out' shapes)} of a compiled HLO module.
 
-  An op is a dot itself or a fusion whose called computation holds dots.
+  An op is a dot itself, a fusion whose called computation holds dots (XLA:CPU's
+  and XLA:GPU's Triton GEMMs), or a cuBLAS custom call (XLA:GPU).
   """
   computations: dict[str, list[str]] = {}
   current = None
@@ -66,6 +71,13 @@ def hlo_dots(hlo_text: str) -> dict[str, tuple[float, str]]:
     shapes = {m.group(1): _dims(m.group(3)) for m in map(_DEF.match, lines) if m}
     flops, descriptions = 0.0, []
     for line in lines:
+      gemm = _CUBLAS.match(line)
+      if gemm:
+        op, out, lhs, rhs, contracting = gemm.groups()
+        k = math.prod(shapes[lhs][int(d)] for d in re.findall(r'\d+', contracting))
+        own_dots[op] = (name, (2.0 * math.prod(_dims(out)) * k,
+                               f'{shapes[lhs]} x {shapes[rhs]} -> {_dims(out)}'))
+        continue
       dot = _DOT.search(line)
       if not dot:
         continue

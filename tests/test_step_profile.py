@@ -82,3 +82,20 @@ def test_profile_keeps_the_trace_and_hlo_for_offline_reading(tmp_path):
   # Read back, they give the summary the profile gave.
   assert step_profile.summarize(times, dots)['matmul_gflop'] == result['matmul_gflop'] > 0
   assert (result['dtype'], result['attention']) == ('float32', 'einsum')
+
+
+def test_hlo_dots_counts_cublas_gemms_of_gpu_hlo():
+  # Abridged from XLA:GPU's compiled Swin-T train step (H100, 2026-11-26).
+  hlo = '\n'.join([
+      'ENTRY %main.1 (Arg_0.1: bf16[401408,96]) -> bf16[401408,288] {',
+      '  %bitcast.2811.0 = bf16[401408,96]{1,0} bitcast(%Arg_0.1)',
+      '  %wrapped_convert.2 = bf16[96,288]{1,0} fusion(%p), kind=kLoop, calls=%wrapped_convert_c',
+      '  %custom-call.115 = (bf16[401408,288]{1,0}, s8[33554432]{0}) custom-call('
+      '%bitcast.2811.0, %wrapped_convert.2), custom_call_target="__cublas$lt$matmul", '
+      'backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_batch_dimensions":[],'
+      '"lhs_contracting_dimensions":["1"],"rhs_batch_dimensions":[],'
+      '"rhs_contracting_dimensions":["0"]}}}',
+      '  ROOT %get-tuple-element = bf16[401408,288]{1,0} get-tuple-element(%custom-call.115), index=0',
+      '}'])
+  assert step_profile.hlo_dots(hlo) == {
+      'custom-call.115': (2.0 * 401408 * 288 * 96, '[401408, 96] x [96, 288] -> [401408, 288]')}
