@@ -198,6 +198,50 @@ def profile(name: str, mode: str, gelu: str, batch: int, steps: int, dtype: str 
           'date': time.strftime('%Y-%m-%d %H:%M'), **summary}
 
 
+# Kernel (GPU) or op (CPU) names of matrix products in torch's profiles:
+# cuBLAS's and CUTLASS's kernels, and the aten ops that call them on the CPU.
+_TORCH_GEMM = re.compile(r'gemm|nvjet|cutlass|xmma|cublas|aten::(addmm|mm|bmm|baddbmm)$')
+
+
+def torch_op_times(run, torch, steps: int) -> dict[str, float]:
+  """{name: seconds per step} of `run(steps)` under torch's profiler: the GPU's
+  kernels where torch runs on one, else the CPU ops' self times."""
+  cuda = torch.cuda.is_available()
+  activities = [torch.profiler.ProfilerActivity.CPU]
+  if cuda:
+    activities.append(torch.profiler.ProfilerActivity.CUDA)
+  with torch.profiler.profile(activities=activities) as prof:
+    run(steps)
+  times = {}
+  for event in prof.key_averages():
+    if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+      continue  # A CPU op's device time repeats its kernels'.
+    us = event.self_device_time_total if cuda else event.self_cpu_time_total
+    if us > 0:
+      times[event.key] = us * 1e-6 / steps
+  return times
+
+
+def summarize_torch(times: dict[str, float], rows: int = 40) -> dict[str, Any]:
+  """Matrix products against everything else, and the costliest kernels."""
+  gemm_s = sum(s for name, s in times.items() if _TORCH_GEMM.search(name))
+  top = sorted(times.items(), key=lambda item: -item[1])[:rows]
+  return {'gemm_s': gemm_s, 'other_s': sum(times.values()) - gemm_s,
+          'top': [{'name': name, 's': s} for name, s in top]}
+
+
+def profile_timm(name: str, mode: str, gelu: str, batch: int, steps: int,
+                 dtype: str = 'float32', compile_model: bool = False) -> dict[str, Any]:
+  """The same model's step in timm (`throughput.Timm`), traced by torch's profiler."""
+  timm_model = throughput.timm_for(name, gelu, dtype, batch, compile_model)
+  run = timm_model.train if mode == 'train' else timm_model.eval
+  run(2)  # Warm-up (and torch.compile's compilation).
+  wall = run(steps) / steps
+  times = torch_op_times(run, timm_model.torch, steps)
+  return {'config': name, 'mode': mode, 'batch': batch, 'steps': steps, 'dtype': dtype,
+          'timm_compile': compile_model, 'step_s': wall, **summarize_torch(times)}
+
+
 def format_summary(result: dict[str, Any], rows: int) -> str:
   lines = [f"{result['config']} {result['mode']} step, batch {result['batch']}: "
            f"{result['step_s'] * 1e3:.0f} ms wall; ops {1e3 * (result['matmul_s'] + result['other_s']):.0f} ms "
@@ -216,6 +260,15 @@ def main(argv):
   result = profile(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value,
                    _DTYPE.value, _ATTENTION.value, _TRACE_OUT.value)
   print(format_summary(result, _ROWS.value))
+  if _TIMM.value:
+    reference = profile_timm(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value,
+                             _DTYPE.value, _TIMM_COMPILE.value)
+    print(f"\ntimm: {reference['step_s'] * 1e3:.0f} ms wall; kernels: matrix products "
+          f"{reference['gemm_s'] * 1e3:.1f} ms + other {reference['other_s'] * 1e3:.1f} ms\n\n"
+          '| kernel | ms/step |\n|---|---|')
+    print('\n'.join(f"| {r['name'][:100]} | {r['s'] * 1e3:.2f} |"
+                    for r in reference['top'][:_ROWS.value]))
+    result['timm'] = reference
   if _OUTPUT.value:
     files.write_json(_OUTPUT.value, result)
 
@@ -230,6 +283,8 @@ if __name__ == '__main__':
   _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype.')
   _ATTENTION = flags.DEFINE_enum('attention', 'einsum', list(ATTENTION_CORES),
                                  'model.attention.')
+  _TIMM = flags.DEFINE_bool('timm', False, "Also profile timm's step (same model, torch's profiler).")
+  _TIMM_COMPILE = flags.DEFINE_bool('timm_compile', False, 'With --timm: under torch.compile.')
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the summary here as JSON.')
   _TRACE_OUT = flags.DEFINE_string(
       'trace_out', '', 'Keep the perfetto trace and compiled HLO (gzipped) in this folder.')

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import step_profile
+from tests.conftest import import_optional
 
 
 def _compiled_text(fn, *shapes):
@@ -99,3 +100,21 @@ def test_hlo_dots_counts_cublas_gemms_of_gpu_hlo():
       '}'])
   assert step_profile.hlo_dots(hlo) == {
       'custom-call.115': (2.0 * 401408 * 288 * 96, '[401408, 96] x [96, 288] -> [401408, 288]')}
+
+
+def test_summarize_torch_splits_matrix_products_from_the_rest():
+  times = {'nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT': 3e-3, 'aten::addmm': 1e-3,
+           'triton_per_fused_native_layer_norm_0': 2e-3, 'aten::add_': 0.5e-3}
+  summary = step_profile.summarize_torch(times, rows=2)
+  assert summary['gemm_s'] == pytest.approx(4e-3)
+  assert summary['other_s'] == pytest.approx(2.5e-3)
+  assert [r['name'] for r in summary['top']] == ['nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT',
+                                                 'triton_per_fused_native_layer_norm_0']
+
+
+def test_profile_timm_accounts_for_its_matrix_products():
+  import_optional('timm')  # The interop extra.
+  result = step_profile.profile_timm('small', 'eval', 'tanh', batch=2, steps=1)
+  # On the CPU: aten ops' self times; the linear layers are most of the model.
+  assert result['gemm_s'] > 0 and result['other_s'] > 0 and result['step_s'] > 0
+  assert any(r['name'] == 'aten::addmm' for r in result['top'])
