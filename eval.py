@@ -30,6 +30,7 @@ from absl import flags
 from matplotlib import patches
 from ml_collections import config_flags
 
+from hierarchical_vit import cli
 from hierarchical_vit import data
 from hierarchical_vit import files
 from hierarchical_vit import parallel
@@ -236,4 +237,4 @@ def main(argv):
 
 if __name__ == '__main__':
   tcmalloc.reexec_with_tcmalloc()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

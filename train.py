@@ -21,6 +21,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from hierarchical_vit import cli
 from hierarchical_vit import parallel
 from hierarchical_vit import tcmalloc
 from hierarchical_vit.training import trainer
@@ -52,4 +53,4 @@ def main(argv):
 
 if __name__ == '__main__':
   tcmalloc.reexec_with_tcmalloc()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -60,7 +60,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from hierarchical_vit import data, files, report
+from hierarchical_vit import cli, data, files, report
 from hierarchical_vit.analysis import aggregate
 from hierarchical_vit.models import build_model, input_shape
 from hierarchical_vit.training import config_history, tasks, trainer
@@ -559,4 +559,4 @@ if __name__ == '__main__':
   _ONLY = flags.DEFINE_list('only', [], 'Variant or run names to run (default: all).')
   _RUNS_AT_ONCE = flags.DEFINE_integer(
       'runs_at_once', 1, 'Runs trained at once, each pinned to its share of the CPUs.')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

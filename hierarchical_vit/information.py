@@ -56,7 +56,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from hierarchical_vit import data, files, resampling, shift_consistency
+from hierarchical_vit import cli, data, files, resampling, shift_consistency
 from hierarchical_vit.resampling import antialias
 from hierarchical_vit.training import trainer
 
@@ -268,4 +268,4 @@ if __name__ == '__main__':
   _RUN_DIRS = flags.DEFINE_list(
       'run_dirs', [], 'Finished runs or glob patterns (e.g. WORKDIR/runs/avg_pool-seed0) '
       'whose stage-0 features and trained first downsampler to measure too.')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

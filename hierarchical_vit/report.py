@@ -12,6 +12,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from hierarchical_vit import cli
 from hierarchical_vit.layers.attention import WindowAttention, einsum_attention
 from hierarchical_vit.models import build_model, input_shape
 
@@ -84,4 +85,4 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
   flags.mark_flag_as_required('config')
   flags.DEFINE_integer('batch', 8, 'Batch size to cost the forward pass at.')
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

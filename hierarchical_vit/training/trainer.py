@@ -98,6 +98,9 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
   for field, (value, by, divisor) in divisible.items():
     if value % divisor:
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
+  # The model checks its own fields (depths, heads, windows) as it is built:
+  # built abstractly here, a bad one fails before a workdir is written.
+  nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
 
 
 # field: (the rule, as the error states it; whether a value keeps it). Outside

@@ -372,6 +372,15 @@ def test_saved_config_resumes_and_evaluates_with_overrides(trained, tmp_path):
     trainer.check_resumable(tiny_config(config.data.data_dir, num_steps=7), run)
 
 
+def test_a_bad_model_field_is_refused_before_the_workdir_is_written(data_dir, tmp_path):
+  config = tiny_config(data_dir, num_steps=2)
+  config.model.depths = (2, 0)
+  workdir = tmp_path / 'never'
+  with pytest.raises(ValueError, match=r'model.depths=\(2, 0\) must be'):
+    trainer.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
+
+
 def test_a_workdir_without_checkpoints_takes_a_new_config(data_dir, tmp_path):
   """A run that failed before its first checkpoint has nothing to resume."""
   workdir = str(tmp_path / 'fresh')

@@ -1,0 +1,42 @@
+"""Config overrides that name no field fail in one line, like any bad flag."""
+
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from hierarchical_vit import cli
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_override_error_names_the_override_and_keeps_the_hint():
+  argv = ['train.py', '--config=configs/quickstart.py', '--config.train.num_epochs=2',
+          '--config.model.downsampel=avg_pool']
+  with pytest.raises(AttributeError) as error:  # ml_collections' own error.
+    ml_collections.ConfigDict({'downsample': 'patch_merge'}).downsampel
+  error = error.value
+  assert cli.override_error(argv, error) == (
+      'FATAL Flags parsing error: --config.model.downsampel=avg_pool: no such config field: '
+      '\'downsampel\' Did you mean "downsample" instead of "downsampel"?')
+
+
+def test_override_error_lists_every_override_when_the_message_names_none():
+  argv = ['train.py', '--config.a.b=1', '--config.c=2']
+  message = cli.override_error(argv, KeyError('unhashable'))
+  assert message.startswith('FATAL Flags parsing error: --config.a.b=1, --config.c=2: ')
+
+
+@pytest.mark.parametrize('entry_point', ['train.py', 'eval.py'])
+def test_a_misspelt_override_exits_with_one_line_and_writes_nothing(entry_point, tmp_path):
+  workdir = tmp_path / 'run'
+  result = subprocess.run(
+      [sys.executable, entry_point, '--config=configs/quickstart.py', f'--workdir={workdir}',
+       '--config.nope.x=1'], cwd=_ROOT, capture_output=True, text=True,
+      env=dict(os.environ, HIERARCHICAL_VIT_TCMALLOC='0'), check=False)
+  assert result.returncode == 1
+  assert 'FATAL Flags parsing error: --config.nope.x=1: no such config field: nope' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert not workdir.exists()
