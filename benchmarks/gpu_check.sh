@@ -27,15 +27,17 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 swin_t="--configs=swin_t_224 --gelu=erf --dtype=bfloat16 --batch=128"
 # Each step is bounded, so that the steps after a stuck one still run.
-step() { local limit=$1; shift; timeout "$limit" "$@" || echo "FAILED ($?): $*"; }
+failed=0
+step() { local limit=$1; shift; timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }; }
 # 1. Ours (einsum core, then cuDNN's fused attention) against timm under torch.compile.
 step 280 python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=einsum \
     --attention=cudnn --timm_compile --output="$out/cudnn_vs_timm_compiled.json"
 # 2. Where the train step's time goes, kernel by kernel, in ours and in compiled timm. XLA
 #    replays the step as CUDA graphs unless command buffers are off: the trace would show
 #    one op. Ours' trace and HLO are kept for offline reading.
-XLA_FLAGS=--xla_gpu_enable_command_buffer= step 240 python3 -m benchmarks.step_profile \
+rm -rf /tmp/trace
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" step 240 python3 -m benchmarks.step_profile \
     --config=swin_t_224 --mode=train --gelu=erf --dtype=bfloat16 --steps=3 --timm \
     --timm_compile --rows=40 --output="$out/step_profile.json" --trace_out=/tmp/trace
-[ -d /tmp/trace ] && tar -C /tmp -czf "$out/step_trace.tar.gz" trace
-echo done
+if [ -d /tmp/trace ]; then tar -C /tmp -czf "$out/step_trace.tar.gz" trace; fi
+exit $failed

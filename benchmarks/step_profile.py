@@ -25,10 +25,12 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from benchmarks import throughput
 from hierarchical_vit import files, tcmalloc
@@ -38,9 +40,10 @@ _DEF = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]')
 _DOT = re.compile(r'= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)(.*)')
 _CALLS = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?calls=%([\w.\-]+)')
 # A GEMM that XLA:GPU hands to cuBLAS: (out, workspace) = custom-call(lhs, rhs).
+# Operands past lhs and rhs (a bias, fp8 scales) are the epilogue's.
 _CUBLAS = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = \(\w+\[([\d,]*)\]\S*, .*?custom-call\('
-                     r'%([\w.\-]+), %([\w.\-]+)\), custom_call_target="__cublas.*?'
-                     r'"lhs_contracting_dimensions":\[([\d",]*)\]')
+                     r'%([\w.\-]+), %([\w.\-]+)(?:, %[\w.\-]+)*\), '
+                     r'custom_call_target="__cublas.*?"lhs_contracting_dimensions":\[([\d",]*)\]')
 # Profiler bookkeeping around the ops themselves.
 _NOT_OPS = ('ThunkExecutor', 'SlinkyThreadPool', 'PjitFunction', 'ThreadpoolListener', '$',
             'end: ', 'CommonPjRt', 'Handle ', 'ParseArguments', 'AllocateOutput')
@@ -75,8 +78,11 @@ def hlo_dots(hlo_text: str) -> dict[str, tuple[float, str]]:
       if gemm:
         op, out, lhs, rhs, contracting = gemm.groups()
         k = math.prod(shapes[lhs][int(d)] for d in re.findall(r'\d+', contracting))
-        own_dots[op] = (name, (2.0 * math.prod(_dims(out)) * k,
-                               f'{shapes[lhs]} x {shapes[rhs]} -> {_dims(out)}'))
+        op_flops = 2.0 * math.prod(_dims(out)) * k
+        description = f'{shapes[lhs]} x {shapes[rhs]} -> {_dims(out)}'
+        flops += op_flops
+        descriptions.append(description)
+        own_dots[op] = (name, (op_flops, description))
         continue
       dot = _DOT.search(line)
       if not dot:
@@ -116,22 +122,27 @@ def _named(events: list[dict[str, Any]], kind: str) -> dict[Any, str]:
 def op_times(trace_events: list[dict[str, Any]], steps: int) -> dict[str, float]:
   """{op name: seconds per step} from a perfetto trace's complete ('X') events.
 
-  On an accelerator ops are the kernels on the device's streams, named by
-  the HLO op that launched them (several kernels of one op add up); host
-  events and the trace's derived lines (modules, ops, name scopes) would count
-  them twice. On XLA:CPU ops are the host threads' thunks.
+  On a GPU ops are the kernels on the device's streams, named by the HLO op
+  that launched them (several kernels of one op add up); on a device without
+  streams (a TPU), its 'XLA Ops' line. The host's events and the device's other
+  lines (modules, steps, name scopes) repeat those ops and are left out. On
+  XLA:CPU ops are the host threads' thunks.
   """
   devices = {pid for pid, name in _named(trace_events, 'process_name').items()
              if name.startswith('/device:')}
-  streams = {key for key, name in _named(trace_events, 'thread_name').items()
-             if key[0] in devices and name.startswith('Stream')}
+  threads = {key: name for key, name in _named(trace_events, 'thread_name').items()
+             if key[0] in devices}
+  lines = ({key for key, name in threads.items() if name.startswith('Stream')}
+           or {key for key, name in threads.items() if name == 'XLA Ops'})
+  if devices and not lines:
+    raise ValueError('the trace has a device but neither streams nor an XLA Ops line: '
+                     f'its lines are {sorted(set(threads.values()))}')
   times: dict[str, float] = collections.Counter()
   for event in trace_events:
     if event.get('ph') != 'X':
       continue
     if devices:
-      on_stream = (event.get('pid'), event.get('tid')) in streams if streams else True
-      if event.get('pid') not in devices or not on_stream:
+      if (event.get('pid'), event.get('tid')) not in lines:
         continue
       name = event.get('args', {}).get('hlo_op', event['name'])
     elif event['name'].startswith(_NOT_OPS):
@@ -191,19 +202,26 @@ def profile(name: str, mode: str, gelu: str, batch: int, steps: int, dtype: str 
       shutil.copy(trace_file, os.path.join(trace_out, 'perfetto_trace.json.gz'))
       with gzip.open(os.path.join(trace_out, 'hlo.txt.gz'), 'wt') as f:
         f.write(compiled.as_text())
-  summary = summarize(op_times(events, steps), hlo_dots(compiled.as_text()))
+  times = op_times(events, steps)
+  if any(op.startswith('command_buffer') for op in times):
+    logging.warning('XLA:GPU ran the step as CUDA graphs (command_buffer ops), which hide '
+                    'its kernels: profile with XLA_FLAGS=--xla_gpu_enable_command_buffer=')
+  summary = summarize(times, hlo_dots(compiled.as_text()))
   return {'config': name, 'mode': mode, 'gelu': gelu, 'dtype': dtype, 'attention': attention,
           'batch': batch, 'steps': steps, 'step_s': wall, 'backend': jax.default_backend(),
-          'devices': [str(d) for d in jax.devices()],
+          'devices': [str(d) for d in jax.devices()], 'xla_flags': os.environ.get('XLA_FLAGS', ''),
           'date': time.strftime('%Y-%m-%d %H:%M'), **summary}
 
 
-# Kernel (GPU) or op (CPU) names of matrix products in torch's profiles:
-# cuBLAS's and CUTLASS's kernels, and the aten ops that call them on the CPU.
+# Kernel (GPU) or op (CPU) names in torch's profiles: fused attention kernels
+# (their softmax included), then matrix products: cuBLAS's and CUTLASS's
+# kernels, and the aten ops that call them on the CPU.
+_TORCH_ATTENTION = re.compile(r'fmha|flash|attention', re.IGNORECASE)
 _TORCH_GEMM = re.compile(r'gemm|nvjet|cutlass|xmma|cublas|aten::(addmm|mm|bmm|baddbmm)$')
 
 
-def torch_op_times(run, torch, steps: int) -> dict[str, float]:
+def torch_op_times(run: Callable[[int], float], torch: ModuleType,
+                   steps: int) -> dict[str, float]:
   """{name: seconds per step} of `run(steps)` under torch's profiler: the GPU's
   kernels where torch runs on one, else the CPU ops' self times."""
   cuda = torch.cuda.is_available()
@@ -223,17 +241,21 @@ def torch_op_times(run, torch, steps: int) -> dict[str, float]:
 
 
 def summarize_torch(times: dict[str, float], rows: int = 40) -> dict[str, Any]:
-  """Matrix products against everything else, and the costliest kernels."""
-  gemm_s = sum(s for name, s in times.items() if _TORCH_GEMM.search(name))
+  """Fused attention, matrix products, the rest, and the costliest kernels."""
+  attention_s = sum(s for name, s in times.items() if _TORCH_ATTENTION.search(name))
+  gemm_s = sum(s for name, s in times.items()
+               if _TORCH_GEMM.search(name) and not _TORCH_ATTENTION.search(name))
   top = sorted(times.items(), key=lambda item: -item[1])[:rows]
-  return {'gemm_s': gemm_s, 'other_s': sum(times.values()) - gemm_s,
+  return {'attention_s': attention_s, 'gemm_s': gemm_s,
+          'other_s': sum(times.values()) - gemm_s - attention_s,
           'top': [{'name': name, 's': s} for name, s in top]}
 
 
 def profile_timm(name: str, mode: str, gelu: str, batch: int, steps: int,
                  dtype: str = 'float32', compile_model: bool = False) -> dict[str, Any]:
   """The same model's step in timm (`throughput.Timm`), traced by torch's profiler."""
-  timm_model = throughput.timm_for(name, gelu, dtype, batch, compile_model)
+  del gelu  # timm's GELU is always exact.
+  timm_model = throughput.timm_for(name, dtype, batch, compile_model)
   run = timm_model.train if mode == 'train' else timm_model.eval
   run(2)  # Warm-up (and torch.compile's compilation).
   wall = run(steps) / steps
@@ -243,6 +265,7 @@ def profile_timm(name: str, mode: str, gelu: str, batch: int, steps: int,
 
 
 def format_summary(result: dict[str, Any], rows: int) -> str:
+  """Markdown tables of `profile`'s result, `rows` rows each."""
   lines = [f"{result['config']} {result['mode']} step, batch {result['batch']}: "
            f"{result['step_s'] * 1e3:.0f} ms wall; ops {1e3 * (result['matmul_s'] + result['other_s']):.0f} ms "
            f"= matmuls {result['matmul_s'] * 1e3:.0f} ms ({result['matmul_gflop']:.1f} GFLOP at "
@@ -264,7 +287,8 @@ def main(argv):
     reference = profile_timm(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value,
                              _DTYPE.value, _TIMM_COMPILE.value)
     print(f"\ntimm: {reference['step_s'] * 1e3:.0f} ms wall; kernels: matrix products "
-          f"{reference['gemm_s'] * 1e3:.1f} ms + other {reference['other_s'] * 1e3:.1f} ms\n\n"
+          f"{reference['gemm_s'] * 1e3:.1f} ms + fused attention "
+          f"{reference['attention_s'] * 1e3:.1f} ms + other {reference['other_s'] * 1e3:.1f} ms\n\n"
           '| kernel | ms/step |\n|---|---|')
     print('\n'.join(f"| {r['name'][:100]} | {r['s'] * 1e3:.2f} |"
                     for r in reference['top'][:_ROWS.value]))

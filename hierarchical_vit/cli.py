@@ -13,23 +13,22 @@ import sys
 
 from absl import app
 
-
-def _overrides(argv: list[str]) -> list[str]:
-  """The --config.* overrides on a command line."""
-  return [arg for arg in argv[1:] if arg.startswith('--config.')]
+# How ml_collections' config flags accept an override: -config.x=1, --noconfig.flag.
+_OVERRIDE = re.compile(r'^--?(?:no)?config\.')
 
 
-def override_error(argv: list[str], error: Exception) -> str:
-  """One line naming the override a parse error came from (all of them where
-  the message names none) and what was wrong."""
+def override_error(argv: list[str], error: Exception) -> str | None:
+  """One line naming the override that `error` (raised while parsing argv)
+  is about, or None when it names none: then it came from elsewhere, such as
+  the config file's own code, and keeps its traceback."""
   # ml_collections' messages arrive repr-quoted, with escaped newlines.
   message = ' '.join(str(error).strip('\'"').replace('\\n', '\n').replace("\\'", "'").split())
-  overrides = _overrides(argv)
-  named = [arg for arg in overrides
-           if any(re.search(rf'\b{re.escape(field)}\b', message)
-                  for field in arg.split('=', 1)[0].split('.')[1:])]
-  culprit = ', '.join(named or overrides) or 'the config'
-  return f'FATAL Flags parsing error: {culprit}: no such config field: {message}'
+  named = [arg for arg in argv[1:] if _OVERRIDE.match(arg)
+           and any(re.search(rf'\b{re.escape(field)}\b', message)
+                   for field in _OVERRIDE.sub('', arg).split('=', 1)[0].split('.'))]
+  if not named:
+    return None
+  return f'FATAL Flags parsing error: {", ".join(named)}: no such config field: {message}'
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -38,8 +37,8 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as error:
-    if not _overrides(argv):
+    line = override_error(argv, error)
+    if line is None:
       raise
-    sys.stderr.write(override_error(argv, error) + '\n')
-    sys.stderr.write('Pass --helpshort or --helpfull to see help on flags.\n')
+    sys.stderr.write(line + '\nPass --helpshort or --helpfull to see help on flags.\n')
     sys.exit(1)

@@ -23,10 +23,20 @@ def test_override_error_names_the_override_and_keeps_the_hint():
       '\'downsampel\' Did you mean "downsample" instead of "downsampel"?')
 
 
-def test_override_error_lists_every_override_when_the_message_names_none():
-  argv = ['train.py', '--config.a.b=1', '--config.c=2']
-  message = cli.override_error(argv, KeyError('unhashable'))
-  assert message.startswith('FATAL Flags parsing error: --config.a.b=1, --config.c=2: ')
+def test_an_error_that_names_no_override_keeps_its_traceback(monkeypatch):
+  argv = ['train.py', '--config.a.b=1', '-config.c=2']
+  assert cli.override_error(argv, KeyError('unhashable')) is None
+  # Say the config file's get_config() raised while absl parsed the overrides.
+  monkeypatch.setattr(cli.app, 'parse_flags_with_usage',
+                      lambda argv: (_ for _ in ()).throw(KeyError('unhashable')))
+  with pytest.raises(KeyError, match='unhashable'):
+    cli.parse_flags(argv)
+
+
+def test_override_error_reads_every_override_form():
+  argv = ['train.py', '-config.model.remat=block', '--noconfig.train.use_ema']
+  message = cli.override_error(argv, AttributeError("'use_ema'"))
+  assert message.startswith('FATAL Flags parsing error: --noconfig.train.use_ema: ')
 
 
 @pytest.mark.parametrize('entry_point', ['train.py', 'eval.py'])

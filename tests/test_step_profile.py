@@ -46,12 +46,20 @@ def test_summarize_groups_matmuls_by_shape_and_the_rest_by_kind():
   assert summary['matmul_gflop_s'] == pytest.approx(100.0)
 
 
-def test_profile_of_a_real_step_accounts_for_its_matmuls():
-  result = step_profile.profile('small', 'eval', 'tanh', batch=8, steps=1)
+def test_profile_of_a_real_step_accounts_for_its_matmuls(tmp_path):
+  result = step_profile.profile('small', 'eval', 'tanh', batch=8, steps=1,
+                                trace_out=str(tmp_path))
   # The small Swin's forward at 32x32: ~96 MFLOP per image, nearly all matmuls.
   assert 0.8 * 96e-3 * 8 < result['matmul_gflop'] < 96e-3 * 8 * 1.05
   assert result['matmul_s'] > 0 and result['other_s'] > 0
+  assert (result['dtype'], result['attention']) == ('float32', 'einsum')
   assert 'GFLOP/s' in step_profile.format_summary(result, rows=5)
+  # The kept trace and HLO, read back offline, give the same summary.
+  with gzip.open(tmp_path / 'hlo.txt.gz', 'rt') as f:
+    dots = step_profile.hlo_dots(f.read())
+  with gzip.open(tmp_path / 'perfetto_trace.json.gz') as f:
+    times = step_profile.op_times(json.load(f)['traceEvents'], steps=1)
+  assert step_profile.summarize(times, dots)['matmul_gflop'] == result['matmul_gflop']
 
 
 def test_op_times_on_a_gpu_counts_stream_kernels_by_their_hlo_op():
@@ -73,18 +81,6 @@ def test_op_times_on_a_gpu_counts_stream_kernels_by_their_hlo_op():
       {'gemm_fusion.4': 400e-6, 'input_reduce_fusion': 50e-6})
 
 
-def test_profile_keeps_the_trace_and_hlo_for_offline_reading(tmp_path):
-  result = step_profile.profile('small', 'eval', 'tanh', batch=2, steps=1,
-                                trace_out=str(tmp_path))
-  with gzip.open(tmp_path / 'hlo.txt.gz', 'rt') as f:
-    dots = step_profile.hlo_dots(f.read())
-  with gzip.open(tmp_path / 'perfetto_trace.json.gz') as f:
-    times = step_profile.op_times(json.load(f)['traceEvents'], steps=1)
-  # Read back, they give the summary the profile gave.
-  assert step_profile.summarize(times, dots)['matmul_gflop'] == result['matmul_gflop'] > 0
-  assert (result['dtype'], result['attention']) == ('float32', 'einsum')
-
-
 def test_hlo_dots_counts_cublas_gemms_of_gpu_hlo():
   # Abridged from XLA:GPU's compiled Swin-T train step (H100, 2026-11-26).
   hlo = '\n'.join([
@@ -104,9 +100,11 @@ def test_hlo_dots_counts_cublas_gemms_of_gpu_hlo():
 
 def test_summarize_torch_splits_matrix_products_from_the_rest():
   times = {'nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT': 3e-3, 'aten::addmm': 1e-3,
-           'triton_per_fused_native_layer_norm_0': 2e-3, 'aten::add_': 0.5e-3}
+           'triton_per_fused_native_layer_norm_0': 2e-3, 'aten::add_': 0.5e-3,
+           'fmha_cutlassF_bf16_aligned_64x64_rf_sm80': 0.25e-3}
   summary = step_profile.summarize_torch(times, rows=2)
   assert summary['gemm_s'] == pytest.approx(4e-3)
+  assert summary['attention_s'] == pytest.approx(0.25e-3)  # Not a GEMM though CUTLASS's.
   assert summary['other_s'] == pytest.approx(2.5e-3)
   assert [r['name'] for r in summary['top']] == ['nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT',
                                                  'triton_per_fused_native_layer_norm_0']
@@ -118,3 +116,33 @@ def test_profile_timm_accounts_for_its_matrix_products():
   # On the CPU: aten ops' self times; the linear layers are most of the model.
   assert result['gemm_s'] > 0 and result['other_s'] > 0 and result['step_s'] > 0
   assert any(r['name'] == 'aten::addmm' for r in result['top'])
+
+
+def test_hlo_dots_counts_cublas_gemms_with_epilogue_operands_inside_called_computations():
+  gemm = ('  %custom-call.7 = (bf16[64,32]{1,0}, s8[1024]{0}) custom-call(%a, %b, %bias), '
+          'custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{'
+          '"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"]}}}')
+  hlo = '\n'.join([
+      '%body (a: bf16[64,16], b: bf16[16,32], bias: bf16[64,32]) -> bf16[64,32] {',
+      '  %a = bf16[64,16]{1,0} parameter(0)', '  %b = bf16[16,32]{1,0} parameter(1)',
+      '  %bias = bf16[64,32]{1,0} parameter(2)', gemm,
+      '  ROOT %g = bf16[64,32]{1,0} get-tuple-element(%custom-call.7), index=0', '}',
+      'ENTRY %main (x: bf16[64,16]) -> bf16[64,32] {',
+      '  %x = bf16[64,16]{1,0} parameter(0)',
+      '  ROOT %fusion.3 = bf16[64,32]{1,0} fusion(%x), kind=kCustom, calls=%body', '}'])
+  # The GEMM runs as part of the op that calls its computation.
+  assert step_profile.hlo_dots(hlo) == {
+      'fusion.3': (2.0 * 64 * 32 * 16, '[64, 16] x [16, 32] -> [64, 32]')}
+
+
+def test_op_times_on_a_device_without_streams_reads_its_xla_ops_line():
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 3, 'args': {'name': '/device:TPU:0'}},
+            {'ph': 'M', 'name': 'thread_name', 'pid': 3, 'tid': 1, 'args': {'name': 'XLA Ops'}},
+            {'ph': 'M', 'name': 'thread_name', 'pid': 3, 'tid': 2,
+             'args': {'name': 'XLA Modules'}},
+            {'ph': 'X', 'pid': 3, 'tid': 1, 'name': 'fusion.1', 'dur': 20},
+            {'ph': 'X', 'pid': 3, 'tid': 2, 'name': 'jit_train_step', 'dur': 25}]
+  assert step_profile.op_times(events, steps=1) == pytest.approx({'fusion.1': 20e-6})
+  lines_only = [e for e in events if e.get('tid') != 1]
+  with pytest.raises(ValueError, match="neither streams nor an XLA Ops line.*'XLA Modules'"):
+    step_profile.op_times(lines_only, steps=1)
