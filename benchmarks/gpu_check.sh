@@ -8,7 +8,7 @@
 # WHEELS_DIR (default .whl) holds those other dependencies as wheels, fetched
 # beforehand where a package index answers (docs/performance.md: "Running the
 # GPU checks"). Each measurement writes OUT_DIR/<name>.json, the most wanted
-# first, so a run cut short keeps what it finished (about 8 minutes on an H100).
+# first, so a run cut short keeps what it finished (about 9 minutes on an H100).
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [WHEELS_DIR]}
 wheels=${2:-.whl}
@@ -29,9 +29,11 @@ swin_t="--configs=swin_t_224 --gelu=erf --dtype=bfloat16 --batch=128"
 # Each step is bounded, so that the steps after a stuck one still run.
 failed=0
 step() { local limit=$1; shift; timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }; }
-# 1. Ours (einsum core, then cuDNN's fused attention) against timm under torch.compile.
-step 280 python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=einsum \
-    --attention=cudnn --timm_compile --output="$out/cudnn_vs_timm_compiled.json"
+# 1. Ours (einsum core, its bf16-logits variant, cuDNN's fused attention) against timm
+#    under torch.compile.
+step 330 python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=einsum \
+    --attention=einsum_lowp --attention=cudnn --timm_compile \
+    --output="$out/attention_vs_timm_compiled.json"
 # 2. Where the train step's time goes, kernel by kernel, in ours and in compiled timm. XLA
 #    replays the step as CUDA graphs unless command buffers are off: the trace would show
 #    one op. Ours' trace and HLO are kept for offline reading.

@@ -39,7 +39,9 @@ def get_model_config() -> ml_collections.ConfigDict:
   m.drop_path_rate = 0.1     # Stochastic depth, linearly increasing per block.
   m.dtype = 'float32'        # Compute dtype: 'float32' or 'bfloat16' (params stay f32).
   # Attention core, a name in hierarchical_vit.layers.attention.ATTENTION_CORES:
-  # 'einsum' (any backend) | 'cudnn' (NVIDIA GPU, bfloat16, attn_drop_rate 0).
+  # 'einsum' (any backend) | 'einsum_lowp' (the same, logits stored in the
+  # compute dtype as torch.autocast does: bfloat16 models only differ) |
+  # 'cudnn' (NVIDIA GPU, bfloat16, attn_drop_rate 0).
   m.attention = 'einsum'
   # Activation memory, hierarchical_vit.layers.swin.REMAT_POLICIES: 'none' |
   # 'block' (each Swin block recomputed in the backward pass: keeps only block

@@ -11,7 +11,8 @@ from flax import nnx
 
 from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
 from hierarchical_vit.layers import windows as win
-from hierarchical_vit.layers.attention import ATTENTION_CORES, cudnn_attention, einsum_attention
+from hierarchical_vit.layers.attention import (ATTENTION_CORES, cudnn_attention, einsum_attention,
+                                               lowp_einsum_attention)
 from hierarchical_vit.layers.common import Mlp, dense, layer_norm, norm_dense
 
 
@@ -133,9 +134,44 @@ def test_einsum_core_gradients_match_the_softmax_order():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_lowp_core_is_the_einsum_core_in_float32():
+  q, k, v, bias = _attention_inputs()
+  np.testing.assert_array_equal(lowp_einsum_attention(q, k, v, bias, 0.5, lambda w: w),
+                                einsum_attention(q, k, v, bias, 0.5, lambda w: w))
+
+
+def _logits_dtype(core, q, k, v, bias):
+  """dtype of the (windows, heads, N, N) product in the core's program."""
+  jaxpr = jax.make_jaxpr(lambda q, k, v: core(q, k, v, bias, 0.5, lambda w: w))(q, k, v)
+  (dtype,) = {e.outvars[0].aval.dtype for e in jaxpr.eqns if e.primitive.name == 'dot_general'
+              and e.outvars[0].aval.shape == (q.shape[0], q.shape[2], q.shape[1], q.shape[1])}
+  return dtype
+
+
+def test_lowp_core_stores_bfloat16_logits_and_stays_within_bfloat16_error():
+  q, k, v, bias = _attention_inputs()
+  low = tuple(t.astype(jnp.bfloat16) for t in (q, k, v))
+  assert _logits_dtype(einsum_attention, *low, bias) == jnp.float32
+  assert _logits_dtype(lowp_einsum_attention, *low, bias) == jnp.bfloat16
+  # Against the float64 textbook softmax on the same bfloat16-rounded inputs.
+  q64, k64, v64 = (np.asarray(t, np.float64) for t in low)
+  logits = np.einsum('bqhd,bkhd->bhqk', q64 * 0.5, k64)
+  logits = (logits.reshape(2, 4, 2, 9, 9) + np.asarray(bias)).reshape(8, 2, 9, 9)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  reference = np.einsum('bhqk,bkhd->bqhd', weights / weights.sum(-1, keepdims=True), v64)
+  errors = {core.__name__: np.abs(np.asarray(core(*low, bias, 0.5, lambda w: w), np.float64)
+                                  - reference).max()
+            for core in (einsum_attention, lowp_einsum_attention)}
+  # Logits up to ~35 here: rounding them to bfloat16 (8-bit mantissa) costs more
+  # than einsum's rounding of the weights alone, and stays within 1% of the output.
+  assert (errors['einsum_attention'] < errors['lowp_einsum_attention']
+          < 0.01 * np.abs(reference).max())
+
+
 def test_attention_cores_are_registered_and_unknown_names_are_refused():
-  assert set(ATTENTION_CORES) == {'einsum', 'cudnn'}
-  with pytest.raises(ValueError, match=r"model.attention='flash' is not one of \['cudnn', 'einsum'\]"):
+  assert set(ATTENTION_CORES) == {'einsum', 'einsum_lowp', 'cudnn'}
+  with pytest.raises(ValueError, match=r"model.attention='flash' is not one of "
+                                       r"\['cudnn', 'einsum', 'einsum_lowp'\]"):
     WindowAttention(16, 4, (2, 3), rngs=nnx.Rngs(0), attention='flash')
 
 

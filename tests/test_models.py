@@ -316,7 +316,8 @@ def test_forward_flops_match_swin_t_matmul_count():
 
 
 @pytest.mark.parametrize('overrides, message', [
-    (dict(attention='flash'), r"model.attention='flash' is not one of \['cudnn', 'einsum'\]"),
+    (dict(attention='flash'),
+     r"model.attention='flash' is not one of \['cudnn', 'einsum', 'einsum_lowp'\]"),
     (dict(attention='cudnn'), r"model.attention='cudnn' needs model.dtype='bfloat16', got 'float32'"),
     (dict(attention='cudnn', dtype='bfloat16', attn_drop_rate=0.1),
      r"model.attention='cudnn' has no attention dropout: model.attn_drop_rate=0.1 must be 0"),
@@ -341,11 +342,11 @@ def test_forward_flops_count_a_fused_attention_core_as_the_einsum_one():
   """cuDNN's kernel does not lower for XLA:CPU, where FLOPs are counted."""
   kwargs = encoder_kwargs(tiny_model_config())
   counts = {}
-  for core in ('einsum', 'cudnn'):
+  for core in ATTENTION_CORES:
     model = Classifier(num_classes=5, rngs=nnx.Rngs(0), **dict(kwargs, attention=core))
     counts[core] = forward_flops(model, (2, 16, 16, 1))
     assert model.encoder.stages[0].blocks[0].attn.core is ATTENTION_CORES[core]
-  assert counts['cudnn'] == counts['einsum'] > 0
+  assert counts['cudnn'] == counts['einsum_lowp'] == counts['einsum'] > 0
 
 
 def _eval_unet_and_features(size=(15, 17)):

@@ -3,10 +3,12 @@
 The attention core (softmax(q k^T * scale + bias) v) is picked by name from
 ATTENTION_CORES (config.model.attention):
 
-  einsum:  two einsums, an f32 softmax normalized after the value product, any
-           backend, with attention dropout.
-  cudnn:   cuDNN's fused attention through jax.nn.dot_product_attention; NVIDIA
-           GPUs, bfloat16, no attention dropout.
+  einsum:       two einsums, an f32 softmax normalized after the value product,
+                any backend, with attention dropout.
+  einsum_lowp:  the same with the logits stored in the compute dtype, as under
+                torch.autocast (bfloat16 models; float32 ones are unchanged).
+  cudnn:        cuDNN's fused attention through jax.nn.dot_product_attention;
+                NVIDIA GPUs, bfloat16, no attention dropout.
 """
 
 from typing import Callable
@@ -28,7 +30,8 @@ AttentionCore = Callable[..., jax.Array]
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float,
-                     dropout: Callable[[jax.Array], jax.Array]) -> jax.Array:
+                     dropout: Callable[[jax.Array], jax.Array],
+                     logits_dtype: DTypeLike | None = jnp.float32) -> jax.Array:
   """Softmax attention with the normalization after the value product.
 
   softmax(s) v = (exp(s - max s) v) / sum exp(s - max s): dividing the
@@ -36,15 +39,31 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
   core better (eval 1.2x faster on the small preset, 1.1x on Swin-T at 32x32;
   training unchanged). Dropout on the weights commutes with the division, and
   the max is a constant to autodiff because the softmax ignores shifts.
-  Logits and exponentials are float32; the weights enter the product in v's dtype.
+  The first product writes its logits in `logits_dtype` (None: q's dtype);
+  the bias, exponentials and row sums are float32 whatever it is, and the
+  weights enter the value product in v's dtype.
   """
   b, n, h, _ = q.shape
   g = bias.shape[0]
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k, preferred_element_type=logits_dtype)
+  logits = logits.astype(jnp.float32)
   logits = (logits.reshape(b // g, g, h, n, n) + bias).reshape(b, h, n, n)
   weights = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
   out = jnp.einsum('bhqk,bkhd->bqhd', dropout(weights.astype(v.dtype)), v)
   return out / weights.sum(axis=-1).transpose(0, 2, 1)[..., None].astype(out.dtype)
+
+
+def lowp_einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                          scale: float, dropout: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """einsum_attention with the logits rounded to the compute dtype, as
+  torch.autocast rounds its `q @ k^T`.
+
+  In bfloat16 the (windows, heads, N, N) logits, the largest tensor of the core,
+  take 2 bytes where einsum's take 4: on an H100 the einsum core's float32
+  softmax and small batched products took 9 of a Swin-T train step's 38 ms
+  (docs/performance.md). The price is the logits' precision (8 bits of mantissa).
+  """
+  return einsum_attention(q, k, v, bias, scale, dropout, logits_dtype=None)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float,
@@ -72,6 +91,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, s
 
 ATTENTION_CORES: dict[str, AttentionCore] = {
     'einsum': einsum_attention,
+    'einsum_lowp': lowp_einsum_attention,
     'cudnn': cudnn_attention,
 }
 
