@@ -16,7 +16,9 @@ child process: each run gets fresh memory, and an interrupted run resumes
 exactly as train.py does (from its latest checkpoint). A finished run leaves
 `result.json` in its workdir and a copy in RESULTS_DIR/<sweep>/runs/<name>.json
 (meant to be committed); a run with either is skipped, so a sweep interrupted
-on one machine continues on another from the committed results.
+on one machine continues on another from the committed results, whatever that
+machine's data dir, mesh or logging (config_fingerprint says which results
+belong to which config).
 
   python -m hierarchical_vit.ablate \
       --config=configs/ablations/downsample.py:fashion_mnist \
@@ -57,7 +59,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
+from flax import nnx, traverse_util
 from ml_collections import config_flags
 
 from hierarchical_vit import cli, data, files, report
@@ -334,14 +336,13 @@ def finished_step(records: Sequence[dict]) -> int | None:
 
 
 def config_fingerprint(config: ml_collections.ConfigDict) -> str:
-  """A hash of what a run trains: its config without the sweep section and
-  data_dir (a committed result stays valid on a machine with another data dir),
-  fields added since results were committed left out at their old behaviour
-  and removed ones put back (training/config_history.py), so those results
-  remain valid."""
+  """A hash of what a run trains: its config without the fields that only say
+  where the data is read from and how the run executes
+  (trainer.EXECUTION_FIELDS: a committed result stays valid on a machine with
+  another data dir, mesh or logging interval), fields added since results were
+  committed left out at their old behaviour and removed ones put back
+  (training/config_history.py), so those results remain valid."""
   trained = config.to_dict()
-  trained.pop('sweep', None)
-  trained.get('data', {}).pop('data_dir', None)
   for path, old_behaviour in config_history.ADDED_FIELDS.items():
     holder = config_history.parent(trained, path)
     if holder is not None and holder.get(path[-1], old_behaviour) == old_behaviour:
@@ -351,7 +352,9 @@ def config_fingerprint(config: ml_collections.ConfigDict) -> str:
     for key in path[:-1]:
       holder = holder.setdefault(key, {})
     holder.setdefault(path[-1], value)
-  text = json.dumps(trained, sort_keys=True, default=str)
+  flat = traverse_util.flatten_dict(trained, sep='.')
+  what = {k: v for k, v in flat.items() if not k.startswith(trainer.EXECUTION_FIELDS)}
+  text = json.dumps(what, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -627,6 +627,25 @@ def test_added_and_removed_fields_keep_the_fingerprint_of_what_was_trained():
 
 
 
+def test_how_a_run_executes_leaves_the_fingerprint_and_what_it_trains_changes_it():
+  config = sweep_config()
+  fingerprint = ablate.config_fingerprint(config)
+  elsewhere = config.copy_and_resolve_references()
+  elsewhere.data.data_dir = '/mnt/other'
+  elsewhere.mesh.strategy = 'fsdp'
+  elsewhere.model.remat = 'block'
+  elsewhere.train.update(log_every_steps=3, checkpoint_every_steps=7, keep_checkpoints=5,
+                         eval_batch_size=2 * config.train.eval_batch_size)
+  elsewhere.sweep.metric = 'eval/loss'  # How results are read, not what trained.
+  assert ablate.config_fingerprint(elsewhere) == fingerprint
+  for field, value in [('data.num_workers', config.data.num_workers + 1),
+                       ('train.eval_every_steps', 17), ('model.drop_path_rate', 0.3)]:
+    changed = config.copy_and_resolve_references()
+    section, key = field.split('.')
+    changed[section][key] = value
+    assert ablate.config_fingerprint(changed) != fingerprint, field
+
+
 def test_options_of_a_newer_downsampler_keep_the_fingerprint_until_changed():
   config = sweep_config()
   before = config.to_dict()

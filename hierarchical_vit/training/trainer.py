@@ -134,13 +134,13 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   Resuming under a changed config would silently change the run (a longer
   num_steps stretches the cosine schedule mid-run) or fail to restore its
   state; only where the data is read from and how the run is executed
-  (_RESUME_MAY_CHANGE) may differ.
+  (EXECUTION_FIELDS) may differ.
   """
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     return
   saved, new = _flat(load_config(workdir)), _flat(config)
   changed = sorted(k for k in saved.keys() | new.keys()
-                   if saved.get(k) != new.get(k) and not k.startswith(_RESUME_MAY_CHANGE))
+                   if saved.get(k) != new.get(k) and not k.startswith(EXECUTION_FIELDS))
   if changed:
     diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed)
     raise ValueError(
@@ -149,11 +149,14 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         'in a new workdir.')
 
 
-# Not data.num_workers: grain's checkpointed iterator state is per worker (it
+# Config fields (prefixes of flattened keys) that say where the data is read
+# from and how a run executes, not what it trains: they may change on resume,
+# and a sweep's results do not depend on them (ablate.config_fingerprint). Not
+# data.num_workers: grain's checkpointed iterator state is per worker (it
 # refuses another count), and the count decides which examples share a batch.
-_RESUME_MAY_CHANGE = ('data.data_dir', 'mesh.', 'sweep.', 'train.log_every_steps',
-                      'train.checkpoint_every_steps', 'train.keep_checkpoints',
-                      'train.eval_batch_size', 'model.remat')
+EXECUTION_FIELDS = ('data.data_dir', 'mesh.', 'sweep.', 'train.log_every_steps',
+                    'train.checkpoint_every_steps', 'train.keep_checkpoints',
+                    'train.eval_batch_size', 'model.remat')
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
