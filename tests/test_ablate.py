@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import import_optional, prepare_slice
 
 from configs import base
-from configs.ablations import antialias, downsample, upsample
+from configs.ablations import antialias, downsample, precision, upsample
 from hierarchical_vit import ablate, information, shift_consistency
 from hierarchical_vit.analysis import aggregate, stats
 from hierarchical_vit.training import tasks, trainer
@@ -107,6 +107,20 @@ def test_antialias_sweep_pairs_each_reduction_with_its_blurred_twin():
   assert config.model.embed_dim == recipe.model.embed_dim
   with pytest.raises(ValueError, match="'svhn'"):
     antialias.get_config('svhn')
+
+
+def test_precision_sweep_varies_only_the_compute_dtype_and_logits():
+  config = precision.get_config()
+  runs = ablate.expand_sweep(config)
+  assert len(runs) == 3 * 3
+  assert {(r.variant, r.config.model.dtype, r.config.model.attention) for r in runs} == {
+      ('float32', 'float32', 'einsum'), ('bfloat16', 'bfloat16', 'einsum'),
+      ('bfloat16_lowp_logits', 'bfloat16', 'einsum_lowp')}
+  assert config.sweep.comparisons == (('bfloat16', 'float32'), ('bfloat16_lowp_logits', 'bfloat16'))
+  # Otherwise the downsample sweep's reference run, so that their runs compare.
+  recipe = downsample.get_config()
+  assert config.train.to_dict() == recipe.train.to_dict()
+  assert config.model.downsample == recipe.model.downsample == 'patch_merge'
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -261,7 +261,7 @@ _CONFIGS = sorted(p.relative_to(CONFIG_DIR.parent).with_suffix('').as_posix().re
 
 def test_config_list_covers_ablations():
   assert {'configs.quickstart', 'configs.ablations.downsample', 'configs.ablations.antialias',
-          'configs.ablations.upsample'} <= set(_CONFIGS)
+          'configs.ablations.precision', 'configs.ablations.upsample'} <= set(_CONFIGS)
 
 
 @pytest.mark.parametrize('name', _CONFIGS)
