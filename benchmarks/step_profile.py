@@ -53,6 +53,25 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in text.split(',') if d]
 
 
+def _product(line: str, shapes: dict[str, list[int]]) -> tuple[str, float, str] | None:
+  """(op name, FLOPs, 'lhs x rhs -> out') of an HLO line that is a dot or a cuBLAS
+  GEMM, given the shapes of its computation's values; None for any other line."""
+  gemm = _CUBLAS.match(line)
+  if gemm:
+    op, out, lhs, rhs, contracting = gemm.groups()
+    out, axes = _dims(out), [int(d) for d in re.findall(r'\d+', contracting)]
+  else:
+    dot = _DOT.search(line)
+    if not dot:
+      return None
+    op = _DEF.match(line).group(1)
+    out, lhs, rhs, rest = _dims(dot.group(1)), dot.group(2), dot.group(3), dot.group(4)
+    contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
+    axes = _dims(contracting.group(1)) if contracting else []
+  k = math.prod(shapes[lhs][d] for d in axes)
+  return op, 2.0 * math.prod(out) * k, f'{shapes[lhs]} x {shapes[rhs]} -> {out}'
+
+
 def hlo_dots(hlo_text: str) -> dict[str, tuple[float, str]]:
   """{op name: (matmul FLOPs, 'lhs x rhs -> out' shapes)} of a compiled HLO module.
 
@@ -74,27 +93,12 @@ def hlo_dots(hlo_text: str) -> dict[str, tuple[float, str]]:
     shapes = {m.group(1): _dims(m.group(3)) for m in map(_DEF.match, lines) if m}
     flops, descriptions = 0.0, []
     for line in lines:
-      gemm = _CUBLAS.match(line)
-      if gemm:
-        op, out, lhs, rhs, contracting = gemm.groups()
-        k = math.prod(shapes[lhs][int(d)] for d in re.findall(r'\d+', contracting))
-        op_flops = 2.0 * math.prod(_dims(out)) * k
-        description = f'{shapes[lhs]} x {shapes[rhs]} -> {_dims(out)}'
+      product = _product(line, shapes)
+      if product:
+        op, op_flops, description = product
         flops += op_flops
         descriptions.append(description)
         own_dots[op] = (name, (op_flops, description))
-        continue
-      dot = _DOT.search(line)
-      if not dot:
-        continue
-      out, lhs, rhs, rest = _dims(dot.group(1)), dot.group(2), dot.group(3), dot.group(4)
-      contracting = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', rest)
-      k = math.prod(shapes[lhs][d] for d in _dims(contracting.group(1))) if contracting else 1
-      op_flops = 2.0 * math.prod(out) * k
-      description = f'{shapes[lhs]} x {shapes[rhs]} -> {out}'
-      flops += op_flops
-      descriptions.append(description)
-      own_dots[_DEF.match(line).group(1)] = (name, (op_flops, description))
     dots_in[name] = (flops, descriptions)
 
   result, called = {}, set()
@@ -251,10 +255,10 @@ def summarize_torch(times: dict[str, float], rows: int = 40) -> dict[str, Any]:
           'top': [{'name': name, 's': s} for name, s in top]}
 
 
-def profile_timm(name: str, mode: str, gelu: str, batch: int, steps: int,
-                 dtype: str = 'float32', compile_model: bool = False) -> dict[str, Any]:
-  """The same model's step in timm (`throughput.Timm`), traced by torch's profiler."""
-  del gelu  # timm's GELU is always exact.
+def profile_timm(name: str, mode: str, batch: int, steps: int, dtype: str = 'float32',
+                 compile_model: bool = False) -> dict[str, Any]:
+  """The same model's step in timm (`throughput.Timm`, whose GELU is always
+  exact), traced by torch's profiler."""
   timm_model = throughput.timm_for(name, dtype, batch, compile_model)
   run = timm_model.train if mode == 'train' else timm_model.eval
   run(2)  # Warm-up (and torch.compile's compilation).
@@ -284,8 +288,8 @@ def main(argv):
                    _DTYPE.value, _ATTENTION.value, _TRACE_OUT.value)
   print(format_summary(result, _ROWS.value))
   if _TIMM.value:
-    reference = profile_timm(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value,
-                             _DTYPE.value, _TIMM_COMPILE.value)
+    reference = profile_timm(_CONFIG.value, _MODE.value, _BATCH.value, _STEPS.value, _DTYPE.value,
+                             _TIMM_COMPILE.value)
     print(f"\ntimm: {reference['step_s'] * 1e3:.0f} ms wall; kernels: matrix products "
           f"{reference['gemm_s'] * 1e3:.1f} ms + fused attention "
           f"{reference['attention_s'] * 1e3:.1f} ms + other {reference['other_s'] * 1e3:.1f} ms\n\n"
