@@ -44,7 +44,6 @@ from configs import base
 from hierarchical_vit import files, report, tcmalloc
 from hierarchical_vit.layers.attention import ATTENTION_CORES
 from hierarchical_vit.layers.swin import REMAT_POLICIES
-from hierarchical_vit.models import build_model
 from hierarchical_vit.presets import apply_preset
 from hierarchical_vit.training import optimizer as optimizer_lib
 from hierarchical_vit.training import trainer
@@ -139,14 +138,9 @@ class Ours:
         self.state['params'], self.batch, self.rest).compile()
     self.eval_compile_s = time.perf_counter() - start
     self.train_batch = train_batch
-    self.num_params = report.count_params(nnx.merge(eval_graphdef, params, self.rest))
-    # Model FLOPs: counted in float32 (bf16's casts are not the model's work);
-    # 'cudnn' only validates in bfloat16, and report counts any core as einsum.
-    f32_model = config.model.copy_and_resolve_references()
-    f32_model.dtype, f32_model.attention = 'float32', 'einsum'
-    flops_model = nnx.eval_shape(lambda: build_model(f32_model, rngs=nnx.Rngs(0)))
-    self.forward_flops_per_image = (
-        report.forward_flops(flops_model, self.batch['image'].shape) / batch)
+    model = nnx.merge(eval_graphdef, params, self.rest)
+    self.num_params = report.count_params(model)
+    self.forward_flops_per_image = report.forward_flops(model, self.batch['image'].shape) / batch
 
   def memory(self) -> dict[str, float]:
     """XLA's static buffer sizes of the compiled train step, MiB."""

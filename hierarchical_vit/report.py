@@ -37,13 +37,16 @@ def forward_flops(model: nnx.Module, input_shape: tuple[int, ...]) -> float:
   XLA's cost analysis (it reported 2.2 of Swin-T's 28.3 GFLOP per training
   image), and the GPU client analyses no lowered HLO.
   """
-  # Fused attention kernels compute what the einsum core does, but a custom call
-  # counts 0 FLOPs and cuDNN's does not lower for XLA:CPU.
   model = nnx.clone(model)
   model.eval()  # On the clone: the caller's model keeps its mode.
   for _, module in nnx.iter_graph(model):
+    # Fused attention kernels compute what the einsum core does, but a custom
+    # call counts 0 FLOPs and cuDNN's does not lower for XLA:CPU.
     if isinstance(module, WindowAttention):
       module.core = einsum_attention
+    # In float32: a bfloat16 model's casts count as FLOPs but are not its arithmetic.
+    if isinstance(module, nnx.Module) and getattr(module, 'dtype', None) is not None:
+      module.dtype = jnp.float32
   graphdef, state = nnx.split(model)
 
   def forward(state, x):

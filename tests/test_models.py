@@ -338,15 +338,19 @@ def test_cudnn_attention_builds_only_on_a_gpu():
       build_model(config, rngs=nnx.Rngs(0))
 
 
-def test_forward_flops_count_a_fused_attention_core_as_the_einsum_one():
-  """cuDNN's kernel does not lower for XLA:CPU, where FLOPs are counted."""
+def test_forward_flops_count_the_einsum_core_in_float32_whatever_the_model_runs():
+  """cuDNN's kernel does not lower for XLA:CPU, where FLOPs are counted, and a
+  bfloat16 model's casts are not its arithmetic."""
   kwargs = encoder_kwargs(tiny_model_config())
   counts = {}
-  for core in ATTENTION_CORES:
-    model = Classifier(num_classes=5, rngs=nnx.Rngs(0), **dict(kwargs, attention=core))
-    counts[core] = forward_flops(model, (2, 16, 16, 1))
+  for core, dtype in [(core, None) for core in ATTENTION_CORES] + [('cudnn', jnp.bfloat16)]:
+    model = Classifier(num_classes=5, rngs=nnx.Rngs(0), dtype=dtype,
+                       **dict(kwargs, attention=core))
+    counts[core, dtype] = forward_flops(model, (2, 16, 16, 1))
+    # Counted on a copy: the model keeps its core and dtype.
     assert model.encoder.stages[0].blocks[0].attn.core is ATTENTION_CORES[core]
-  assert counts['cudnn'] == counts['einsum_lowp'] == counts['einsum'] > 0
+    assert model.head.dtype == dtype
+  assert len(set(counts.values())) == 1 and counts['einsum', None] > 0
 
 
 def _eval_unet_and_features(size=(15, 17)):
