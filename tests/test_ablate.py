@@ -607,6 +607,8 @@ _COMMITTED_SWEEPS = {
     'antialias_fashion_mnist_2ep_crop2': ablate.apply_overrides(antialias.get_config(), {
         **_TWO_EPOCHS, 'data.crop_padding': 2, 'sweep.name': 'antialias_fashion_mnist_2ep_crop2'}),
     'upsample_segmentation': upsample.get_config(),
+    'precision_fashion_mnist_2ep': ablate.apply_overrides(precision.get_config(), {
+        **_TWO_EPOCHS, 'sweep.name': 'precision_fashion_mnist_2ep'}),
 }
 
 
