@@ -26,9 +26,9 @@ def test_override_error_names_the_override_and_keeps_the_hint():
 def test_an_error_that_names_no_override_keeps_its_traceback(monkeypatch):
   argv = ['train.py', '--config.a.b=1', '-config.c=2']
   assert cli.override_error(argv, KeyError('unhashable')) is None
-  # Say the config file's get_config() raised while absl parsed the overrides.
-  monkeypatch.setattr(cli.app, 'parse_flags_with_usage',
-                      lambda argv: (_ for _ in ()).throw(KeyError('unhashable')))
+  def config_file_raises(argv):  # Its get_config() raised while absl parsed the overrides.
+    raise KeyError('unhashable')
+  monkeypatch.setattr(cli.app, 'parse_flags_with_usage', config_file_raises)
   with pytest.raises(KeyError, match='unhashable'):
     cli.parse_flags(argv)
 
