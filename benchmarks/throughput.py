@@ -253,7 +253,7 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
               rounds: int, timm_model: Timm | None = None, dtype: str = 'float32',
               attention: str = 'einsum', remat: str = 'none') -> dict[str, Any]:
   """Interleaved timed rounds of ours (and `timm_model`, built by `timm_for`
-  for the same name, gelu and dtype) on CONFIGS[name]."""
+  for the same name and dtype) on CONFIGS[name]."""
   config = model_config(CONFIGS[name], gelu_approximate=gelu == 'tanh', dtype=dtype,
                         attention=attention, remat=remat)
   ours = Ours(config, batch)
