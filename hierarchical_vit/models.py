@@ -241,17 +241,21 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
       gelu_approximate=cfg.gelu_approximate, attention=cfg.attention, remat=cfg.remat)
 
 
+# Cores that call a fused NVIDIA kernel: no attention dropout, no CPU or TPU lowering.
+_GPU_ATTENTION_CORES = ('cudnn', 'pallas')
+
+
 def _check_attention(cfg: ml_collections.ConfigDict) -> None:
-  """model.attention='cudnn' can run this config here (WindowAttention checks the name)."""
+  """A GPU attention core can run this config here (WindowAttention checks the name)."""
+  if cfg.attention not in _GPU_ATTENTION_CORES:
+    return
+  field = f'model.attention={cfg.attention!r}'
   if cfg.attention == 'cudnn':
-    _check(cfg.dtype == 'bfloat16',
-           f"model.attention='cudnn' needs model.dtype='bfloat16', got {cfg.dtype!r}")
-    _check(cfg.attn_drop_rate == 0.0,
-           f"model.attention='cudnn' has no attention dropout: model.attn_drop_rate="
-           f'{cfg.attn_drop_rate} must be 0')
-    _check(jax.default_backend() == 'gpu',
-           f"model.attention='cudnn' needs an NVIDIA GPU; this backend is "
-           f"{jax.default_backend()!r}: use 'einsum'")
+    _check(cfg.dtype == 'bfloat16', f"{field} needs model.dtype='bfloat16', got {cfg.dtype!r}")
+  _check(cfg.attn_drop_rate == 0.0,
+         f'{field} has no attention dropout: model.attn_drop_rate={cfg.attn_drop_rate} must be 0')
+  _check(jax.default_backend() == 'gpu',
+         f"{field} needs an NVIDIA GPU; this backend is {jax.default_backend()!r}: use 'einsum'")
 
 
 def _build_classifier(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> Classifier:

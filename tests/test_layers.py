@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,9 +11,10 @@ import pytest
 from flax import nnx
 
 from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
+from hierarchical_vit.layers import attention_kernel
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.attention import (ATTENTION_CORES, cudnn_attention, einsum_attention,
-                                               lowp_einsum_attention)
+                                               lowp_einsum_attention, pallas_attention)
 from hierarchical_vit.layers.common import Mlp, dense, layer_norm, norm_dense
 
 
@@ -100,6 +102,19 @@ def test_cudnn_attention_core_matches_numpy(masked):
                              rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('masked', [False, True])
+def test_pallas_attention_core_matches_numpy(masked):
+  """The fused kernel, in Pallas' interpreter: 9 tokens and head dim 4 padded to
+  Triton's 16 x 16 tiles inside the kernel."""
+  module = WindowAttention(16, 4, (3, 3), rngs=nnx.Rngs(0), attention='pallas')
+  assert module.core is ATTENTION_CORES['pallas'] is pallas_attention
+  module.core = functools.partial(pallas_attention, interpret=True)
+  x = np.random.default_rng(1).normal(size=(4, 9, 16)).astype(np.float32)
+  mask = win.shifted_window_mask(6, 3, (3, 3), (1, 0)) if masked else None
+  np.testing.assert_allclose(module(jnp.asarray(x), mask), _numpy_window_attention(module, x, mask),
+                             rtol=1e-4, atol=1e-5)
+
+
 def _softmax_attention(q, k, v, bias, scale, dropout):
   """Textbook order: normalized weights, dropout, then the value product."""
   b, n, h, _ = q.shape
@@ -132,6 +147,63 @@ def test_einsum_core_gradients_match_the_softmax_order():
   reference = jax.grad(loss(_softmax_attention), argnums=(0, 1, 2, 3))(q, k, v, bias)
   for a, b in zip(ours, reference):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('windows, groups', [(48, 1), (6, 2)])
+def test_pallas_kernel_gradients_match_the_softmax_order(windows, groups):
+  """Its own backward kernel against autodiff of the textbook softmax, with the
+  windows that share a bias split over backward programs: 48 windows, one
+  bias -> 3 programs of 16 each; 6 windows, 2 biases -> 3 windows per bias (an
+  odd count), 3 programs of 1 each."""
+  q, k, v, bias = _attention_inputs(windows=windows, groups=groups)
+  loss = lambda core: lambda q, k, v, bias: jnp.sum(jnp.sin(core(q, k, v, bias, 0.5, lambda w: w)))
+  core = functools.partial(pallas_attention, interpret=True)
+  np.testing.assert_allclose(core(q, k, v, bias, 0.5, None),
+                             _softmax_attention(q, k, v, bias, 0.5, lambda w: w),
+                             rtol=1e-5, atol=1e-5)
+  ours = jax.grad(loss(core), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  reference = jax.grad(loss(_softmax_attention), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  for a, b in zip(ours, reference):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _triton_grids(hlo: str) -> list[tuple[int, int, int]]:
+  return [tuple(map(int, g)) for g in re.findall(
+      r'__gpu\$xla\.gpu\.triton.*?grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+)', hlo)]
+
+
+def test_pallas_kernel_lowers_to_triton_for_a_gpu_without_one():
+  """Triton's constraints (power-of-two tiles, dots >= 16) are checked when
+  Pallas lowers, which needs no GPU: Swin-T's stage 1 at 224 in bfloat16,
+  shifted (64 windows per image, 49 tokens, 3 heads of 32), forward and backward."""
+  q = jnp.zeros((2 * 64, 49, 3, 32), jnp.bfloat16)
+  bias = jnp.zeros((64, 3, 49, 49), jnp.float32)
+  loss = lambda q, k, v, bias: pallas_attention(q, k, v, bias, 0.2, None).astype(jnp.float32).sum()
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+  hlo = step.trace(q, q, q, bias).lower(lowering_platforms=('cuda',)).as_text()
+  # Forward: one program per (image, window, head); backward: per (image chunk, window, head).
+  assert _triton_grids(hlo) == [(2, 64, 3), (1, 64, 3)]
+
+
+def test_pallas_kernel_in_bfloat16_stays_within_bfloat16_error():
+  q, k, v, bias = _attention_inputs()
+  low = tuple(t.astype(jnp.bfloat16) for t in (q, k, v))
+  out = pallas_attention(*low, bias, 0.5, None, interpret=True)
+  assert out.dtype == jnp.bfloat16
+  q64, k64, v64 = (np.asarray(t, np.float64) for t in low)
+  logits = np.einsum('bqhd,bkhd->bhqk', q64 * 0.5, k64)
+  logits = (logits.reshape(2, 4, 2, 9, 9) + np.asarray(bias)).reshape(8, 2, 9, 9)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  reference = np.einsum('bhqk,bkhd->bqhd', weights / weights.sum(-1, keepdims=True), v64)
+  assert np.abs(np.asarray(out, np.float64) - reference).max() < 0.01 * np.abs(reference).max()
+
+
+def test_pallas_kernel_refuses_windows_beyond_its_tile():
+  n = attention_kernel.MAX_TOKENS + 1
+  q = jnp.zeros((2, n, 1, 16))
+  with pytest.raises(ValueError, match=f'windows of up to {n - 1} tokens, got {n}: use a smaller '
+                                       r"model.window_size or model.attention='einsum'"):
+    pallas_attention(q, q, q, jnp.zeros((1, 1, n, n)), 0.25, None, interpret=True)
 
 
 def test_lowp_core_is_the_einsum_core_in_float32():
@@ -169,9 +241,9 @@ def test_lowp_core_stores_bfloat16_logits_and_stays_within_bfloat16_error():
 
 
 def test_attention_cores_are_registered_and_unknown_names_are_refused():
-  assert set(ATTENTION_CORES) == {'einsum', 'einsum_lowp', 'cudnn'}
+  assert set(ATTENTION_CORES) == {'einsum', 'einsum_lowp', 'cudnn', 'pallas'}
   with pytest.raises(ValueError, match=r"model.attention='flash' is not one of "
-                                       r"\['cudnn', 'einsum', 'einsum_lowp'\]"):
+                                       r"\['cudnn', 'einsum', 'einsum_lowp', 'pallas'\]"):
     WindowAttention(16, 4, (2, 3), rngs=nnx.Rngs(0), attention='flash')
 
 

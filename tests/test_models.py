@@ -317,23 +317,26 @@ def test_forward_flops_match_swin_t_matmul_count():
 
 @pytest.mark.parametrize('overrides, message', [
     (dict(attention='flash'),
-     r"model.attention='flash' is not one of \['cudnn', 'einsum', 'einsum_lowp'\]"),
+     r"model.attention='flash' is not one of \['cudnn', 'einsum', 'einsum_lowp', 'pallas'\]"),
     (dict(attention='cudnn'), r"model.attention='cudnn' needs model.dtype='bfloat16', got 'float32'"),
     (dict(attention='cudnn', dtype='bfloat16', attn_drop_rate=0.1),
      r"model.attention='cudnn' has no attention dropout: model.attn_drop_rate=0.1 must be 0"),
+    (dict(attention='pallas', attn_drop_rate=0.2),
+     r"model.attention='pallas' has no attention dropout: model.attn_drop_rate=0.2 must be 0"),
 ])
 def test_attention_field_is_validated(overrides, message):
   with pytest.raises(ValueError, match=message):
     build_model(tiny_model_config(**overrides), rngs=nnx.Rngs(0))
 
 
-def test_cudnn_attention_builds_only_on_a_gpu():
-  config = tiny_model_config(attention='cudnn', dtype='bfloat16')
+@pytest.mark.parametrize('core', ['cudnn', 'pallas'])
+def test_gpu_attention_cores_build_only_on_a_gpu(core):
+  config = tiny_model_config(attention=core, dtype='bfloat16')
   if jax.default_backend() == 'gpu':
     assert build_model(config, rngs=nnx.Rngs(0)).encoder.stages[0].blocks[0].attn.core is (
-        ATTENTION_CORES['cudnn'])
+        ATTENTION_CORES[core])
   else:
-    with pytest.raises(ValueError, match=r"model.attention='cudnn' needs an NVIDIA GPU; this "
+    with pytest.raises(ValueError, match=f"model.attention='{core}' needs an NVIDIA GPU; this "
                                          r"backend is 'cpu': use 'einsum'"):
       build_model(config, rngs=nnx.Rngs(0))
 

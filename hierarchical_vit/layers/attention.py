@@ -9,6 +9,8 @@ ATTENTION_CORES (config.model.attention):
                 torch.autocast (bfloat16 models; float32 ones are unchanged).
   cudnn:        cuDNN's fused attention through jax.nn.dot_product_attention;
                 NVIDIA GPUs, bfloat16, no attention dropout.
+  pallas:       our fused Pallas (Triton) kernel, layers/attention_kernel.py;
+                NVIDIA GPUs, no attention dropout, windows of <= 128 tokens.
 """
 
 from typing import Callable
@@ -19,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
+from hierarchical_vit.layers import attention_kernel
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.common import TRUNC_NORMAL, dense, on_tokens
 
@@ -89,10 +92,25 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, s
   return out[:, :n]
 
 
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float,
+                     dropout: Callable[[jax.Array], jax.Array],
+                     interpret: bool = False) -> jax.Array:
+  """The fused kernel of layers/attention_kernel.py: no (windows, heads, N, N)
+  tensor in memory. interpret=True runs it in Pallas' interpreter on any
+  backend (tests)."""
+  del dropout  # Model validation rejects attn_drop_rate > 0 with this core.
+  b, n, h, d = q.shape
+  g = bias.shape[0]
+  q5, k5, v5 = (t.reshape(b // g, g, n, h, d) for t in (q, k, v))
+  out = attention_kernel.window_attention(q5, k5, v5, bias, scale, interpret)
+  return out.reshape(b, n, h, d)
+
+
 ATTENTION_CORES: dict[str, AttentionCore] = {
     'einsum': einsum_attention,
     'einsum_lowp': lowp_einsum_attention,
     'cudnn': cudnn_attention,
+    'pallas': pallas_attention,
 }
 
 
