@@ -4,14 +4,18 @@
 # this project's other dependencies, and no network):
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR [WHEELS_DIR]
+#   STEPS="kernels model" bash benchmarks/gpu_check.sh OUT_DIR   # some steps only
 #
 # WHEELS_DIR (default .whl) holds those other dependencies as wheels, fetched
 # beforehand where a package index answers (docs/performance.md: "Running the
 # GPU checks"). Each measurement writes OUT_DIR/<name>.json, the most wanted
-# first, so a run cut short keeps what it finished (about 9 minutes on an H100).
+# first, so a run cut short keeps what it finished. STEPS (default: all three)
+# splits the run across calls: kernels ~1.5, model ~5.5, profile ~4 minutes on
+# an H100.
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [WHEELS_DIR]}
 wheels=${2:-.whl}
+steps=" ${STEPS:-kernels model profile} "
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false HIERARCHICAL_VIT_TCMALLOC=0
 if [ -d "$wheels" ]; then
@@ -29,17 +33,28 @@ swin_t="--configs=swin_t_224 --gelu=erf --dtype=bfloat16 --batch=128"
 # Each step is bounded, so that the steps after a stuck one still run.
 failed=0
 step() { local limit=$1; shift; timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }; }
-# 1. Ours (einsum core, its bf16-logits variant, cuDNN's fused attention) against timm
-#    under torch.compile.
-step 330 python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=einsum \
-    --attention=einsum_lowp --attention=cudnn --timm_compile \
-    --output="$out/attention_vs_timm_compiled.json"
-# 2. Where the train step's time goes, kernel by kernel, in ours and in compiled timm. XLA
-#    replays the step as CUDA graphs unless command buffers are off: the trace would show
-#    one op. Ours' trace and HLO are kept for offline reading.
-rm -rf /tmp/trace
-XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" step 240 python3 -m benchmarks.step_profile \
-    --config=swin_t_224 --mode=train --gelu=erf --dtype=bfloat16 --steps=3 --timm \
-    --timm_compile --rows=40 --output="$out/step_profile.json" --trace_out=/tmp/trace
-if [ -d /tmp/trace ]; then tar -C /tmp -czf "$out/step_trace.tar.gz" trace; fi
+# 1. The attention cores alone on Swin-T's stage shapes: the pallas kernel's first run on a GPU
+#    (its error against the float32 einsum core) and its time against einsum's and cuDNN's.
+if [[ $steps == *" kernels "* ]]; then
+  step 120 python3 -m benchmarks.attention_core --config=swin_t_224 --dtype=bfloat16 \
+      --cores=einsum_lowp --cores=pallas --cores=cudnn --output="$out/attention_cores.json"
+fi
+# 2. The model with the einsum core, the pallas kernel and bf16 logits (einsum_lowp) against
+#    timm under torch.compile.
+if [[ $steps == *" model "* ]]; then
+  step 330 python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=einsum \
+      --attention=pallas --attention=einsum_lowp --timm_compile \
+      --output="$out/attention_vs_timm_compiled.json"
+fi
+# 3. Where the train step's time goes, kernel by kernel, in ours (pallas core) and in compiled
+#    timm. XLA replays the step as CUDA graphs unless command buffers are off: the trace would
+#    show one op. Ours' trace and HLO are kept for offline reading.
+if [[ $steps == *" profile "* ]]; then
+  rm -rf /tmp/trace
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" step 240 \
+      python3 -m benchmarks.step_profile --config=swin_t_224 --mode=train --gelu=erf \
+      --dtype=bfloat16 --attention=pallas --steps=3 --timm --timm_compile --rows=40 \
+      --output="$out/step_profile.json" --trace_out=/tmp/trace
+  if [ -d /tmp/trace ]; then tar -C /tmp -czf "$out/step_trace.tar.gz" trace; fi
+fi
 exit $failed

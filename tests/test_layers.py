@@ -16,6 +16,7 @@ from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.attention import (ATTENTION_CORES, cudnn_attention, einsum_attention,
                                                lowp_einsum_attention, pallas_attention)
 from hierarchical_vit.layers.common import Mlp, dense, layer_norm, norm_dense
+from hierarchical_vit.layers.swin import SwinStage
 
 
 def test_relative_position_index_brute_force():
@@ -183,6 +184,25 @@ def test_pallas_kernel_lowers_to_triton_for_a_gpu_without_one():
   hlo = step.trace(q, q, q, bias).lower(lowering_platforms=('cuda',)).as_text()
   # Forward: one program per (image, window, head); backward: per (image chunk, window, head).
   assert _triton_grids(hlo) == [(2, 64, 3), (1, 64, 3)]
+
+
+def test_pallas_core_trains_a_shifted_remat_stage_as_the_einsum_core():
+  """Inside the model: window masks, jax.checkpoint around the custom VJP,
+  parameter gradients (the relative position tables through the bias)."""
+  def loss_and_grads(attention):
+    stage = SwinStage(16, 2, 2, (6, 6), 3, rngs=nnx.Rngs(0), drop_path_rates=[0.0, 0.0],
+                      remat='block', attention=attention)
+    if attention == 'pallas':
+      for block in stage.blocks:
+        block.attn.core = functools.partial(pallas_attention, interpret=True)
+    x = jax.random.normal(jax.random.key(1), (2, 6, 6, 16))
+    return nnx.value_and_grad(lambda stage: jnp.sum(jnp.sin(stage(x))))(stage)
+
+  (loss, grads), (ref_loss, ref_grads) = loss_and_grads('pallas'), loss_and_grads('einsum')
+  assert ref_grads['blocks'][1]['attn']['relative_position_bias_table'][...].any()
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
+               ref_grads)
 
 
 def test_pallas_kernel_in_bfloat16_stays_within_bfloat16_error():

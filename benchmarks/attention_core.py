@@ -1,0 +1,164 @@
+r"""The attention cores alone: forward and forward+backward time, and error.
+
+Each core of ATTENTION_CORES (model.attention) runs on the window attention of
+one benchmark model's stages, e.g. Swin-T at 224 and batch 128: (8192 windows,
+49 tokens, 3 heads, 32) in stage 1, with one bias per window position in the
+shifted blocks and one for all windows in the others. Cores are interleaved in
+rounds; times are medians, speedups paired per round against `einsum`.
+Error: the largest |difference| of the output and of the gradients (q, k, v
+and bias) from the float32 einsum core on the same inputs, relative to the
+reference's largest magnitude.
+
+  python -m benchmarks.attention_core --config=swin_t_224 --dtype=bfloat16 \
+      --cores=einsum_lowp --cores=pallas --cores=cudnn --output=attention_core.json   # a GPU
+"""
+
+import functools
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks import throughput
+from hierarchical_vit import files
+from hierarchical_vit.layers import windows as win
+from hierarchical_vit.layers.attention import ATTENTION_CORES, pallas_attention
+
+
+def stage_cases(name: str, batch: int) -> list[dict[str, Any]]:
+  """Per stage of CONFIGS[name], the window attention of its blocks: windows,
+  tokens, heads, head dim and bias groups (1, or one per window position in a
+  shifted block)."""
+  model = throughput.model_config(throughput.CONFIGS[name], gelu_approximate=False).model
+  side = model.img_size // model.patch_size
+  cases = []
+  for stage, heads in enumerate(model.num_heads):
+    res = side // 2 ** stage
+    window, shift = win.stage_window((res, res), model.window_size, model.window_size // 2)
+    per_image = (res // window[0]) * (res // window[1])
+    base = dict(stage=stage, windows=batch * per_image, tokens=window[0] * window[1],
+                heads=heads, head_dim=model.embed_dim * 2 ** stage // heads)
+    cases.append(dict(base, shifted=False, groups=1))
+    if any(shift):
+      cases.append(dict(base, shifted=True, groups=per_image))
+  return cases
+
+
+def core_fn(name: str, interpret: bool) -> Callable[..., jax.Array]:
+  """core(q, k, v, bias) of ATTENTION_CORES[name], scale 1/sqrt(d), no dropout."""
+  core = ATTENTION_CORES[name]
+  if name == 'pallas':
+    core = functools.partial(pallas_attention, interpret=interpret)
+  return lambda q, k, v, bias: core(q, k, v, bias, q.shape[-1] ** -0.5, lambda w: w)
+
+
+def _inputs(case: dict[str, Any], dtype: str):
+  keys = jax.random.split(jax.random.key(0), 5)
+  shape = (case['windows'], case['tokens'], case['heads'], case['head_dim'])
+  q, k, v, cotangent = (jax.random.normal(key, shape, jnp.float32) for key in keys[:4])
+  n = case['tokens']
+  bias = jax.random.normal(keys[4], (case['groups'], case['heads'], n, n), jnp.float32)
+  return tuple(t.astype(dtype) for t in (q, k, v)), bias, cotangent.astype(dtype)
+
+
+def _programs(core: Callable[..., jax.Array], cotangent: jax.Array):
+  """Jitted forward, and forward+backward returning all four gradients."""
+  forward = jax.jit(core)
+
+  def loss(q, k, v, bias):
+    return jnp.sum(core(q, k, v, bias).astype(jnp.float32) * cotangent.astype(jnp.float32))
+
+  return forward, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def _relative_error(ours, reference) -> float:
+  ours, reference = (np.asarray(t, np.float32) for t in (ours, reference))
+  return float(np.abs(ours - reference).max() / np.abs(reference).max())
+
+
+def _timer(fn: Callable, args: tuple, reps: int) -> Callable[[], float]:
+  def run() -> float:
+    start = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / reps
+  return run
+
+
+def benchmark_case(case: dict[str, Any], cores: list[str], dtype: str, reps: int, rounds: int,
+                   interpret: bool = False) -> list[dict[str, Any]]:
+  """One row per core: ms forward and forward+backward, errors, speedup on einsum."""
+  (q, k, v), bias, cotangent = _inputs(case, dtype)
+  programs = {name: _programs(core_fn(name, interpret), cotangent)
+              for name in ['einsum'] + [c for c in cores if c != 'einsum']}
+  f32 = tuple(t.astype(jnp.float32) for t in (q, k, v))
+  reference = tuple(fn(*f32, bias) for fn in programs['einsum'])
+  timers, rows = {}, {}
+  for name, (forward, grads) in programs.items():
+    out, grad = forward(q, k, v, bias), grads(q, k, v, bias)
+    rows[name] = dict(case, core=name, dtype=dtype,
+                      output_error=_relative_error(out, reference[0]),
+                      grad_error=max(map(_relative_error, grad, reference[1])))
+    timers[name] = {'forward': _timer(forward, (q, k, v, bias), reps),
+                    'forward_backward': _timer(grads, (q, k, v, bias), reps)}
+  times = {(name, mode): [] for name in timers for mode in ('forward', 'forward_backward')}
+  for _ in range(rounds):
+    for name, modes in timers.items():
+      for mode, run in modes.items():
+        times[name, mode].append(run())
+  for name, row in rows.items():
+    for mode in ('forward', 'forward_backward'):
+      row[f'{mode}_ms'] = 1e3 * statistics.median(times[name, mode])
+      row[f'{mode}_speedup'] = throughput.paired_ratio(times[name, mode],
+                                                       times['einsum', mode])['median']
+  return [rows[name] for name in cores]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+  lines = ['| stage | shifted | windows x tokens x heads x d | core | fwd ms | fwd+bwd ms | '
+           'fwd speedup | fwd+bwd speedup | output error | grad error |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(
+        f"| {r['stage'] + 1} | {'yes' if r['shifted'] else 'no'} | {r['windows']} x "
+        f"{r['tokens']} x {r['heads']} x {r['head_dim']} | {r['core']} | {r['forward_ms']:.3f} | "
+        f"{r['forward_backward_ms']:.3f} | {r['forward_speedup']:.2f} | "
+        f"{r['forward_backward_speedup']:.2f} | {r['output_error']:.1e} | {r['grad_error']:.1e} |")
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  summary = {'date': time.strftime('%Y-%m-%d %H:%M'), 'backend': jax.default_backend(),
+             'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__,
+             'config': _CONFIG.value, 'batch': _BATCH.value, 'results': []}
+  for case in stage_cases(_CONFIG.value, _BATCH.value):
+    summary['results'] += benchmark_case(case, _CORES.value, _DTYPE.value, _REPS.value,
+                                         _ROUNDS.value, _INTERPRET.value)
+    for row in summary['results'][-len(_CORES.value):]:
+      print(json.dumps(row), flush=True)
+    if _OUTPUT.value:  # After each case: a core that crashes keeps what came before.
+      files.write_json(_OUTPUT.value, summary)
+  print(format_table(summary['results']))
+
+
+if __name__ == '__main__':
+  _CONFIG = flags.DEFINE_enum('config', 'swin_t_224', list(throughput.CONFIGS),
+                              'The model whose stages give the shapes.')
+  _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
+  _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'q, k, v dtype.')
+  _CORES = flags.DEFINE_multi_enum('cores', ['einsum', 'pallas'], list(ATTENTION_CORES),
+                                   'Cores to time (repeat the flag); einsum is always timed, as the reference.')
+  _REPS = flags.DEFINE_integer('reps', 20, 'Calls per timed round.')
+  _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; times are medians.')
+  _INTERPRET = flags.DEFINE_bool('interpret', False,
+                                 "Run the pallas core in Pallas' interpreter (CPU; slow).")
+  _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')
+  app.run(main)
