@@ -5,9 +5,11 @@ one benchmark model's stages, e.g. Swin-T at 224 and batch 128: (8192 windows,
 49 tokens, 3 heads, 32) in stage 1, with one bias per window position in the
 shifted blocks and one for all windows in the others. Cores are interleaved in
 rounds; times are medians, speedups paired per round against `einsum`.
-Error: the largest |difference| of the output and of the gradients (q, k, v
-and bias) from the float32 einsum core on the same inputs, relative to the
-reference's largest magnitude.
+Memory: XLA's temp buffers of the compiled forward+backward (where the einsum
+core keeps its (windows, heads, N, N) weights). Error: the largest
+|difference| of the output and of the gradients (q, k, v and bias) from the
+float32 einsum core on the same inputs, relative to the reference's largest
+magnitude.
 
   python -m benchmarks.attention_core --config=swin_t_224 --dtype=bfloat16 \
       --cores=einsum_lowp --cores=pallas --cores=cudnn --output=attention_core.json   # a GPU
@@ -92,45 +94,68 @@ def _timer(fn: Callable, args: tuple, reps: int) -> Callable[[], float]:
   return run
 
 
+def _checked(name: str, programs, inputs: tuple, reference: tuple, case: dict[str, Any],
+             dtype: str, reps: int):
+  """A core's row (errors, XLA temp MiB) and its timers; compiles and runs it once."""
+  forward, grads = programs
+  grads = grads.lower(*inputs).compile()
+  out, grad = forward(*inputs), grads(*inputs)
+  memory = grads.memory_analysis()
+  row = dict(case, core=name, dtype=dtype, output_error=_relative_error(out, reference[0]),
+             grad_error=max(map(_relative_error, grad, reference[1])),
+             # XLA's scratch for the forward+backward: what the core materializes.
+             forward_backward_temp_mib=memory and memory.temp_size_in_bytes / 2**20)
+  return row, {'forward': _timer(forward, inputs, reps),
+               'forward_backward': _timer(grads, inputs, reps)}
+
+
 def benchmark_case(case: dict[str, Any], cores: list[str], dtype: str, reps: int, rounds: int,
                    interpret: bool = False) -> list[dict[str, Any]]:
-  """One row per core: ms forward and forward+backward, errors, speedup on einsum."""
+  """One row per core: ms forward and forward+backward, errors, speedup on
+  einsum, and the forward+backward's XLA temp buffers. A core that fails to
+  compile or run gets a row with its `error` (einsum's failure is raised)."""
   (q, k, v), bias, cotangent = _inputs(case, dtype)
-  programs = {name: _programs(core_fn(name, interpret), cotangent)
-              for name in ['einsum'] + [c for c in cores if c != 'einsum']}
-  f32 = tuple(t.astype(jnp.float32) for t in (q, k, v))
-  reference = tuple(fn(*f32, bias) for fn in programs['einsum'])
+  with jax.default_matmul_precision('highest'):  # Not TF32 on GPUs: the reference.
+    f32 = tuple(t.astype(jnp.float32) for t in (q, k, v))
+    reference = tuple(fn(*f32, bias) for fn in _programs(core_fn('einsum', interpret), cotangent))
   timers, rows = {}, {}
-  for name, (forward, grads) in programs.items():
-    out, grad = forward(q, k, v, bias), grads(q, k, v, bias)
-    rows[name] = dict(case, core=name, dtype=dtype,
-                      output_error=_relative_error(out, reference[0]),
-                      grad_error=max(map(_relative_error, grad, reference[1])))
-    timers[name] = {'forward': _timer(forward, (q, k, v, bias), reps),
-                    'forward_backward': _timer(grads, (q, k, v, bias), reps)}
+  for name in ['einsum'] + [c for c in cores if c != 'einsum']:
+    programs = _programs(core_fn(name, interpret), cotangent)
+    try:
+      rows[name], timers[name] = _checked(name, programs, (q, k, v, bias), reference, case,
+                                          dtype, reps)
+    except Exception as error:  # pylint: disable=broad-except
+      if name == 'einsum':
+        raise
+      rows[name] = dict(case, core=name, dtype=dtype, error=f'{type(error).__name__}: {error}')
   times = {(name, mode): [] for name in timers for mode in ('forward', 'forward_backward')}
   for _ in range(rounds):
     for name, modes in timers.items():
       for mode, run in modes.items():
         times[name, mode].append(run())
-  for name, row in rows.items():
+  for name in timers:
     for mode in ('forward', 'forward_backward'):
-      row[f'{mode}_ms'] = 1e3 * statistics.median(times[name, mode])
-      row[f'{mode}_speedup'] = throughput.paired_ratio(times[name, mode],
-                                                       times['einsum', mode])['median']
+      rows[name][f'{mode}_ms'] = 1e3 * statistics.median(times[name, mode])
+      rows[name][f'{mode}_speedup'] = throughput.paired_ratio(times[name, mode],
+                                                              times['einsum', mode])['median']
   return [rows[name] for name in cores]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
   lines = ['| stage | shifted | windows x tokens x heads x d | core | fwd ms | fwd+bwd ms | '
-           'fwd speedup | fwd+bwd speedup | output error | grad error |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           'fwd speedup | fwd+bwd speedup | fwd+bwd temp MiB | output error | grad error |',
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
+    if 'error' in r:
+      lines.append(f"| {r['stage'] + 1} | {'yes' if r['shifted'] else 'no'} | | {r['core']} | "
+                   f"failed: {r['error'].splitlines()[0][:80]} |")
+      continue
     lines.append(
         f"| {r['stage'] + 1} | {'yes' if r['shifted'] else 'no'} | {r['windows']} x "
         f"{r['tokens']} x {r['heads']} x {r['head_dim']} | {r['core']} | {r['forward_ms']:.3f} | "
         f"{r['forward_backward_ms']:.3f} | {r['forward_speedup']:.2f} | "
-        f"{r['forward_backward_speedup']:.2f} | {r['output_error']:.1e} | {r['grad_error']:.1e} |")
+        f"{r['forward_backward_speedup']:.2f} | {r['forward_backward_temp_mib'] or 0:.0f} | "
+        f"{r['output_error']:.1e} | {r['grad_error']:.1e} |")
   return '\n'.join(lines)
 
 

@@ -30,7 +30,20 @@ def test_each_core_is_checked_against_the_float32_einsum_core():
   assert rows[0]['output_error'] == rows[0]['grad_error'] == 0.0
   assert 0 < rows[1]['output_error'] < 1e-5 and 0 < rows[1]['grad_error'] < 1e-5
   assert all(r['forward_ms'] > 0 and r['forward_backward_speedup'] > 0 for r in rows)
+  assert rows[0]['forward_backward_temp_mib'] > 0
   assert len(attention_core.format_table(rows).splitlines()) == 4
+
+
+def test_a_core_that_fails_gets_a_row_with_its_error_and_the_others_are_timed(monkeypatch):
+  def broken(q, k, v, bias, scale, dropout):
+    raise RuntimeError('no kernel image for this card')
+  monkeypatch.setitem(attention_core.ATTENTION_CORES, 'cudnn', broken)
+  case = dict(stage=1, shifted=False, windows=2, tokens=4, heads=1, head_dim=4, groups=1)
+  rows = attention_core.benchmark_case(case, ['cudnn', 'einsum_lowp'], 'float32', reps=1,
+                                       rounds=1)
+  assert rows[0]['error'] == 'RuntimeError: no kernel image for this card'
+  assert 'forward_ms' not in rows[0] and rows[1]['forward_ms'] > 0
+  assert 'failed: RuntimeError: no kernel image' in attention_core.format_table(rows)
 
 
 def test_bfloat16_errors_are_measured_against_float32():

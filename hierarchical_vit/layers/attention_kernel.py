@@ -8,16 +8,19 @@ on an H100 the core's batched GEMMs and softmax took 9 of a Swin-T step's
 the default 7 x 7 and 8 x 8 windows), so unlike flash attention no online
 softmax is needed: a program holds whole rows.
 
-The backward recomputes the weights from q, k and the bias (nothing but the
-output is saved), and reduces the bias gradient over the windows that share a
-bias inside each program (`_WINDOWS_PER_PROGRAM` of them), leaving XLA a small
-sum over programs instead of a (windows, heads, N, N) reduction.
+The backward recomputes the weights from q, k and the bias (only the inputs
+are saved), and reduces the bias gradient over the windows that share a bias
+inside each program (`_WINDOWS_PER_PROGRAM` of them), leaving XLA a small sum
+over programs instead of a (windows, heads, N, N) reduction.
 
 Triton tiles must be powers of two (and >= 16 for its dot): tokens and head
-dims are padded up inside the kernel by masked loads, never in memory. On a
-CPU the kernel runs in Pallas' interpreter (slow; for tests), and its Triton
-lowering can be checked without a GPU (`jax.jit(f).trace(...).lower(
-lowering_platforms=('cuda',))`, see tests/test_layers.py).
+dims are padded up inside the kernel by masked loads, never in memory (only
+the small bias table is padded, so that its rows load whole). Float32 inputs
+multiply in TF32, as XLA's default precision does on NVIDIA GPUs. On a CPU the
+kernel runs in Pallas' interpreter (slow; for tests). Its Triton lowering can
+be checked without a GPU where jaxlib lowers Pallas to Triton IR itself (0.10;
+later versions compile it at lowering, with a CUDA build): see
+tests/test_layers.py.
 """
 
 import functools
@@ -28,11 +31,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # Windows sharing a bias (one head) per backward program: its bias-gradient
-# partial sum covers this many, so the partials are 1/16 of the logits' size.
+# partial sum covers this many, so the partials are <= 1/16 of the logits.
 _WINDOWS_PER_PROGRAM = 16
-_NEG_INF = -1e30  # Finite: padded query rows then see a finite max, not NaN.
-# A program holds a (tile, tile) float32 block of weights in registers: 128 x
-# 128 over 8 warps is 64 per thread; a 256 tile would spill.
+# Added to the logits of padded keys (finite: no inf - inf anywhere).
+_NEG_INF = -1e30
+# A program holds (tile, tile) float32 blocks of logits and weights in
+# registers: at 128 x 128 tokens the backward already spills a little
+# (ptxas for sm_90a); beyond it would spill heavily.
 MAX_TOKENS = 128
 
 
@@ -42,46 +47,54 @@ def _tile(n: int) -> int:
 
 
 def _num_warps(tile: int) -> int:
+  """Warps per program: 8 for 128-token tiles halves each thread's share."""
   return 4 if tile <= 64 else 8
 
 
-def _load_rows(ref, n: int, d: int) -> jax.Array:
+def _valid(shape: tuple[int, int], n: int, d: int) -> jax.Array:
+  """(P, Pd) mask of the (n, d) slab inside a padded tile."""
+  return (jnp.arange(shape[0])[:, None] < n) & (jnp.arange(shape[1])[None, :] < d)
+
+
+def _load(ref, n: int, d: int) -> jax.Array:
   """ref: (P, Pd) tile of an (n, d) slab; zeros beyond it."""
-  rows = jnp.arange(ref.shape[0])[:, None] < n
-  cols = jnp.arange(ref.shape[1])[None, :] < d
-  return plgpu.load(ref, mask=rows & cols, other=0)
+  return plgpu.load(ref, mask=_valid(ref.shape, n, d), other=0)
 
 
-def _weights(q, k, bias_ref, n: int, scale: float):
+def _weights(q: jax.Array, k: jax.Array, bias_ref, scale: float):
   """Unnormalized softmax weights and row sums of one window and head.
 
-  q, k: (P, Pd); returns p: (P, P) float32, with exp(s - rowmax s), and l: (P,).
+  q, k: (P, Pd) zero-padded; bias_ref: (P, P) tile of the padded bias, whose
+  padded keys hold _NEG_INF. Returns p = exp(s - rowmax s): (P, P) float32
+  (zero on padded keys) and its row sums l: (P,).
   """
-  logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-  logits = logits + _load_rows(bias_ref, n, n)
-  logits = jnp.where(jnp.arange(logits.shape[1])[None, :] < n, logits, _NEG_INF)
+  logits = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale + bias_ref[...]
   p = jnp.exp(logits - logits.max(axis=1, keepdims=True))
   return p, p.sum(axis=1)
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, n: int, d: int, scale: float):
-  q, k, v = (_load_rows(r, n, d) for r in (q_ref, k_ref, v_ref))
-  p, l = _weights(q, k, bias_ref, n, scale)
+  """One window and head. q/k/v/o_ref: (P, Pd) tiles of (n, d); bias_ref: (P, P)."""
+  q, k, v = (_load(r, n, d) for r in (q_ref, k_ref, v_ref))
+  p, l = _weights(q, k, bias_ref, scale)
   o = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32) / l[:, None]
-  mask = (jnp.arange(o.shape[0])[:, None] < n) & (jnp.arange(o.shape[1])[None, :] < d)
-  plgpu.store(o_ref, o.astype(o_ref.dtype), mask=mask)
+  plgpu.store(o_ref, o.astype(o_ref.dtype), mask=_valid(o.shape, n, d))
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref, dv_ref, dbias_ref, *,
-                     n: int, d: int, scale: float, windows: int):
-  """One head over `windows` windows that share a bias: their dq, dk, dv and
-  the sum of their bias gradients."""
-  tile = bias_ref.shape[0]
-  mask = (jnp.arange(q_ref.shape[1])[:, None] < n) & (jnp.arange(q_ref.shape[2])[None, :] < d)
+                     n: int, d: int, m: int, scale: float):
+  """One head over up to `chunk` windows that share a bias: their dq, dk, dv
+  and the sum of their bias gradients.
+
+  q/k/v/do/dq/dk/dv_ref: (chunk, P, Pd) tiles of windows (s * chunk + i, of
+  m in all); bias_ref, dbias_ref: (P, P).
+  """
+  chunk = q_ref.shape[0]
+  windows = jnp.minimum(chunk, m - pl.program_id(0) * chunk)  # The last program may hold fewer.
 
   def window(i, dbias):
-    q, k, v, do = (_load_rows(r.at[i], n, d) for r in (q_ref, k_ref, v_ref, do_ref))
-    p, l = _weights(q, k, bias_ref, n, scale)
+    q, k, v, do = (_load(r.at[i], n, d) for r in (q_ref, k_ref, v_ref, do_ref))
+    p, l = _weights(q, k, bias_ref, scale)
     p = p / l[:, None]
     dv = jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
@@ -90,12 +103,18 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref, dv_r
     dq = jnp.dot(ds_low, k, preferred_element_type=jnp.float32) * scale
     dk = jnp.dot(ds_low.T, q, preferred_element_type=jnp.float32) * scale
     for ref, grad in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv)):
-      plgpu.store(ref.at[i], grad.astype(ref.dtype), mask=mask)
+      plgpu.store(ref.at[i], grad.astype(ref.dtype), mask=_valid(grad.shape, n, d))
     return dbias + ds
 
-  dbias = jax.lax.fori_loop(0, windows, window, jnp.zeros((tile, tile), jnp.float32))
-  square = (jnp.arange(tile)[:, None] < n) & (jnp.arange(tile)[None, :] < n)
-  plgpu.store(dbias_ref, dbias, mask=square)
+  dbias_ref[...] = jax.lax.fori_loop(0, windows, window, jnp.zeros(dbias_ref.shape, jnp.float32))
+
+
+def _padded_bias(bias: jax.Array, tile: int) -> jax.Array:
+  """(G, heads, N, N) -> (G, heads, P, P), padded keys at _NEG_INF: the kernels
+  then load whole, aligned rows and need no key mask."""
+  n = bias.shape[-1]
+  bias = jnp.pad(bias, ((0, 0), (0, 0), (0, tile - n), (0, 0)))
+  return jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, tile - n)), constant_values=_NEG_INF)
 
 
 def _forward(q5: jax.Array, k5: jax.Array, v5: jax.Array, bias: jax.Array, scale: float,
@@ -115,32 +134,29 @@ def _forward(q5: jax.Array, k5: jax.Array, v5: jax.Array, bias: jax.Array, scale
       out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=_num_warps(tile), num_stages=1),
       interpret=interpret, name='window_attention_fwd',
-  )(q5, k5, v5, bias)
-
-
-def _chunk(m: int) -> int:
-  """Windows per backward program: the largest power of two dividing m, capped."""
-  return min(m & -m, _WINDOWS_PER_PROGRAM)
+  )(q5, k5, v5, _padded_bias(bias, tile))
 
 
 def _backward(q5, k5, v5, bias, do5, scale: float, interpret: bool):
+  """Gradients of _forward's inputs; do5: (M, G, N, heads, d) like its output."""
   m, g, n, h, d = q5.shape
   tile, dtile = _tile(n), _tile(d)
-  chunk = _chunk(m)
+  chunk = min(_WINDOWS_PER_PROGRAM, _tile(m))
+  programs = pl.cdiv(m, chunk)
   windows = pl.BlockSpec((chunk, None, tile, None, dtile), lambda s, j, c: (s, j, 0, c, 0))
   bias_spec = pl.BlockSpec((None, None, tile, tile), lambda s, j, c: (j, c, 0, 0))
   partial_spec = pl.BlockSpec((None, None, None, tile, tile), lambda s, j, c: (s, j, c, 0, 0))
   dq, dk, dv, dbias = pl.pallas_call(
-      functools.partial(_backward_kernel, n=n, d=d, scale=scale, windows=chunk),
-      grid=(m // chunk, g, h),
+      functools.partial(_backward_kernel, n=n, d=d, m=m, scale=scale),
+      grid=(programs, g, h),
       in_specs=[windows] * 3 + [bias_spec, windows],
       out_specs=[windows] * 3 + [partial_spec],
       out_shape=[jax.ShapeDtypeStruct(q5.shape, q5.dtype)] * 3
-      + [jax.ShapeDtypeStruct((m // chunk, g, h, n, n), jnp.float32)],
+      + [jax.ShapeDtypeStruct((programs, g, h, tile, tile), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=_num_warps(tile), num_stages=1),
       interpret=interpret, name='window_attention_bwd',
-  )(q5, k5, v5, bias, do5)
-  return dq, dk, dv, dbias.sum(axis=0)
+  )(q5, k5, v5, _padded_bias(bias, tile), do5)
+  return dq, dk, dv, dbias.sum(axis=0)[..., :n, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
