@@ -96,14 +96,15 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
                      dropout: Callable[[jax.Array], jax.Array],
                      interpret: bool = False) -> jax.Array:
   """The fused kernel of layers/attention_kernel.py: no (windows, heads, N, N)
-  tensor in memory. interpret=True runs it in Pallas' interpreter on any
-  backend (tests)."""
+  tensor in memory. The kernel reads q, k and v packed as (B', N, 3, heads, d):
+  stacking the slices of WindowAttention's qkv gives its output back, which
+  XLA's simplifier sees, so nothing is copied. interpret=True runs it in
+  Pallas' interpreter on any backend (tests)."""
   del dropout  # Model validation rejects attn_drop_rate > 0 with this core.
   b, n, h, d = q.shape
   g = bias.shape[0]
-  q5, k5, v5 = (t.reshape(b // g, g, n, h, d) for t in (q, k, v))
-  out = attention_kernel.window_attention(q5, k5, v5, bias, scale, interpret)
-  return out.reshape(b, n, h, d)
+  qkv = jnp.stack([q, k, v], axis=2).reshape(b // g, g, n, 3, h, d)
+  return attention_kernel.window_attention(qkv, bias, scale, interpret).reshape(b, n, h, d)
 
 
 ATTENTION_CORES: dict[str, AttentionCore] = {

@@ -81,19 +81,22 @@ def _forward_kernel(q_ref, k_ref, v_ref, bias_ref, o_ref, *, n: int, d: int, sca
   plgpu.store(o_ref, o.astype(o_ref.dtype), mask=_valid(o.shape, n, d))
 
 
-def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref, dv_ref, dbias_ref, *,
-                     n: int, d: int, m: int, scale: float):
-  """One head over up to `chunk` windows that share a bias: their dq, dk, dv
+def _backward_kernel(qkv_ref, bias_ref, do_ref, dqkv_ref, dbias_ref, *, n: int, d: int, m: int,
+                     scale: float):
+  """One head over up to `chunk` windows that share a bias: their d(q, k, v)
   and the sum of their bias gradients.
 
-  q/k/v/do/dq/dk/dv_ref: (chunk, P, Pd) tiles of windows (s * chunk + i, of
-  m in all); bias_ref, dbias_ref: (P, P).
+  qkv_ref, dqkv_ref: (chunk, P, 3, Pd) and do_ref: (chunk, P, Pd) tiles of
+  windows s * chunk + i (m in all); bias_ref, dbias_ref: (P, P).
   """
-  chunk = q_ref.shape[0]
+  chunk = qkv_ref.shape[0]
   windows = jnp.minimum(chunk, m - pl.program_id(0) * chunk)  # The last program may hold fewer.
+  # Integer slot indices must be arrays for Pallas' Triton lowering.
+  slot = lambda ref, i, t: ref.at[i, :, jnp.int32(t), :]
 
   def window(i, dbias):
-    q, k, v, do = (_load(r.at[i], n, d) for r in (q_ref, k_ref, v_ref, do_ref))
+    q, k, v = (_load(slot(qkv_ref, i, t), n, d) for t in range(3))
+    do = _load(do_ref.at[i], n, d)
     p, l = _weights(q, k, bias_ref, scale)
     p = p / l[:, None]
     dv = jnp.dot(p.astype(do.dtype).T, do, preferred_element_type=jnp.float32)
@@ -102,8 +105,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, do_ref, dq_ref, dk_ref, dv_r
     ds_low = ds.astype(q.dtype)
     dq = jnp.dot(ds_low, k, preferred_element_type=jnp.float32) * scale
     dk = jnp.dot(ds_low.T, q, preferred_element_type=jnp.float32) * scale
-    for ref, grad in ((dq_ref, dq), (dk_ref, dk), (dv_ref, dv)):
-      plgpu.store(ref.at[i], grad.astype(ref.dtype), mask=_valid(grad.shape, n, d))
+    for t, grad in enumerate((dq, dk, dv)):
+      plgpu.store(slot(dqkv_ref, i, t), grad.astype(dqkv_ref.dtype), mask=_valid(grad.shape, n, d))
     return dbias + ds
 
   dbias_ref[...] = jax.lax.fori_loop(0, windows, window, jnp.zeros(dbias_ref.shape, jnp.float32))
@@ -117,67 +120,73 @@ def _padded_bias(bias: jax.Array, tile: int) -> jax.Array:
   return jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, tile - n)), constant_values=_NEG_INF)
 
 
-def _forward(q5: jax.Array, k5: jax.Array, v5: jax.Array, bias: jax.Array, scale: float,
-             interpret: bool) -> jax.Array:
-  """q5, k5, v5: (M, G, N, heads, d), window m * G + g using bias[g]: (G, heads, N, N)."""
-  m, g, n, h, d = q5.shape
+def _forward(qkv: jax.Array, bias: jax.Array, scale: float, interpret: bool) -> jax.Array:
+  """qkv: (M, G, N, 3, heads, d), window m * G + g using bias[g]: (G, heads, N, N).
+  Returns (M, G, N, heads, d)."""
+  m, g, n, _, h, d = qkv.shape
   if n > MAX_TOKENS:
     raise ValueError(f'the pallas attention kernel takes windows of up to {MAX_TOKENS} tokens, '
                      f'got {n}: use a smaller model.window_size or model.attention=\'einsum\'')
   tile, dtile = _tile(n), _tile(d)
-  window = pl.BlockSpec((None, None, tile, None, dtile), lambda i, j, c: (i, j, 0, c, 0))
+  # q, k and v are read in place from the packed array: one BlockSpec per slot.
+  slots = [pl.BlockSpec((None, None, tile, None, None, dtile),
+                        lambda i, j, c, t=t: (i, j, 0, t, c, 0)) for t in range(3)]
+  out = pl.BlockSpec((None, None, tile, None, dtile), lambda i, j, c: (i, j, 0, c, 0))
   return pl.pallas_call(
       functools.partial(_forward_kernel, n=n, d=d, scale=scale),
       grid=(m, g, h),
-      in_specs=[window] * 3 + [pl.BlockSpec((None, None, tile, tile), lambda i, j, c: (j, c, 0, 0))],
-      out_specs=window,
-      out_shape=jax.ShapeDtypeStruct(q5.shape, q5.dtype),
+      in_specs=slots + [pl.BlockSpec((None, None, tile, tile), lambda i, j, c: (j, c, 0, 0))],
+      out_specs=out,
+      out_shape=jax.ShapeDtypeStruct((m, g, n, h, d), qkv.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=_num_warps(tile), num_stages=1),
       interpret=interpret, name='window_attention_fwd',
-  )(q5, k5, v5, _padded_bias(bias, tile))
+  )(qkv, qkv, qkv, _padded_bias(bias, tile))
 
 
-def _backward(q5, k5, v5, bias, do5, scale: float, interpret: bool):
-  """Gradients of _forward's inputs; do5: (M, G, N, heads, d) like its output."""
-  m, g, n, h, d = q5.shape
+def _backward(qkv: jax.Array, bias: jax.Array, do: jax.Array, scale: float,
+              interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """Gradients of _forward's inputs; do: (M, G, N, heads, d) like its output."""
+  m, g, n, _, h, d = qkv.shape
   tile, dtile = _tile(n), _tile(d)
   chunk = min(_WINDOWS_PER_PROGRAM, _tile(m))
   programs = pl.cdiv(m, chunk)
-  windows = pl.BlockSpec((chunk, None, tile, None, dtile), lambda s, j, c: (s, j, 0, c, 0))
+  packed = pl.BlockSpec((chunk, None, tile, 3, None, dtile), lambda s, j, c: (s, j, 0, 0, c, 0))
+  out = pl.BlockSpec((chunk, None, tile, None, dtile), lambda s, j, c: (s, j, 0, c, 0))
   bias_spec = pl.BlockSpec((None, None, tile, tile), lambda s, j, c: (j, c, 0, 0))
   partial_spec = pl.BlockSpec((None, None, None, tile, tile), lambda s, j, c: (s, j, c, 0, 0))
-  dq, dk, dv, dbias = pl.pallas_call(
+  dqkv, dbias = pl.pallas_call(
       functools.partial(_backward_kernel, n=n, d=d, m=m, scale=scale),
       grid=(programs, g, h),
-      in_specs=[windows] * 3 + [bias_spec, windows],
-      out_specs=[windows] * 3 + [partial_spec],
-      out_shape=[jax.ShapeDtypeStruct(q5.shape, q5.dtype)] * 3
-      + [jax.ShapeDtypeStruct((programs, g, h, tile, tile), jnp.float32)],
+      in_specs=[packed, bias_spec, out],
+      out_specs=[packed, partial_spec],
+      out_shape=[jax.ShapeDtypeStruct(qkv.shape, qkv.dtype),
+                 jax.ShapeDtypeStruct((programs, g, h, tile, tile), jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=_num_warps(tile), num_stages=1),
       interpret=interpret, name='window_attention_bwd',
-  )(q5, k5, v5, _padded_bias(bias, tile), do5)
-  return dq, dk, dv, dbias.sum(axis=0)[..., :n, :n]
+  )(qkv, _padded_bias(bias, tile), do)
+  return dqkv, dbias.sum(axis=0)[..., :n, :n]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def window_attention(q5: jax.Array, k5: jax.Array, v5: jax.Array, bias: jax.Array,
-                     scale: float, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def window_attention(qkv: jax.Array, bias: jax.Array, scale: float,
+                     interpret: bool = False) -> jax.Array:
   """softmax(q k^T * scale + bias) v per window and head.
 
-  q5, k5, v5: (M, G, N, heads, d) windows; bias: (G, heads, N, N) float32,
-  window (m, g) using bias[g]. Returns (M, G, N, heads, d) in q's dtype.
-  interpret=True runs Pallas' interpreter instead of Triton (any backend).
+  qkv: (M, G, N, 3, heads, d) windows with q, k, v packed as the qkv Linear
+  writes them; bias: (G, heads, N, N) float32, window (m, g) using bias[g].
+  Returns (M, G, N, heads, d) in qkv's dtype. interpret=True runs Pallas'
+  interpreter instead of Triton (any backend).
   """
-  return _forward(q5, k5, v5, bias, scale, interpret)
+  return _forward(qkv, bias, scale, interpret)
 
 
-def _window_attention_fwd(q5, k5, v5, bias, scale, interpret):
-  return _forward(q5, k5, v5, bias, scale, interpret), (q5, k5, v5, bias)
+def _window_attention_fwd(qkv, bias, scale, interpret):
+  return _forward(qkv, bias, scale, interpret), (qkv, bias)
 
 
-def _window_attention_bwd(scale, interpret, residuals, do5):
-  q5, k5, v5, bias = residuals
-  return _backward(q5, k5, v5, bias, do5, scale, interpret)
+def _window_attention_bwd(scale, interpret, residuals, do):
+  qkv, bias = residuals
+  return _backward(qkv, bias, do, scale, interpret)
 
 
 window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
