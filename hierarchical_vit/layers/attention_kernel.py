@@ -36,8 +36,8 @@ _WINDOWS_PER_PROGRAM = 16
 # Added to the logits of padded keys (finite: no inf - inf anywhere).
 _NEG_INF = -1e30
 # A program holds (tile, tile) float32 blocks of logits and weights in
-# registers: at 128 x 128 tokens the backward already spills a little
-# (ptxas for sm_90a); beyond it would spill heavily.
+# registers: at 128 x 128 the backward already spills a little for sm_90a
+# (benchmarks/kernel_resources.py); beyond it would spill heavily.
 MAX_TOKENS = 128
 
 
