@@ -69,14 +69,14 @@ def _inputs(case: dict[str, Any], dtype: str):
   return tuple(t.astype(dtype) for t in (q, k, v)), bias, cotangent.astype(dtype)
 
 
-def _programs(core: Callable[..., jax.Array], cotangent: jax.Array):
-  """Jitted forward, and forward+backward returning all four gradients."""
-  forward = jax.jit(core)
-
-  def loss(q, k, v, bias):
+def _programs(core: Callable[..., jax.Array]):
+  """Jitted forward(q, k, v, bias), and forward+backward(q, k, v, bias,
+  cotangent) returning the four gradients. The cotangent is an argument: a
+  closed-over array would be compiled into the program as a constant."""
+  def loss(q, k, v, bias, cotangent):
     return jnp.sum(core(q, k, v, bias).astype(jnp.float32) * cotangent.astype(jnp.float32))
 
-  return forward, jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+  return jax.jit(core), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
 def _relative_error(ours, reference) -> float:
@@ -94,19 +94,20 @@ def _timer(fn: Callable, args: tuple, reps: int) -> Callable[[], float]:
   return run
 
 
-def _checked(name: str, programs, inputs: tuple, reference: tuple, case: dict[str, Any],
-             dtype: str, reps: int):
-  """A core's row (errors, XLA temp MiB) and its timers; compiles and runs it once."""
+def _checked(name: str, programs, inputs: tuple, cotangent: jax.Array, reference: tuple,
+             case: dict[str, Any], dtype: str, reps: int):
+  """A core's row (errors, XLA temp MiB) and its timers; compiles and runs it
+  once. inputs: (q, k, v, bias)."""
   forward, grads = programs
-  grads = grads.lower(*inputs).compile()
-  out, grad = forward(*inputs), grads(*inputs)
+  grads = grads.lower(*inputs, cotangent).compile()
+  out, grad = forward(*inputs), grads(*inputs, cotangent)
   memory = grads.memory_analysis()
   row = dict(case, core=name, dtype=dtype, output_error=_relative_error(out, reference[0]),
              grad_error=max(map(_relative_error, grad, reference[1])),
              # XLA's scratch for the forward+backward: what the core materializes.
              forward_backward_temp_mib=memory and memory.temp_size_in_bytes / 2**20)
   return row, {'forward': _timer(forward, inputs, reps),
-               'forward_backward': _timer(grads, inputs, reps)}
+               'forward_backward': _timer(grads, (*inputs, cotangent), reps)}
 
 
 def benchmark_case(case: dict[str, Any], cores: list[str], dtype: str, reps: int, rounds: int,
@@ -117,13 +118,14 @@ def benchmark_case(case: dict[str, Any], cores: list[str], dtype: str, reps: int
   (q, k, v), bias, cotangent = _inputs(case, dtype)
   with jax.default_matmul_precision('highest'):  # Not TF32 on GPUs: the reference.
     f32 = tuple(t.astype(jnp.float32) for t in (q, k, v))
-    reference = tuple(fn(*f32, bias) for fn in _programs(core_fn('einsum', interpret), cotangent))
+    forward, grads = _programs(core_fn('einsum', interpret))
+    reference = (forward(*f32, bias), grads(*f32, bias, cotangent))
   timers, rows = {}, {}
   for name in ['einsum'] + [c for c in cores if c != 'einsum']:
-    programs = _programs(core_fn(name, interpret), cotangent)
+    programs = _programs(core_fn(name, interpret))
     try:
-      rows[name], timers[name] = _checked(name, programs, (q, k, v, bias), reference, case,
-                                          dtype, reps)
+      rows[name], timers[name] = _checked(name, programs, (q, k, v, bias), cotangent, reference,
+                                          case, dtype, reps)
     except Exception as error:  # pylint: disable=broad-except
       if name == 'einsum':
         raise
