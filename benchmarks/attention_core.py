@@ -143,18 +143,25 @@ def benchmark_case(case: dict[str, Any], cores: list[str], dtype: str, reps: int
   return [rows[name] for name in cores]
 
 
+CASE_COLUMNS = '| stage | shifted | windows x tokens x heads x d |'
+
+
+def case_cells(row: dict[str, Any]) -> str:
+  """A stage_cases case as the CASE_COLUMNS cells of a Markdown row."""
+  return (f"| {row['stage'] + 1} | {'yes' if row['shifted'] else 'no'} | {row['windows']} x "
+          f"{row['tokens']} x {row['heads']} x {row['head_dim']} |")
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-  lines = ['| stage | shifted | windows x tokens x heads x d | core | fwd ms | fwd+bwd ms | '
-           'fwd speedup | fwd+bwd speedup | fwd+bwd temp MiB | output error | grad error |',
+  lines = [CASE_COLUMNS + ' core | fwd ms | fwd+bwd ms | fwd speedup | fwd+bwd speedup | '
+           'fwd+bwd temp MiB | output error | grad error |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     if 'error' in r:
-      lines.append(f"| {r['stage'] + 1} | {'yes' if r['shifted'] else 'no'} | | {r['core']} | "
-                   f"failed: {r['error'].splitlines()[0][:80]} |")
+      lines.append(f"{case_cells(r)} {r['core']} | failed: {r['error'].splitlines()[0][:80]} |")
       continue
     lines.append(
-        f"| {r['stage'] + 1} | {'yes' if r['shifted'] else 'no'} | {r['windows']} x "
-        f"{r['tokens']} x {r['heads']} x {r['head_dim']} | {r['core']} | {r['forward_ms']:.3f} | "
+        f"{case_cells(r)} {r['core']} | {r['forward_ms']:.3f} | "
         f"{r['forward_backward_ms']:.3f} | {r['forward_speedup']:.2f} | "
         f"{r['forward_backward_speedup']:.2f} | {r['forward_backward_temp_mib'] or 0:.0f} | "
         f"{r['output_error']:.1e} | {r['grad_error']:.1e} |")

@@ -197,13 +197,12 @@ def toolchain(capability: int) -> dict[str, str]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-  lines = ['| stage | shifted | windows x tokens x heads x d | kernel | grid | warps | stages | '
-           'registers | spill stores / loads B | stack B | shared B | wgmma |',
+  lines = [attention_core.CASE_COLUMNS + ' kernel | grid | warps | stages | registers | '
+           'spill stores / loads B | stack B | shared B | wgmma |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(
-        f"| {r['stage'] + 1} | {'yes' if r['shifted'] else 'no'} | {r['windows']} x "
-        f"{r['tokens']} x {r['heads']} x {r['head_dim']} | {r['kernel']} | "
+        f"{attention_core.case_cells(r)} {r['kernel']} | "
         f"{' x '.join(map(str, r['grid']))} | {r['num_warps']} | {r['num_stages']} | "
         f"{r['registers']} | {r['spill_store_bytes']} / {r['spill_load_bytes']} | "
         f"{r['stack_bytes']} | {r['shared_bytes']} | {r['wgmma']} |")
