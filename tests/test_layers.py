@@ -2,7 +2,10 @@
 
 import functools
 import itertools
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -211,6 +214,52 @@ def test_pallas_core_trains_a_shifted_remat_stage_as_the_einsum_core():
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads,
                ref_grads)
+
+
+_SHARDED_STAGE = """
+import functools
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from hierarchical_vit.layers.attention import pallas_attention
+from hierarchical_vit.layers.swin import SwinStage
+
+def run(attention, sharding=None):
+  stage = SwinStage(16, 2, 2, (6, 6), 3, rngs=nnx.Rngs(0), drop_path_rates=[0.0, 0.0],
+                    attention=attention)
+  if attention == 'pallas':
+    for block in stage.blocks:
+      block.attn.core = functools.partial(pallas_attention, interpret=True)
+  graphdef, params, rest = nnx.split(stage, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(1), (8, 6, 6, 16))
+  if sharding is not None:
+    x = jax.device_put(x, sharding)
+  step = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p, rest)(x)))))
+  lowered = step.lower(params, x)
+  return step(params, x), lowered.as_text(), lowered.compile().as_text()
+
+# The trainer's batch sharding: over every mesh axis.
+mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ('data', 'fsdp'))
+(loss, grads), lowered, compiled = run('pallas', NamedSharding(mesh, P(('data', 'fsdp'))))
+(ref_loss, ref_grads), _, _ = run('einsum')
+np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, ref_grads)
+# Two blocks, forward and backward each through the kernels' partitioning rule.
+assert lowered.count('CustomSPMDPartitioning') == 4, lowered.count('CustomSPMDPartitioning')
+assert 'all-gather' not in compiled
+print('OK')
+"""
+
+
+def test_pallas_core_splits_a_shifted_stage_over_a_mesh_by_batch():
+  """4 CPU devices on a (2, 2) mesh, the batch split over both axes: each
+  device runs the kernels on its own windows (no operand is gathered) and the
+  bias gradient is summed over devices; loss and gradients equal one device's
+  einsum core."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  result = subprocess.run([sys.executable, '-c', _SHARDED_STAGE], capture_output=True, text=True,
+                          env=env, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip() == 'OK', result.stderr[-3000:]
 
 
 def test_pallas_kernel_in_bfloat16_stays_within_bfloat16_error():

@@ -10,8 +10,8 @@ ATTENTION_CORES (config.model.attention):
   cudnn:        cuDNN's fused attention through jax.nn.dot_product_attention;
                 NVIDIA GPUs, bfloat16, no attention dropout.
   pallas:       our fused Pallas (Triton) kernel, layers/attention_kernel.py;
-                one NVIDIA GPU (no sharding rule yet), no attention dropout,
-                windows of <= 128 tokens.
+                NVIDIA GPUs (split over a mesh by batch), no attention
+                dropout, windows of <= 128 tokens.
 """
 
 from typing import Callable

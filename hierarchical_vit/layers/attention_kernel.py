@@ -13,6 +13,10 @@ are saved), and reduces the bias gradient over the windows that share a bias
 inside each program (`_WINDOWS_PER_PROGRAM` of them), leaving XLA a small sum
 over programs instead of a (windows, heads, N, N) reduction.
 
+XLA cannot partition a Triton call, so both kernels carry a
+custom_partitioning rule: under a mesh that splits the batch, each device
+runs its own windows and the bias gradient is summed over the devices.
+
 Triton tiles must be powers of two (and >= 16 for its dot): tokens and head
 dims are padded up inside the kernel by masked loads, never in memory (only
 the small bias table is padded, so that its rows load whole). Float32 inputs
@@ -28,7 +32,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
 
 # Windows sharing a bias (one head) per backward program: its bias-gradient
 # partial sum covers this many, so the partials are <= 1/16 of the logits.
@@ -167,6 +173,55 @@ def _backward(qkv: jax.Array, bias: jax.Array, do: jax.Array, scale: float,
   return dqkv, dbias.sum(axis=0)[..., :n, :n]
 
 
+def _batch_sharded(sharding: jax.sharding.NamedSharding, ndim: int) -> jax.sharding.NamedSharding:
+  """`sharding`'s split of the leading (window batch) axis only, over `ndim` axes."""
+  batch = tuple(sharding.spec)[0] if len(sharding.spec) else None
+  return jax.sharding.NamedSharding(sharding.mesh, P(batch, *[None] * (ndim - 1)))
+
+
+@functools.partial(custom_partitioning, static_argnums=(2, 3))
+def _forward_sharded(qkv: jax.Array, bias: jax.Array, scale: float, interpret: bool) -> jax.Array:
+  """_forward, split over the devices by window batch (each runs its own windows)."""
+  return _forward(qkv, bias, scale, interpret)
+
+
+def _forward_partition(scale, interpret, mesh, arg_shapes, result_shape):
+  del mesh, result_shape
+  qkv = _batch_sharded(arg_shapes[0].sharding, 6)
+  replicated = jax.sharding.NamedSharding(qkv.mesh, P())
+  lower = lambda qkv, bias: _forward(qkv, bias, scale, interpret)
+  return qkv.mesh, lower, _batch_sharded(qkv, 5), (qkv, replicated)
+
+
+_forward_sharded.def_partition(partition=_forward_partition,
+                               sharding_rule='m g n t h d, g h i j -> m g n h d')
+
+
+@functools.partial(custom_partitioning, static_argnums=(3, 4))
+def _backward_sharded(qkv: jax.Array, bias: jax.Array, do: jax.Array, scale: float,
+                      interpret: bool) -> tuple[jax.Array, jax.Array]:
+  """_backward, split by window batch; the bias gradient summed over devices."""
+  return _backward(qkv, bias, do, scale, interpret)
+
+
+def _backward_partition(scale, interpret, mesh, arg_shapes, result_shape):
+  del mesh, result_shape
+  qkv = _batch_sharded(arg_shapes[0].sharding, 6)
+  replicated = jax.sharding.NamedSharding(qkv.mesh, P())
+  axes = qkv.spec[0]
+
+  def lower(qkv, bias, do):
+    dqkv, dbias = _backward(qkv, bias, do, scale, interpret)
+    return dqkv, jax.lax.psum(dbias, axes) if axes else dbias
+
+  return qkv.mesh, lower, (qkv, replicated), (qkv, replicated, _batch_sharded(qkv, 5))
+
+
+_backward_sharded.def_partition(
+    partition=_backward_partition,
+    sharding_rule='m g n t h d, g h i j, m g n h d -> m g n t h d, g h i j')
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def window_attention(qkv: jax.Array, bias: jax.Array, scale: float,
                      interpret: bool = False) -> jax.Array:
@@ -174,19 +229,20 @@ def window_attention(qkv: jax.Array, bias: jax.Array, scale: float,
 
   qkv: (M, G, N, 3, heads, d) windows with q, k, v packed as the qkv Linear
   writes them; bias: (G, heads, N, N) float32, window (m, g) using bias[g].
-  Returns (M, G, N, heads, d) in qkv's dtype. interpret=True runs Pallas'
+  Returns (M, G, N, heads, d) in qkv's dtype. Under a mesh the windows split
+  over the devices that split M (the batch). interpret=True runs Pallas'
   interpreter instead of Triton (any backend).
   """
-  return _forward(qkv, bias, scale, interpret)
+  return _forward_sharded(qkv, bias, scale, interpret)
 
 
 def _window_attention_fwd(qkv, bias, scale, interpret):
-  return _forward(qkv, bias, scale, interpret), (qkv, bias)
+  return _forward_sharded(qkv, bias, scale, interpret), (qkv, bias)
 
 
 def _window_attention_bwd(scale, interpret, residuals, do):
   qkv, bias = residuals
-  return _backward(qkv, bias, do, scale, interpret)
+  return _backward_sharded(qkv, bias, do, scale, interpret)
 
 
 window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)

@@ -98,11 +98,6 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
   for field, (value, by, divisor) in divisible.items():
     if value % divisor:
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
-  # The pallas kernels have no sharding rule yet: XLA could not split their
-  # custom calls over a mesh, only run each on the whole batch.
-  if m.attention == 'pallas' and device_count > 1:
-    raise ValueError(f"model.attention='pallas' runs on one device for now; this run has "
-                     f"{device_count}: use 'einsum' or 'cudnn'")
   # The model checks its own fields (depths, heads, windows) as it is built:
   # built abstractly here, a bad one fails before a workdir is written.
   nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))

@@ -311,17 +311,6 @@ def test_batches_that_do_not_split_over_the_devices_are_refused():
     trainer.check_config(config, _info(config), process_count=2, device_count=8)
 
 
-def test_the_pallas_core_is_refused_on_several_devices():
-  config = cifar.get_config('cifar10,cifar_small')
-  config.model.attention = 'pallas'
-  for training in (True, False):
-    with pytest.raises(ValueError, match=r"model.attention='pallas' runs on one device for now; "
-                                         r"this run has 8: use 'einsum' or 'cudnn'"):
-      trainer.check_config(config, _info(config), device_count=8, training=training)
-  with pytest.raises(ValueError, match=r"model.attention='pallas' needs an NVIDIA GPU"):
-    trainer.check_config(config, _info(config), device_count=1)  # Here, on the CPU.
-
-
 def test_evaluation_checks_only_what_it_runs():
   # A run trained with batch 144 on 2 devices, evaluated on 8 (eval.py).
   config = cifar.get_config('cifar10,cifar_small')
