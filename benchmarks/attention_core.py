@@ -188,8 +188,9 @@ if __name__ == '__main__':
                               'The model whose stages give the shapes.')
   _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
   _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'q, k, v dtype.')
-  _CORES = flags.DEFINE_multi_enum('cores', ['einsum', 'pallas'], list(ATTENTION_CORES),
-                                   'Cores to time (repeat the flag); einsum is always timed, as the reference.')
+  _CORES = flags.DEFINE_multi_enum(
+      'cores', ['einsum', 'pallas'], list(ATTENTION_CORES),
+      'Cores to time (repeat the flag); einsum is always timed, as the reference.')
   _REPS = flags.DEFINE_integer('reps', 20, 'Calls per timed round.')
   _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; times are medians.')
   _INTERPRET = flags.DEFINE_bool('interpret', False,

@@ -57,7 +57,8 @@ def lowered_module(case: dict[str, Any], dtype: str) -> ir.Module:
     lowered = step.trace(q, q, q, bias).lower(lowering_platforms=('cuda',))
   except Exception as error:  # pylint: disable=broad-except
     if 'Triton compilation handler' in str(error):
-      raise RuntimeError(_compiles_itself(f'lowering failed at its Triton compile: {error}')) from error
+      raise RuntimeError(
+          _compiles_itself(f'lowering failed at its Triton compile: {error}')) from error
     raise
   return lowered.compiler_ir('stablehlo')
 

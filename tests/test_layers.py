@@ -272,7 +272,8 @@ def test_pallas_kernel_in_bfloat16_stays_within_bfloat16_error():
   core = functools.partial(pallas_attention, interpret=True)
   out = core(*low, bias, 32 ** -0.5, None)
   grads = jax.grad(loss(core), argnums=(0, 1, 2, 3))(*low, bias)
-  assert out.dtype == jnp.bfloat16 and [g.dtype for g in grads] == [jnp.bfloat16] * 3 + [jnp.float32]
+  assert out.dtype == jnp.bfloat16
+  assert [g.dtype for g in grads] == [jnp.bfloat16] * 3 + [jnp.float32]
   wide = tuple(t.astype(jnp.float32) for t in low)
   reference = (_softmax_attention(*wide, bias, 32 ** -0.5, lambda w: w),
                jax.grad(loss(_softmax_attention), argnums=(0, 1, 2, 3))(*wide, bias))
