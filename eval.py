@@ -15,6 +15,14 @@ takes --config.* overrides (e.g. --config.train.eval_batch_size=64). Uses the
 EMA weights when the run kept them.
 """
 
+# pylint: disable=wrong-import-position
+from hierarchical_vit import tcmalloc
+
+if __name__ == '__main__':
+  # Before the imports below: the re-executed process imports them again,
+  # and jax, tfds, orbax and tensorboardX (torch, where installed) take ~4 s.
+  tcmalloc.reexec_with_tcmalloc()
+
 import dataclasses
 import os
 from collections.abc import Callable
@@ -34,7 +42,6 @@ from hierarchical_vit import cli
 from hierarchical_vit import data
 from hierarchical_vit import files
 from hierarchical_vit import parallel
-from hierarchical_vit import tcmalloc
 from hierarchical_vit.training import tasks
 from hierarchical_vit.training import trainer
 
@@ -236,5 +243,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  tcmalloc.reexec_with_tcmalloc()
   app.run(main, flags_parser=cli.parse_flags)

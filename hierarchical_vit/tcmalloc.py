@@ -43,7 +43,7 @@ def reexec_with_tcmalloc() -> None:
   Returns (doing nothing) when tcmalloc is already in LD_PRELOAD, when
   $HIERARCHICAL_VIT_TCMALLOC is '0', off Linux, or when no tcmalloc library is
   installed (with a warning naming the package). Call it first thing in a
-  script's `__main__` block: what ran before is run again.
+  script's `__main__` block, before its heavy imports: what ran before is run again.
   """
   if os.environ.get(SWITCH, '1') == '0' or not sys.platform.startswith('linux'):
     return

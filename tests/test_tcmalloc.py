@@ -62,3 +62,18 @@ def test_a_real_process_ends_up_with_tcmalloc_mapped():
   out = subprocess.run([sys.executable, '-c', _PRINT_MAPS], env=env, check=True,
                        capture_output=True, text=True).stdout.split()
   assert out == ['False']
+
+
+@pytest.mark.skipif(tcmalloc.find_tcmalloc() is None or not sys.platform.startswith('linux'),
+                    reason='needs libtcmalloc-minimal4 (apt-get; .ci/run installs it)')
+@pytest.mark.parametrize('script', ['train.py', 'eval.py'])
+def test_entry_points_reexec_before_their_heavy_imports(script):
+  """-X importtime survives the re-exec (it is in sys.orig_argv): jax must be
+  imported by the re-executed process only, not by both."""
+  env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', tcmalloc.SWITCH)}
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  stderr = subprocess.run([sys.executable, '-X', 'importtime', script, '--helpshort'],
+                          cwd=repo, env=env, capture_output=True, text=True).stderr
+  imported = [line.split('|')[-1].strip() for line in stderr.splitlines()]
+  assert imported.count('hierarchical_vit.tcmalloc') == 2  # Both processes ran.
+  assert imported.count('jax') == 1
