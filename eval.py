@@ -185,14 +185,6 @@ _REPORTS = {
 }
 
 
-def _eval_mesh_config(mesh_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Data parallel over this machine's devices: the weights are restored
-  replicated, so the training run's mesh (which may name devices this machine
-  lacks) does not matter."""
-  return ml_collections.ConfigDict(
-      {**mesh_config.to_dict(), 'strategy': 'data_parallel', 'shape': (), 'dcn_shape': ()})
-
-
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: int = -1, split: str = '',
                         num_overlays: int = 4) -> dict:
@@ -200,7 +192,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   split = split or config.data.eval_split
   tasks.get_task(config.task)  # ValueError naming the valid tasks.
   task_report = _REPORTS[config.task]
-  mesh = parallel.create_mesh(_eval_mesh_config(config.mesh))
+  mesh = trainer.eval_mesh(config.mesh)
   info = data.get_dataset_info(config.data, task=config.task)
   data.check_split(config.data, split, '--split')
   trainer.check_config(config, info, jax.process_count(), jax.device_count(), training=False)

@@ -314,9 +314,20 @@ class Trained:
     return functools.partial(predict, self.params, self.rest)
 
 
+def eval_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """Data parallel over this machine's devices.
+
+  Trained weights are restored replicated, so the training run's mesh (which
+  may name devices or hosts this machine lacks) does not matter.
+  """
+  return parallel.create_mesh(ml_collections.ConfigDict(
+      {**mesh_config.to_dict(), 'strategy': 'data_parallel', 'shape': (), 'dcn_shape': ()}))
+
+
 def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int = -1,
                     mesh: jax.sharding.Mesh | None = None) -> Trained:
-  """Checkpoint `step` (-1 = latest) of the run in workdir, replicated over mesh."""
+  """Checkpoint `step` (-1 = latest) of the run in workdir, replicated over mesh
+  (default: `eval_mesh`, whatever mesh the run trained on)."""
   manager = checkpointing.create_checkpoint_manager(
       workdir, config.train.keep_checkpoints, read_only=True)
   step = manager.latest_step() if step < 0 else step
@@ -327,7 +338,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int =
                      f'{sorted(manager.all_steps())} (-1 = the latest).')
   _, eval_graphdef, params, rest = init_model(config)
   key = 'ema_params' if config.train.ema_decay > 0 else 'params'
-  mesh = mesh or parallel.create_mesh(config.mesh)
+  mesh = mesh or eval_mesh(config.mesh)
   weights = parallel.put_global({key: params}, parallel.replicated(mesh))
   params = checkpointing.restore_weights(manager, step, weights)[key]
   rest = parallel.put_global(rest, parallel.replicated(mesh))

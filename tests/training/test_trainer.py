@@ -420,16 +420,20 @@ def test_resuming_with_another_worker_count_is_refused_by_name(trained):
     data.create_train_iterator(config.data, global_batch_size=8, seed=0).set_state(state)
 
 
-def test_eval_runs_data_parallel_on_the_devices_it_has():
-  """eval.py restores weights replicated, so a run trained on a (2, 4) FSDP mesh
-  over two hosts evaluates on one device."""
-  eval_script = importlib.import_module('eval')
-  config = cifar.get_config('cifar10,cifar_small')
+def test_eval_runs_data_parallel_on_the_devices_it_has(trained):
+  """Weights are restored replicated, so a run trained on a (2, 4) FSDP mesh
+  over two hosts evaluates on this machine's devices (eval.py, and the
+  analysis tools through restore_trained's default mesh)."""
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
   config.mesh.update(strategy='fsdp', shape=(2, 4), dcn_shape=(2, 1))
   with pytest.raises(ValueError, match=r'mesh.dcn_shape=\(2, 1\) is not valid'):
     parallel.create_mesh(config.mesh)
-  mesh = parallel.create_mesh(eval_script._eval_mesh_config(config.mesh))
+  mesh = trainer.eval_mesh(config.mesh)
   assert dict(mesh.shape) == {'data': jax.device_count(), 'fsdp': 1}
+  restored = trainer.restore_trained(config, workdir)
+  assert restored.step == 6
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(restored.params))
 
 
 def _run_steps(config, images, labels, steps: int) -> list[dict]:
