@@ -19,7 +19,9 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit import resampling
 from hierarchical_vit.layers import STEMS, SwinStage, dense, layer_norm, on_tokens
+from hierarchical_vit.layers import attention_kernel
 from hierarchical_vit.layers.common import norm_dense, resolve_dtype
+from hierarchical_vit.layers.windows import stage_window
 
 Resolution = tuple[int, int]
 
@@ -28,8 +30,15 @@ def _pair(size: int | Sequence[int]) -> Resolution:
   return (size, size) if isinstance(size, int) else tuple(size)
 
 
-def _halve(res: Resolution) -> Resolution:
-  return (math.ceil(res[0] / 2), math.ceil(res[1] / 2))
+def stage_resolutions(img_size: Resolution, patch_size: int, num_stages: int) -> list[Resolution]:
+  """Token map size of each encoder stage: the stem's ceil(size / patch), then
+  halved (rounding up, as the downsamplers pad) once per stage."""
+  res = (math.ceil(img_size[0] / patch_size), math.ceil(img_size[1] / patch_size))
+  resolutions = [res]
+  for _ in range(num_stages - 1):
+    res = (math.ceil(res[0] / 2), math.ceil(res[1] / 2))
+    resolutions.append(res)
+  return resolutions
 
 
 class Encoder(nnx.Module):
@@ -47,20 +56,18 @@ class Encoder(nnx.Module):
                dtype: DTypeLike | None = None, **block_kwargs):
     self.stem = STEMS[stem](in_chans, embed_dim, patch_size, rngs=rngs, dtype=dtype)
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
-    res = (math.ceil(img_size[0] / patch_size), math.ceil(img_size[1] / patch_size))
+    self.resolutions = stage_resolutions(img_size, patch_size, len(depths))
     dim = embed_dim
-    self.resolutions, self.dims, self.drop_path_rates = [], [], []
+    self.dims, self.drop_path_rates = [], []
     stages, downsamplers = [], []
-    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+    for i, (depth, heads, res) in enumerate(zip(depths, num_heads, self.resolutions)):
       if i > 0:
         down = resampling.make_downsampler(downsample, dim, rngs=rngs, dtype=dtype,
                                            **downsample_options)
         dim = down.out_features
         downsamplers.append(down)
-        res = _halve(res)
       if dim % heads:
         raise ValueError(f'model.num_heads[{i}]={heads} does not divide stage {i} width {dim}')
-      self.resolutions.append(res)
       self.dims.append(dim)
       self.drop_path_rates.append(rates[sum(depths[:i]):sum(depths[:i + 1])])
       stages.append(SwinStage(dim, depth, heads, res, window_size, rngs=rngs,
@@ -227,7 +234,7 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   hidden = int(cfg.embed_dim * cfg.mlp_ratio)
   _check(hidden >= 1, f'model.mlp_ratio={cfg.mlp_ratio} gives stage 0 an MLP hidden width of '
          f'int({cfg.embed_dim} * {cfg.mlp_ratio}) = {hidden}; it must be >= 1')
-  _check_attention(cfg)
+  _check_attention(cfg, stage_resolutions(img_size, cfg.patch_size, n), global_attention)
   downsample_options = _options(cfg.downsample_options, cfg.downsample)
   # Checked even if no stage downsamples.
   resampling.check_options('downsample', cfg.downsample, downsample_options)
@@ -245,17 +252,36 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
 _GPU_ATTENTION_CORES = ('cudnn', 'pallas')
 
 
-def _check_attention(cfg: ml_collections.ConfigDict) -> None:
+def _check_attention(cfg: ml_collections.ConfigDict, resolutions: Sequence[Resolution],
+                     global_attention: Sequence[int]) -> None:
   """A GPU attention core can run this config here (WindowAttention checks the name)."""
   if cfg.attention not in _GPU_ATTENTION_CORES:
     return
   field = f'model.attention={cfg.attention!r}'
+  if cfg.attention == 'pallas':
+    _check_pallas_windows(cfg.window_size, resolutions, global_attention)
   if cfg.attention == 'cudnn':
     _check(cfg.dtype == 'bfloat16', f"{field} needs model.dtype='bfloat16', got {cfg.dtype!r}")
   _check(cfg.attn_drop_rate == 0.0,
          f'{field} has no attention dropout: model.attn_drop_rate={cfg.attn_drop_rate} must be 0')
   _check(jax.default_backend() == 'gpu',
          f"{field} needs an NVIDIA GPU; this backend is {jax.default_backend()!r}: use 'einsum'")
+
+
+def _check_pallas_windows(window_size: int, resolutions: Sequence[Resolution],
+                          global_attention: Sequence[int]) -> None:
+  """Every stage's window fits the kernel's tile, refused here rather than at the
+  first traced step, after the workdir is written."""
+  limit = attention_kernel.MAX_TOKENS
+  for i, res in enumerate(resolutions):
+    if i in global_attention:
+      window, fix = res, f'drop {i} from model.global_attention'
+    else:
+      window, fix = stage_window(res, window_size, 0)[0], 'use a smaller model.window_size'
+    _check(window[0] * window[1] <= limit,
+           f"model.attention='pallas' takes windows of up to {limit} tokens, but stage {i}'s "
+           f'{window[0]}x{window[1]} window has {window[0] * window[1]}: {fix}, or use '
+           "model.attention='einsum'")
 
 
 def _build_classifier(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> Classifier:

@@ -325,6 +325,12 @@ def test_forward_flops_match_swin_t_matmul_count():
      r"model.attention='cudnn' has no attention dropout: model.attn_drop_rate=0.1 must be 0"),
     (dict(attention='pallas', attn_drop_rate=0.2),
      r"model.attention='pallas' has no attention dropout: model.attn_drop_rate=0.2 must be 0"),
+    # Stage 0 is 16x16 tokens: a 12x12 window, or the whole map, outgrows the kernel's tile.
+    (dict(attention='pallas', img_size=32, window_size=12),
+     r"model.attention='pallas' takes windows of up to 128 tokens, but stage 0's 12x12 window "
+     r"has 144: use a smaller model.window_size, or use model.attention='einsum'"),
+    (dict(attention='pallas', img_size=32, global_attention=(1, 0)),
+     r"stage 0's 16x16 window has 256: drop 0 from model.global_attention"),
 ])
 def test_attention_field_is_validated(overrides, message):
   with pytest.raises(ValueError, match=message):
@@ -333,7 +339,8 @@ def test_attention_field_is_validated(overrides, message):
 
 @pytest.mark.parametrize('core', ['cudnn', 'pallas'])
 def test_gpu_attention_cores_build_only_on_a_gpu(core):
-  config = tiny_model_config(attention=core, dtype='bfloat16')
+  # Stage 1's 8x8 map as one global window: 64 tokens fit the pallas tile.
+  config = tiny_model_config(attention=core, dtype='bfloat16', img_size=32, global_attention=(1,))
   if jax.default_backend() == 'gpu':
     assert build_model(config, rngs=nnx.Rngs(0)).encoder.stages[0].blocks[0].attn.core is (
         ATTENTION_CORES[core])
