@@ -320,7 +320,8 @@ def test_forward_flops_match_swin_t_matmul_count():
 @pytest.mark.parametrize('overrides, message', [
     (dict(attention='flash'),
      r"model.attention='flash' is not one of \['cudnn', 'einsum', 'einsum_lowp', 'pallas'\]"),
-    (dict(attention='cudnn'), r"model.attention='cudnn' needs model.dtype='bfloat16', got 'float32'"),
+    (dict(attention='cudnn'),
+     r"model.attention='cudnn' needs model.dtype='bfloat16', got 'float32'"),
     (dict(attention='cudnn', dtype='bfloat16', attn_drop_rate=0.1),
      r"model.attention='cudnn' has no attention dropout: model.attn_drop_rate=0.1 must be 0"),
     (dict(attention='pallas', attn_drop_rate=0.2),
