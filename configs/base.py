@@ -94,7 +94,10 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.name = 'fashion_mnist'
   d.data_dir = ''            # tfds data dir; '' = $TFDS_DATA_DIR or ~/tensorflow_datasets.
   d.train_split = 'train'    # tfds split names; slices work, e.g. 'train[:90%]'.
-  d.eval_split = 'test'      # Evaluated during training and by eval.py.
+  # Evaluated during training (it picks the kept best checkpoint) and by eval.py.
+  # To select on held-out data, not on the test set: train_split='train[:90%]',
+  # eval_split='train[90%:]', then `eval.py --split=test` once.
+  d.eval_split = 'test'
   d.image_size = 32          # Images are brought to image_size x image_size ...
   # ... by 'pad' (centre zero-pad / crop) or 'resize' (bilinear). Classification
   # of data of varying size (imagenet2012) ignores it: Inception crop in
@@ -135,6 +138,7 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.grad_accum_steps = 1     # Micro-batches per optimizer step.
   t.label_smoothing = 0.1    # Of the one-hot (or mixed) targets; 0 = off.
   t.ema_decay = 0.0          # EMA of weights (e.g. 0.9998); 0 = off.
+  t.ema_warmup = False       # Decay min(ema_decay, (1 + n) / (10 + n)) at update n (TF's).
   t.log_every_steps = 50     # Train scalars to the log and metrics.jsonl.
   t.eval_every_steps = 0     # 0 = evaluate at the end of each epoch.
   t.checkpoint_every_steps = 500  # Also at every eval, at the end and on SIGTERM.

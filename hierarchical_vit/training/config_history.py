@@ -26,6 +26,7 @@ ADDED_FIELDS: dict[Path, Any] = {
     ('model', 'downsample_options', 'conv_max_pool'): {'pool_size': 3},
     ('mesh', 'dcn_shape'): (),
     ('model', 'remat'): 'none',
+    ('train', 'ema_warmup'): False,
 }
 # Fields removed since runs were saved, none of which changed what a run
 # trained, with the one value they ever had.

@@ -165,6 +165,20 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return {k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()}
 
 
+def ema_decay(train_config: ml_collections.ConfigDict, num_updates: jax.Array) -> jax.Array:
+  """The EMA decay of the optimizer update after `num_updates` earlier ones.
+
+  With train.ema_warmup, min(ema_decay, (1 + n) / (10 + n)) as in TensorFlow's
+  ExponentialMovingAverage(num_updates=n): without it, a 0.9998 average stays
+  mostly the random initialization for the first few thousand updates.
+  """
+  decay = jnp.asarray(train_config.ema_decay, jnp.float32)
+  if train_config.ema_warmup:
+    n = jnp.asarray(num_updates, jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+  return decay
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     config: ml_collections.ConfigDict
@@ -205,7 +219,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     if 'ema_params' in state:
       # With accumulation, params only change on the last micro-batch.
       updated = (state['step'] + 1) % tc.grad_accum_steps == 0
-      decay = jnp.where(updated, tc.ema_decay, 1.0)
+      decay = jnp.where(updated, ema_decay(tc, state['step'] // tc.grad_accum_steps), 1.0)
       new_state['ema_params'] = optax.incremental_update(
           params, state['ema_params'], step_size=1.0 - decay)
     metrics = {
