@@ -87,6 +87,9 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       raise ValueError(f'{field}={config[section][key]!r} must be {rule}')
   if training and tc.num_steps == 0 and tc.num_epochs <= 0:
     raise ValueError(f'train.num_epochs={tc.num_epochs} must be > 0 (or train.num_steps > 0)')
+  if training and tc.min_learning_rate > tc.learning_rate:
+    raise ValueError(f'train.min_learning_rate={tc.min_learning_rate} must be <= '
+                     f'train.learning_rate={tc.learning_rate}: the cosine schedule would rise')
   divisible = {}
   if training:
     divisible['train.batch_size'] = (tc.batch_size, 'train.grad_accum_steps',
@@ -123,7 +126,15 @@ _TRAIN_RANGES: dict[str, _Range] = {
     'train.warmup_epochs': ('>= 0', lambda v: v >= 0),
     'train.label_smoothing': ('in [0, 1)', lambda v: 0 <= v < 1),
     'train.ema_decay': ('in [0, 1) (0 = off)', lambda v: 0 <= v < 1),
+    'train.learning_rate': ('>= 0', lambda v: v >= 0),
+    'train.min_learning_rate': ('>= 0', lambda v: v >= 0),
+    'train.weight_decay': ('>= 0', lambda v: v >= 0),
+    'train.b1': ('in [0, 1)', lambda v: 0 <= v < 1),
+    'train.b2': ('in [0, 1)', lambda v: 0 <= v < 1),
+    'train.grad_clip_norm': ('>= 0 (0 = off)', lambda v: v >= 0),
     'data.mix_prob': ('in [0, 1]', lambda v: 0 <= v <= 1),
+    'data.random_erasing': ('in [0, 1]', lambda v: 0 <= v <= 1),
+    'mesh.fsdp_min_size': ('>= 0', lambda v: v >= 0),
 }
 
 

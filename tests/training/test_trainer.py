@@ -288,6 +288,14 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.ema_decay', 1.5, r'train.ema_decay=1.5 must be in \[0, 1\) \(0 = off\)'),
     ('data.mix_prob', -0.5, r'data.mix_prob=-0.5 must be in \[0, 1\]'),
     ('data.num_workers', -1, r'data.num_workers=-1 must be >= 0'),
+    ('data.random_erasing', 1.5, r'data.random_erasing=1.5 must be in \[0, 1\]'),
+    ('train.grad_clip_norm', -1.0, r'train.grad_clip_norm=-1.0 must be >= 0 \(0 = off\)'),
+    ('train.learning_rate', -1e-3, r'train.learning_rate=-0.001 must be >= 0'),
+    ('train.min_learning_rate', 0.01, r'train.min_learning_rate=0.01 must be <= '
+                                      r'train.learning_rate=0.001: the cosine schedule would rise'),
+    ('train.weight_decay', -0.1, r'train.weight_decay=-0.1 must be >= 0'),
+    ('train.b2', 1.0, r'train.b2=1.0 must be in \[0, 1\)'),
+    ('mesh.fsdp_min_size', -1, r'mesh.fsdp_min_size=-1 must be >= 0'),
 ])
 def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
   config = cifar.get_config('cifar10,cifar_small')
