@@ -223,17 +223,24 @@ def _print_table(title: str, errors: dict[str, float]) -> None:
     print(f'  {name:>20}: {error:.4f}')
 
 
+# The data fields that decide what images a model sees at evaluation.
+_IMAGE_FIELDS = ('name', 'image_size', 'resize_mode', 'mean', 'std')
+
+
 def check_runs_match(config: ml_collections.ConfigDict, run_dirs: Sequence[str]) -> None:
-  """ValueError unless every run trained on config's data set at its image
-  size: the images are loaded once, from config, for all of them."""
-  want = (config.data.name, config.data.image_size)
+  """ValueError unless every run trained on the images config gives (data set,
+  size, resize and normalization): they are loaded once, from config, for all."""
+  image_fields = lambda c: {f: tuple(v) if isinstance(v, (list, tuple)) else v
+                            for f, v in ((f, c.data[f]) for f in _IMAGE_FIELDS)}
+  want = image_fields(config)
   for run_dir in run_dirs:
-    run = trainer.load_config(run_dir)
-    if (run.data.name, run.data.image_size) != want:
+    got = image_fields(trainer.load_config(run_dir))
+    diffs = [f'data.{f}={got[f]!r} (--config: {want[f]!r})' for f in _IMAGE_FIELDS
+             if got[f] != want[f]]
+    if diffs:
       raise ValueError(
-          f'--run_dirs: {run_dir} trained on {run.data.name!r} at data.image_size='
-          f'{run.data.image_size}, but --config gives {want[0]!r} at {want[1]}; measure it '
-          f'with its own config (--config=configs/saved.py:{run_dir}).')
+          f'--run_dirs: {run_dir} trained with {", ".join(diffs)}; measure it with its own '
+          f'config (--config=configs/saved.py:{run_dir}).')
 
 
 def main(argv):

@@ -175,10 +175,14 @@ def test_information_refuses_runs_of_other_data(tmp_path):
   same = _fake_run(tmp_path / 'a-seed0')
   information.check_runs_match(config, [same])
   canvas = _fake_run(tmp_path / 'b-seed0', name='fashion_mnist_canvas', image_size=64)
-  with pytest.raises(ValueError, match=r"b-seed0 trained on 'fashion_mnist_canvas' at "
-                                       r"data.image_size=64, but --config gives 'fashion_mnist' "
-                                       r'at 32'):
+  with pytest.raises(ValueError, match=r"b-seed0 trained with data.name='fashion_mnist_canvas' "
+                                       r"\(--config: 'fashion_mnist'\), data.image_size=64 "
+                                       r'\(--config: 32\); measure it with its own config'):
     information.check_runs_match(config, [same, canvas])
+  config.data.update(mean=(0.3,), std=(0.4,))  # Normalized other than the run was.
+  with pytest.raises(ValueError, match=r'a-seed0 trained with data.mean=\(\) \(--config: '
+                                       r'\(0.3,\)\), data.std=\(\) \(--config: \(0.4,\)\)'):
+    information.check_runs_match(config, [same])
 
 
 @pytest.mark.parametrize('module', ['hierarchical_vit.report', 'hierarchical_vit.information'])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from configs import base
 from hierarchical_vit import shift_consistency as sc
 from hierarchical_vit.models import build_model
 from hierarchical_vit.training import trainer
@@ -160,7 +161,8 @@ def _fake_run(path, task: str = 'classification', name: str = 'fashion_mnist',
               image_size: int = 32) -> str:
   os.makedirs(path)
   with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump({'task': task, 'data': {'name': name, 'image_size': image_size}}, f)
+    data = {**base.get_data_config().to_dict(), 'name': name, 'image_size': image_size}
+    json.dump({'task': task, 'data': data}, f)
   return str(path)
 
 
