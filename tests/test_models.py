@@ -76,6 +76,10 @@ def test_unet_decoder_mirrors_encoder():
   model = build_model(tiny_model_config(name='unet', decoder_depths=(2, 1)), rngs=nnx.Rngs(0))
   assert [len(s.blocks) for s in model.decoder.stages] == [2, 1]
   assert [u.out_features for u in model.decoder.upsamplers] == [32, 16]
+  # By default each level repeats its encoder stage's depth, deepest level first.
+  default = nnx.eval_shape(lambda: build_model(
+      tiny_model_config(name='unet', depths=(1, 2, 3)), rngs=nnx.Rngs(0)))
+  assert [len(s.blocks) for s in default.decoder.stages] == [2, 1]
 
 
 def test_dropout_and_drop_path_follow_train_eval():
