@@ -4,10 +4,13 @@ Every expectation is worked out here in numpy (or by hand), never by calling
 the code under test.
 """
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hierarchical_vit.data import pipeline
 from hierarchical_vit.training import tasks
 
 CLS = tasks.TASKS['classification']
@@ -192,3 +195,11 @@ def test_smoothing_spreads_eps_over_all_classes_including_the_true_one():
   loss = CLS.loss(logits, jnp.array([[1.0, 0.0, 0.0, 0.0]]), 0.2)
   np.testing.assert_allclose(
       loss, 0.85 * np.log(2.0) + 0.15 * np.log(6.0), rtol=1e-6)
+
+
+def test_every_task_has_its_data_and_eval_report():
+  """A task is three entries, one per layer: its loss and metrics (TASKS), its
+  records and transforms (the data pipeline) and its eval.py report. One added
+  to TASKS alone would fail in the pipeline or in eval.py with a bare KeyError."""
+  eval_script = importlib.import_module('eval')
+  assert set(pipeline._TASKS) == set(tasks.TASKS) == set(eval_script._REPORTS)
