@@ -57,6 +57,7 @@ import numpy as np
 from absl import app, flags
 
 from hierarchical_vit import data, files
+from hierarchical_vit.analysis import stats
 from hierarchical_vit.training import trainer
 
 Array = np.ndarray
@@ -159,9 +160,8 @@ def by_variant(runs: dict[str, dict]) -> dict[str, dict]:
   for variant, results in groups.items():
     summary[variant] = {'num_runs': len(results)}
     for metric in METRICS:
-      values = np.array([r[metric] for r in results])
-      summary[variant][metric] = float(values.mean())
-      summary[variant][f'{metric}_std'] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+      summary[variant][metric], summary[variant][f'{metric}_std'] = stats.mean_std(
+          [r[metric] for r in results])
   return summary
 
 
