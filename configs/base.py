@@ -34,7 +34,7 @@ def get_model_config() -> ml_collections.ConfigDict:
   # tanh GELU in the Swin blocks: ~2x cheaper on CPU; False = exact erf (Swin/timm).
   # The 'conv' stem, not part of Swin, always uses tanh.
   m.gelu_approximate = False
-  m.drop_rate = 0.0          # Dropout after attention projection, MLP, head.
+  m.drop_rate = 0.0          # Dropout after attention projection, MLP, classifier head.
   m.attn_drop_rate = 0.0     # Dropout on attention probabilities.
   m.drop_path_rate = 0.1     # Stochastic depth, linearly increasing per block.
   m.dtype = 'float32'        # Compute dtype: 'float32' or 'bfloat16' (params stay f32).

@@ -37,7 +37,7 @@ names them) the mean and standard deviation over seeds.
 
   python -m hierarchical_vit.shift_consistency \
       --run_dirs='workdirs/antialias/runs/*' \
-      --output=docs/results/antialias_fashion_mnist/shift_consistency.json
+      --output=docs/results/antialias_fashion_mnist_2ep/shift_consistency.json
   # Zhang's ImageNet protocol:
   python -m hierarchical_vit.shift_consistency --run_dirs=workdirs/swin_t \
       --shift=crop --max_shift=16 --num_images=50000
