@@ -260,7 +260,7 @@ def _put_leaf(x, sharding: NamedSharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
 
-def bytes_per_device(tree) -> int:
+def bytes_per_device(tree: Any) -> int:
   """Bytes one device holds of a pytree of sharded jax.Arrays."""
   return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
