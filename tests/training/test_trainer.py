@@ -113,9 +113,10 @@ def test_non_finite_loss_stops_without_saving(trained, tmp_path):
   resumed = str(tmp_path / 'nan')
   shutil.copytree(workdir, resumed)
   shutil.rmtree(os.path.join(resumed, 'checkpoints', '6'))
-  # Steps 4+ diverge under a NaN learning rate, which a resume must not change.
+  # Step 4 overflows the params under a 1e38 learning rate (a NaN one is refused
+  # by check_config), which a resume must not change.
   os.remove(os.path.join(resumed, 'config.json'))
-  config = tiny_config(config.data.data_dir, learning_rate=float('nan'))
+  config = tiny_config(config.data.data_dir, learning_rate=1e38)
   with pytest.raises(FloatingPointError,
                      match=r'Non-finite .* step 4.*checkpoint \(step 3\)'):
     trainer.train_and_evaluate(config, resumed)
@@ -291,6 +292,7 @@ def test_shipped_configs_match_their_data(name, arg):
     ('data.random_erasing', 1.5, r'data.random_erasing=1.5 must be in \[0, 1\]'),
     ('train.grad_clip_norm', -1.0, r'train.grad_clip_norm=-1.0 must be >= 0 \(0 = off\)'),
     ('train.learning_rate', -1e-3, r'train.learning_rate=-0.001 must be >= 0'),
+    ('train.learning_rate', float('nan'), r'train.learning_rate=nan must be >= 0'),
     ('train.min_learning_rate', 0.01, r'train.min_learning_rate=0.01 must be <= '
                                       r'train.learning_rate=0.001: the cosine schedule would rise'),
     ('train.weight_decay', -0.1, r'train.weight_decay=-0.1 must be >= 0'),
