@@ -11,9 +11,13 @@ Ratios ours/timm are paired: each round's ratio compares the two sides timed
 back to back in that round; the figure is the median over rounds, printed with
 the lowest and highest round so that a table shows how far one round moves it.
 
-MFU = (3 x forward FLOPs per image, from XLA's cost analysis) x img/s / peak,
-with the peak a jitted matmul in the benchmark's dtype (2048^2 on CPU, 8192^2
-on accelerators) timed in the same rounds.
+MFU = (3 x the forward's matmul and convolution FLOPs per image,
+report.matmul_flops) x img/s / peak, with the peak a jitted matmul in the
+benchmark's dtype (2048^2 on CPU, 8192^2 on accelerators) timed in the same
+rounds. The FLOPs are the architecture's, one count for both sides: XLA's count
+of all ops (report.forward_flops) would credit an exact-erf GELU ~4% more work
+than a tanh one. Results before 2026-11-26 22:00 UTC used XLA's count
+(`train_gflop_per_img` in their JSON).
 
   python -m benchmarks.throughput --output=throughput.json   # small, swin_t_32 on CPU
   python -m benchmarks.throughput --configs=swin_t_224 --gelu=erf   # accelerators
@@ -140,7 +144,7 @@ class Ours:
     self.train_batch = train_batch
     model = nnx.merge(eval_graphdef, params, self.rest)
     self.num_params = report.count_params(model)
-    self.forward_flops_per_image = report.forward_flops(model, self.batch['image'].shape) / batch
+    self.model_flops_per_image = report.matmul_flops(model, self.batch['image'].shape) / batch
 
   def memory(self) -> dict[str, float]:
     """XLA's static buffer sizes of the compiled train step, MiB."""
@@ -276,18 +280,18 @@ def benchmark(name: str, gelu: str, peak: MatmulPeak, batch: int, steps: int,
       'config': name, 'gelu': gelu, 'dtype': dtype, 'attention': attention, 'remat': remat,
       'timm_compile': bool(timm_model and timm_model.compiled),
       'batch': batch, 'params': int(ours.num_params),
-      'train_gflop_per_img': 3 * ours.forward_flops_per_image / 1e9,
+      'train_model_gflop_per_img': 3 * ours.model_flops_per_image / 1e9,
       'peak_gflops': statistics.median(peaks), 'peak_matmul': f'{peak.dtype} {peak.n}^2',
       'train_compile_s': ours.train_compile_s, 'eval_compile_s': ours.eval_compile_s,
       **ours.memory(),
   }
   for key, ts in times.items():
     result[f'{key}_img_s'] = steps * batch / statistics.median(ts)
-  result['ours_train_mfu'] = (result['ours_train_img_s'] * result['train_gflop_per_img']
+  result['ours_train_mfu'] = (result['ours_train_img_s'] * result['train_model_gflop_per_img']
                               / result['peak_gflops'])
   if timm_model:
     result['timm_params'] = int(timm_model.num_params)
-    result['timm_train_mfu'] = (result['timm_train_img_s'] * result['train_gflop_per_img']
+    result['timm_train_mfu'] = (result['timm_train_img_s'] * result['train_model_gflop_per_img']
                                 / result['peak_gflops'])
     for mode in ('train', 'eval'):
       ratio = paired_ratio(times[f'ours_{mode}'], times[f'timm_{mode}'])

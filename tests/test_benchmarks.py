@@ -117,6 +117,13 @@ def test_cli_times_each_variant_and_keeps_those_before_one_that_fails(tmp_path):
   results = json.loads(output.read_text())['results']
   assert [(r['attention'], r['remat']) for r in results] == [('einsum', 'block')]
   assert all(r['ours_train_img_s'] > 0 and 'timm_train_img_s' not in r for r in results)
+  # MFU counts the architecture's matmul FLOPs (the same for either GELU).
+  config = throughput.model_config(throughput.CONFIGS['small'], gelu_approximate=False)
+  model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
+  flops = 3 * report.matmul_flops(model, (2, 32, 32, 3)) / 2 / 1e9
+  assert results[0]['train_model_gflop_per_img'] == pytest.approx(flops, rel=1e-6)
+  assert results[0]['ours_train_mfu'] == pytest.approx(
+      results[0]['ours_train_img_s'] * flops / results[0]['peak_gflops'], rel=1e-6)
 
 
 def test_timm_for_builds_one_reference_for_every_variant_of_ours():

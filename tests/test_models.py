@@ -13,7 +13,7 @@ from configs import base
 from hierarchical_vit import presets, resampling
 from hierarchical_vit.layers.attention import ATTENTION_CORES
 from hierarchical_vit.models import Classifier, build_model, encoder_kwargs
-from hierarchical_vit.report import count_params, forward_flops, model_report
+from hierarchical_vit.report import count_params, forward_flops, matmul_flops, model_report
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
 
@@ -319,6 +319,31 @@ def test_forward_flops_match_swin_t_matmul_count():
   expected += 2 * 768 * 1000  # head
   counted = forward_flops(model, (1, 224, 224, 3))
   assert expected <= counted <= 1.05 * expected, (counted, expected)
+  # The matmuls and convolutions alone are exactly the published count, with
+  # either GELU (whose elementwise work forward_flops counts differently).
+  assert matmul_flops(model, (1, 224, 224, 3)) == expected
+  m.gelu_approximate = True
+  tanh = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
+  assert matmul_flops(tanh, (1, 224, 224, 3)) == expected != forward_flops(tanh, (1, 224, 224, 3))
+
+
+def test_matmul_flops_count_grouped_convolutions_and_scanned_layers():
+  """A depthwise conv does C / groups multiply-adds per output, and a layer
+  under lax.scan runs once per step: counted by hand here."""
+
+  class Net(nnx.Module):
+
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(8, 8, (3, 3), feature_group_count=4, padding='VALID', rngs=rngs)
+      self.dense = nnx.Linear(8, 5, rngs=rngs)
+
+    def __call__(self, x):  # (2, 6, 6, 8) -> (2, 4, 4, 8) -> 3 x (2, 16, 8) @ (8, 5)
+      y = self.conv(x).reshape(2, 16, 8)
+      return jax.lax.scan(lambda c, _: (c, self.dense(y)), 0.0, None, length=3)[1]
+
+  conv = 2 * (2 * 4 * 4 * 8) * (3 * 3 * 8 // 4)
+  dense = 3 * 2 * (2 * 16 * 5) * 8
+  assert matmul_flops(Net(nnx.Rngs(0)), (2, 6, 6, 8)) == conv + dense
 
 
 @pytest.mark.parametrize('overrides, message', [
