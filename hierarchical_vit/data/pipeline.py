@@ -290,7 +290,9 @@ def _train_ops(data_config: ml_collections.ConfigDict,
   if data_config.augment:
     ops.append(transforms.AutoAugment(data_config.augment,
                                       data_config.randaugment_num_ops,
-                                      data_config.randaugment_magnitude))
+                                      data_config.randaugment_magnitude,
+                                      data_config.randaugment_prob,
+                                      data_config.randaugment_magnitude_std))
   ops.append(transforms.Normalize(*_mean_std(data_config, info)))
   if data_config.random_erasing > 0:
     ops.append(transforms.RandomErasing(data_config.random_erasing))

@@ -110,7 +110,10 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
                         scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)
                         ) -> np.ndarray:
-  """Inception crop (torchvision's RandomResizedCrop): (H, W, C) -> (size, size, C)."""
+  """Inception crop (torchvision's RandomResizedCrop): (H, W, C) -> (size, size, C).
+
+  Bicubic, as Swin's and DeiT's ImageNet pipelines resize.
+  """
   h, w = image.shape[:2]
   for _ in range(10):
     area = h * w * rng.uniform(*scale)
@@ -120,17 +123,25 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
     if 0 < cw <= w and 0 < ch <= h:
       y = rng.integers(0, h - ch + 1)
       x = rng.integers(0, w - cw + 1)
-      return resize(image[y:y + ch, x:x + cw], size, size)
-  # Rare fallback for extreme aspect ratios: the central crop.
-  return centre_crop(image, size, crop_fraction=1.0)
+      return resize(image[y:y + ch, x:x + cw], size, size, Image.BICUBIC)
+  # Rare fallback for extreme aspect ratios, as torchvision's: the central box
+  # of the whole image with its aspect ratio clamped into `ratio`.
+  ch, cw = h, w
+  if w / h < ratio[0]:
+    ch = round(w / ratio[0])
+  elif w / h > ratio[1]:
+    cw = round(h * ratio[1])
+  y, x = (h - ch) // 2, (w - cw) // 2
+  return resize(image[y:y + ch, x:x + cw], size, size, Image.BICUBIC)
 
 
 def centre_crop(image: np.ndarray, size: int,
                 crop_fraction: float = CROP_FRACTION) -> np.ndarray:
-  """Resizes the shorter side to size / crop_fraction, keeps the centre square."""
+  """Resizes the shorter side to size / crop_fraction (bicubic), keeps the centre square."""
   h, w = image.shape[:2]
   scale = size / crop_fraction / min(h, w)
-  image = resize(image, max(size, round(h * scale)), max(size, round(w * scale)))
+  image = resize(image, max(size, round(h * scale)), max(size, round(w * scale)),
+                 Image.BICUBIC)
   return pad_or_crop(image, size)
 
 
@@ -170,13 +181,33 @@ def random_erase(image: np.ndarray, rng: np.random.Generator,
 # ---------------------------------------------------------------------------
 # TrivialAugment / RandAugment.
 #
-# Ops (PIL, fill 0): Identity, AutoContrast, Equalize, Rotate (<=30 deg),
-# Solarize (threshold 256 -> 0), Posterize (8 -> 4 bits), Color, Contrast,
-# Brightness, Sharpness (factor 1 +- 0.9), ShearX/Y (<=0.3), TranslateX/Y
-# (<=45% of the side). Each op takes a strength level in [0, 1]; signed ops
-# pick the sign at random. RandAugment applies `num_ops` random ops at
-# level = magnitude / 10 (timm's scale, so the usual m9 is 0.9); TrivialAugment
-# applies one random op at a level drawn uniformly from 31 bins in [0, 1].
+# Ops (PIL, fill 0): Identity, AutoContrast, Equalize, Rotate, Solarize
+# (threshold 256 -> 0), Posterize, Color, Contrast, Brightness, Sharpness
+# (factor 1 +- enhance), ShearX/Y, TranslateX/Y. Each op takes a strength level
+# in [0, 1], scaled by an OpRanges; signed ops pick the sign at random.
+# RandAugment applies `num_ops` random ops at level = magnitude / 10 (timm's
+# scale, so the usual m9 is 0.9); TrivialAugment applies one random op at a
+# level drawn uniformly from 31 bins in [0, 1].
+
+
+@dataclasses.dataclass(frozen=True)
+class OpRanges:
+  """What level 1 means for each levelled op."""
+  rotate: float            # Degrees.
+  shear: float
+  translate: float         # A fraction of the side, or pixels with translate_pixels.
+  translate_pixels: bool
+  enhance: float           # Color, Contrast, Brightness, Sharpness: factor 1 +- this.
+  posterize: int           # Bits dropped (of 8).
+
+
+# RandAugment's space on timm's scale; TrivialAugment in it is the paper's "TA (RA)".
+RA_RANGES = OpRanges(rotate=30.0, shear=0.3, translate=0.45, translate_pixels=False,
+                     enhance=0.9, posterize=4)
+# TrivialAugment's own wide space (Mueller & Hutter 2021, Table 2; torchvision's
+# TrivialAugmentWide): translations in pixels whatever the image size.
+WIDE_RANGES = OpRanges(rotate=135.0, shear=0.99, translate=32.0, translate_pixels=True,
+                       enhance=0.99, posterize=6)
 
 
 def _signed(level: float, rng: np.random.Generator) -> float:
@@ -189,62 +220,80 @@ def _affine(img: Image.Image, coeffs: tuple[float, ...]) -> Image.Image:
 
 
 def _enhance(enhancer) -> Callable:
-  return lambda img, level, rng: enhancer(img).enhance(
-      1.0 + 0.9 * _signed(level, rng))
+  return lambda img, level, rng, r: enhancer(img).enhance(
+      1.0 + r.enhance * _signed(level, rng))
 
 
-_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator],
+def _translate(img: Image.Image, axis: int, level: float, rng: np.random.Generator,
+               r: OpRanges) -> Image.Image:
+  side = 1.0 if r.translate_pixels else img.size[axis]
+  offset = r.translate * side * _signed(level, rng)
+  return _affine(img, (1, 0, offset, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, offset))
+
+
+_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator, OpRanges],
                          Image.Image]] = {
-    'Identity': lambda img, level, rng: img,
-    'AutoContrast': lambda img, level, rng: ImageOps.autocontrast(img),
-    'Equalize': lambda img, level, rng: ImageOps.equalize(img),
-    'Rotate': lambda img, level, rng: img.rotate(
-        30.0 * _signed(level, rng), Image.BILINEAR, fillcolor=0),
-    'Solarize': lambda img, level, rng: ImageOps.solarize(
+    'Identity': lambda img, level, rng, r: img,
+    'AutoContrast': lambda img, level, rng, r: ImageOps.autocontrast(img),
+    'Equalize': lambda img, level, rng, r: ImageOps.equalize(img),
+    'Rotate': lambda img, level, rng, r: img.rotate(
+        r.rotate * _signed(level, rng), Image.BILINEAR, fillcolor=0),
+    'Solarize': lambda img, level, rng, r: ImageOps.solarize(
         img, round(256 * (1.0 - level))),
-    'Posterize': lambda img, level, rng: ImageOps.posterize(
-        img, 8 - round(4 * level)),
+    'Posterize': lambda img, level, rng, r: ImageOps.posterize(
+        img, 8 - round(r.posterize * level)),
     'Color': _enhance(ImageEnhance.Color),
     'Contrast': _enhance(ImageEnhance.Contrast),
     'Brightness': _enhance(ImageEnhance.Brightness),
     'Sharpness': _enhance(ImageEnhance.Sharpness),
-    'ShearX': lambda img, level, rng: _affine(
-        img, (1, 0.3 * _signed(level, rng), 0, 0, 1, 0)),
-    'ShearY': lambda img, level, rng: _affine(
-        img, (1, 0, 0, 0.3 * _signed(level, rng), 1, 0)),
-    'TranslateX': lambda img, level, rng: _affine(
-        img, (1, 0, 0.45 * img.size[0] * _signed(level, rng), 0, 1, 0)),
-    'TranslateY': lambda img, level, rng: _affine(
-        img, (1, 0, 0, 0, 1, 0.45 * img.size[1] * _signed(level, rng))),
+    'ShearX': lambda img, level, rng, r: _affine(
+        img, (1, r.shear * _signed(level, rng), 0, 0, 1, 0)),
+    'ShearY': lambda img, level, rng, r: _affine(
+        img, (1, 0, 0, r.shear * _signed(level, rng), 1, 0)),
+    'TranslateX': lambda img, level, rng, r: _translate(img, 0, level, rng, r),
+    'TranslateY': lambda img, level, rng, r: _translate(img, 1, level, rng, r),
 }
 OP_NAMES = tuple(_OPS)
 
 
-def apply_op(image: np.ndarray, name: str, level: float,
-             rng: np.random.Generator) -> np.ndarray:
+def apply_op(image: np.ndarray, name: str, level: float, rng: np.random.Generator,
+             ranges: OpRanges = RA_RANGES) -> np.ndarray:
   """Applies augmentation op `name` at strength level in [0, 1] to uint8 (H, W, C)."""
-  return _from_pil(_OPS[name](_to_pil(image), level, rng), image.shape[2])
+  return _from_pil(_OPS[name](_to_pil(image), level, rng, ranges), image.shape[2])
 
 
 def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int,
-                 magnitude: float) -> np.ndarray:
-  """RandAugment (Cubuk et al. 2020): num_ops random ops at a fixed magnitude."""
+                 magnitude: float, prob: float = 1.0,
+                 magnitude_std: float = 0.0) -> np.ndarray:
+  """RandAugment (Cubuk et al. 2020): num_ops random ops at magnitude / 10.
+
+  As in timm's recipes (rand-m9-mstd0.5, Swin's), each op may apply only with
+  probability `prob`, at a magnitude drawn from N(magnitude, magnitude_std)
+  and clipped to [0, 10]; the defaults are the paper's fixed RandAugment.
+  """
   for name in rng.choice(OP_NAMES, size=num_ops):
-    image = apply_op(image, str(name), min(magnitude / 10.0, 1.0), rng)
+    if prob < 1.0 and rng.random() >= prob:
+      continue
+    level = magnitude
+    if magnitude_std > 0:
+      level = float(np.clip(rng.normal(magnitude, magnitude_std), 0.0, 10.0))
+    image = apply_op(image, str(name), level / 10.0, rng)
   return image
 
 
-def trivial_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def trivial_augment(image: np.ndarray, rng: np.random.Generator,
+                    ranges: OpRanges = RA_RANGES) -> np.ndarray:
   """TrivialAugment (Mueller & Hutter 2021): one random op at a random level."""
   name = str(rng.choice(OP_NAMES))
-  return apply_op(image, name, rng.integers(0, 31) / 30.0, rng)
+  return apply_op(image, name, rng.integers(0, 31) / 30.0, rng, ranges)
 
 
-# data.augment -> fn(image, rng, num_ops, magnitude); the last two are
-# RandAugment's (data.randaugment_num_ops / _magnitude).
+# data.augment -> fn(image, rng, the AutoAugment transform holding its options).
 AUGMENTS = {
-    'trivial_augment': lambda image, rng, num_ops, magnitude: trivial_augment(image, rng),
-    'randaugment': rand_augment,
+    'trivial_augment': lambda image, rng, options: trivial_augment(image, rng, RA_RANGES),
+    'trivial_augment_wide': lambda image, rng, options: trivial_augment(image, rng, WIDE_RANGES),
+    'randaugment': lambda image, rng, options: rand_augment(
+        image, rng, options.num_ops, options.magnitude, options.prob, options.magnitude_std),
 }
 
 
@@ -342,23 +391,29 @@ class CropFlip(grain.transforms.RandomMap):
 
 @dataclasses.dataclass(frozen=True)
 class AutoAugment(grain.transforms.RandomMap):
-  """AUGMENTS[policy] ('trivial_augment' or 'randaugment') on uint8 images."""
+  """AUGMENTS[policy] on uint8 images; the other fields are RandAugment's."""
   policy: str
   num_ops: int = 2
   magnitude: float = 9
+  prob: float = 1.0
+  magnitude_std: float = 0.0
 
   def __post_init__(self):
-    _check_choice('data.augment', self.policy, AUGMENTS)
+    if self.policy not in AUGMENTS:
+      raise ValueError(f'data.augment={self.policy!r} is not valid; valid choices: '
+                       f"{sorted(AUGMENTS)}, or '' (off).")
     _check_count('data.randaugment_num_ops', self.num_ops)
     # Levels are magnitude / 10 (see rand_augment): negative ones make invalid
     # op arguments, and above 10 they would be silently clipped.
-    if not 0 <= self.magnitude <= 10:
-      raise ValueError(f'data.randaugment_magnitude={self.magnitude!r} is not '
-                       'valid; valid: a number in [0, 10].')
+    for field, value, low, high in (('randaugment_magnitude', self.magnitude, 0, 10),
+                                    ('randaugment_prob', self.prob, 0, 1),
+                                    ('randaugment_magnitude_std', self.magnitude_std, 0, 10)):
+      if not low <= value <= high:
+        raise ValueError(f'data.{field}={value!r} is not valid; valid: a number in '
+                         f'[{low}, {high}].')
 
   def random_map(self, example: dict, rng: np.random.Generator) -> dict:
-    augment = AUGMENTS[self.policy]
-    return {**example, 'image': augment(example['image'], rng, self.num_ops, self.magnitude)}
+    return {**example, 'image': AUGMENTS[self.policy](example['image'], rng, self)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,6 +27,8 @@ ADDED_FIELDS: dict[Path, Any] = {
     ('mesh', 'dcn_shape'): (),
     ('model', 'remat'): 'none',
     ('train', 'ema_warmup'): False,
+    ('data', 'randaugment_prob'): 1.0,
+    ('data', 'randaugment_magnitude_std'): 0.0,
 }
 # Fields removed since runs were saved, none of which changed what a run
 # trained, with the one value they ever had.

@@ -82,9 +82,9 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
                        f'{field}={want[field]}')
   ranges = {**_EVAL_RANGES, **(_TRAIN_RANGES if training else {})}
   for field, (rule, valid) in ranges.items():
-    section, key = field.split('.')
-    if not valid(config[section][key]):
-      raise ValueError(f'{field}={config[section][key]!r} must be {rule}')
+    value = functools.reduce(lambda node, key: node[key], field.split('.'), config)
+    if not valid(value):
+      raise ValueError(f'{field}={value!r} must be {rule}')
   if training and tc.num_steps == 0 and tc.num_epochs <= 0:
     raise ValueError(f'train.num_epochs={tc.num_epochs} must be > 0 (or train.num_steps > 0)')
   if training and tc.min_learning_rate > tc.learning_rate:
@@ -135,6 +135,8 @@ _TRAIN_RANGES: dict[str, _Range] = {
     'data.mix_prob': ('in [0, 1]', lambda v: 0 <= v <= 1),
     'data.random_erasing': ('in [0, 1]', lambda v: 0 <= v <= 1),
     'mesh.fsdp_min_size': ('>= 0', lambda v: v >= 0),
+    # grain's samplers take an unsigned 32-bit seed and say so without the field.
+    'seed': ('in [0, 2**32)', lambda v: 0 <= v < 2**32),
 }
 
 

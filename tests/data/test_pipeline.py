@@ -119,7 +119,8 @@ def test_batch_size_must_divide(fake_data_dir):
 
 @pytest.mark.parametrize('field, value, message', [
     ('augment', 'autoaugment',
-     r"data.augment='autoaugment' is not valid; valid choices: \['randaugment', 'trivial_augment'\]"),
+     r"data.augment='autoaugment' is not valid; valid choices: \['randaugment', "
+     r"'trivial_augment', 'trivial_augment_wide'\], or '' \(off\)"),
     ('resize_mode', 'crop',
      r"data.resize_mode='crop' is not valid; valid choices: \['pad', 'resize'\]"),
 ])

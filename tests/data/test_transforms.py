@@ -88,9 +88,9 @@ class _Draw:
     return self.value
 
 
-def _both_signs(image, name, level):
+def _both_signs(image, name, level, ranges=transforms.RA_RANGES):
   """The op's outputs for a low and a high random draw (one per sign)."""
-  return [transforms.apply_op(image, name, level, _Draw(u)) for u in (0.1, 0.9)]
+  return [transforms.apply_op(image, name, level, _Draw(u), ranges) for u in (0.1, 0.9)]
 
 
 def _assert_one_each(outs, expected_a, expected_b, atol=0):
@@ -273,7 +273,7 @@ def test_rotate_turns_by_30_level_degrees(channels):
 def test_rand_augment_applies_num_ops_at_magnitude_over_10(monkeypatch):
   calls = []
   monkeypatch.setattr(transforms, 'apply_op',
-                      lambda image, name, level, rng: calls.append(
+                      lambda image, name, level, rng, ranges=None: calls.append(
                           (name, level)) or image)
   image = _image(8, 8)
   for seed in range(10):
@@ -325,9 +325,10 @@ def test_random_resized_crop_samples_a_box_within_scale_and_ratio(monkeypatch):
   image = _image(60, 90, 3)
   boxes = []
   real_resize = transforms.resize
-  def recording_resize(crop, height, width):
+  def recording_resize(crop, height, width, resample):
+    assert resample == Image.BICUBIC  # As Swin's and DeiT's ImageNet pipelines.
     boxes.append(crop)
-    return real_resize(crop, height, width)
+    return real_resize(crop, height, width, resample)
   monkeypatch.setattr(transforms, 'resize', recording_resize)
   for seed in range(200):
     transforms.random_resized_crop(image, 32, np.random.default_rng(seed),
@@ -352,9 +353,82 @@ def test_fashion_mnist_mean_std_are_the_train_splits():
 def test_trivial_augment_draws_one_op_at_one_of_31_levels(monkeypatch):
   calls = []
   monkeypatch.setattr(transforms, 'apply_op',
-                      lambda image, name, level, rng: calls.append((name, level)) or image)
+                      lambda image, name, level, rng, ranges=None: calls.append(
+                          (name, level, ranges)) or image)
   rng = np.random.default_rng(0)
   for _ in range(2000):
     transforms.trivial_augment(np.zeros((4, 4, 1), np.uint8), rng)
-  assert {level for _, level in calls} == {k / 30 for k in range(31)}
-  assert {name for name, _ in calls} == set(transforms.OP_NAMES)
+  assert {level for _, level, _ in calls} == {k / 30 for k in range(31)}
+  assert {name for name, _, _ in calls} == set(transforms.OP_NAMES)
+  assert {ranges for _, _, ranges in calls} == {transforms.RA_RANGES}
+  calls.clear()
+  op = transforms.AutoAugment('trivial_augment_wide')
+  op.random_map({'image': np.zeros((4, 4, 1), np.uint8), 'label': 0}, rng)
+  assert [ranges for _, _, ranges in calls] == [transforms.WIDE_RANGES]
+
+
+@pytest.mark.parametrize('channels', [1, 3])
+def test_wide_ranges_are_trivial_augments_published_ones(channels):
+  """TrivialAugment's wide space at level 2/3: rotate 90 degrees, shear 0.66,
+  enhance 1 +- 0.66, posterize to 4 bits; at level 3/4, translate 24 pixels
+  whatever the side."""
+  wide, level = transforms.WIDE_RANGES, 2 / 3
+  image = _image(40, 30, channels)
+  rotated = lambda deg: _array(_pil(image).rotate(deg, Image.BILINEAR, fillcolor=0), channels)
+  _assert_one_each(_both_signs(image, 'Rotate', level, wide), rotated(90), rotated(-90), atol=1)
+  sheared = lambda c: _array(_pil(image).transform((30, 40), Image.AFFINE, c, Image.BILINEAR,
+                                                   fillcolor=0), channels)
+  _assert_one_each(_both_signs(image, 'ShearX', level, wide),
+                   sheared((1, 0.66, 0, 0, 1, 0)), sheared((1, -0.66, 0, 0, 1, 0)), atol=1)
+  _assert_one_each(_both_signs(image, 'TranslateX', 0.75, wide),
+                   _shift(image, 0, 24), _shift(image, 0, -24), atol=1)
+  _assert_one_each(_both_signs(image, 'TranslateY', 0.75, wide),
+                   _shift(image, 24, 0), _shift(image, -24, 0), atol=1)
+  for out in _both_signs(image, 'Posterize', level, wide):
+    np.testing.assert_array_equal(out, image & 0b11110000)
+  narrow = _narrow_image(channels)
+  x = narrow.astype(np.float64)
+  _assert_one_each(_both_signs(narrow, 'Brightness', level, wide),
+                   _blend(DEGENERATE['Brightness'](x), x, 1.66),
+                   _blend(DEGENERATE['Brightness'](x), x, 0.34), atol=1)
+
+
+def test_rand_augment_op_probability_and_magnitude_noise(monkeypatch):
+  """timm's recipe: each op applied with probability prob, at a magnitude drawn
+  from N(m, std) and clipped to [0, 10]."""
+  calls = []
+  monkeypatch.setattr(transforms, 'apply_op', lambda image, name, level, rng, ranges=None:
+                      calls.append(level) or image)
+  rng = np.random.default_rng(0)
+  for _ in range(2000):
+    transforms.rand_augment(_image(4, 4), rng, num_ops=2, magnitude=9, prob=0.5,
+                            magnitude_std=0.5)
+  levels = np.array(calls)
+  assert 1900 < len(levels) < 2100  # Half of 4000 ops.
+  assert levels.max() == 1.0 and 0.4 < levels.min()  # Clipped at 10; N(9, 0.5) above 6.
+  # Below the clip, N(9, 0.5) truncated at 10 has mean 9 - 0.5 phi(2) / Phi(2) = 8.972.
+  assert abs(np.mean(levels[levels < 1.0]) - 0.8972) < 0.005 and 0.04 < levels.std() < 0.055
+
+
+@pytest.mark.parametrize('field, value', [('prob', 1.5), ('magnitude_std', -1.0),
+                                          ('magnitude', 11.0)])
+def test_rand_augment_options_are_checked_by_name(field, value):
+  with pytest.raises(ValueError, match=rf'data.randaugment_{field}={value} is not valid'):
+    transforms.AutoAugment('randaugment', **{field: value})
+  with pytest.raises(ValueError, match=r"data.augment='ra' is not valid; valid choices: "
+                                       r"\['randaugment', 'trivial_augment', "
+                                       r"'trivial_augment_wide'\], or '' \(off\)"):
+    transforms.AutoAugment('ra')
+
+
+def test_random_resized_crop_falls_back_to_the_clamped_central_box(monkeypatch):
+  """No box of the whole area fits a 10 x 200 image: torchvision's fallback
+  takes the central 10 x 13 box (aspect clamped to 4/3)."""
+  image = _image(10, 200, 3)
+  boxes = []
+  real_resize = transforms.resize
+  monkeypatch.setattr(transforms, 'resize', lambda crop, h, w, resample: boxes.append(
+      crop) or real_resize(crop, h, w, resample))
+  out = transforms.random_resized_crop(image, 16, np.random.default_rng(0), scale=(1.0, 1.0))
+  assert out.shape == (16, 16, 3)
+  np.testing.assert_array_equal(boxes[-1], image[:, 93:106])

@@ -1,5 +1,6 @@
 """The training loop on a tiny Swin and a 256-example Fashion-MNIST slice."""
 
+import functools
 import importlib
 import json
 import os
@@ -162,12 +163,13 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
 
 def test_config_history_fills_only_what_is_missing():
   saved = {'model': {'attention': 'cudnn', 'remat': 'block', 'name': 'classifier'},
-           'data': {'name': 'x'}}
+           'data': {'name': 'x', 'randaugment_prob': 0.5, 'randaugment_magnitude_std': 0.5}}
   assert config_history.upgrade(saved) == saved
   old = {'model': {'name': 'classifier'}, 'data': {'name': 'x', 'shuffle_buffer': 0}}
   upgraded = config_history.upgrade(old)
   assert upgraded == {'model': {'name': 'classifier', 'attention': 'einsum', 'remat': 'none'},
-                      'data': {'name': 'x'}}
+                      'data': {'name': 'x', 'randaugment_prob': 1.0,
+                               'randaugment_magnitude_std': 0.0}}
   assert old['data'] == {'name': 'x', 'shuffle_buffer': 0}  # The input is left as it was.
 
 
@@ -184,7 +186,7 @@ def test_config_history_fills_nested_fields_without_sharing_them():
   saved = {'model': {'downsample_options': {'blur_pool': {'filter_size': 5}}}}
   assert config_history.upgrade(saved)['model']['downsample_options']['blur_pool'] == {
       'filter_size': 5}
-  assert config_history.upgrade({'data': {}}) == {'data': {}}
+  assert config_history.upgrade({'seed': 0}) == {'seed': 0}
 
 
 def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
@@ -298,11 +300,12 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.weight_decay', -0.1, r'train.weight_decay=-0.1 must be >= 0'),
     ('train.b2', 1.0, r'train.b2=1.0 must be in \[0, 1\)'),
     ('mesh.fsdp_min_size', -1, r'mesh.fsdp_min_size=-1 must be >= 0'),
+    ('seed', -1, r'seed=-1 must be in \[0, 2\*\*32\)'),
 ])
 def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
   config = cifar.get_config('cifar10,cifar_small')
-  section, key = field.split('.')
-  config[section][key] = value
+  *sections, key = field.split('.')
+  functools.reduce(lambda node, name: node[name], sections, config)[key] = value
   with pytest.raises(ValueError, match=message):
     trainer.check_config(config, _info(cifar.get_config()), process_count=2)
 
