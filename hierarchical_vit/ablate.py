@@ -305,15 +305,25 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The trainer's metrics.jsonl records; [] if none yet.
 
   A resumed run re-logs the steps after its checkpoint, so a step can appear
-  twice; the later record wins.
+  twice; the later record wins. A run killed mid-write leaves its last line
+  unfinished: that line is skipped (a resumed run cuts it off, see
+  metrics.drop_partial_last_line).
   """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
   merged: dict[tuple[int, bool], dict] = {}
   with open(path, encoding='utf-8') as f:
-    for line in f:
-      record = json.loads(line)
+    lines = f.read().split('\n')
+  for number, line in enumerate(lines, 1):
+    try:
+      record = json.loads(line) if line else None
+    except json.JSONDecodeError as error:
+      if number < len(lines):  # Only the last line can be half written.
+        raise ValueError(f'{path}, line {number}, is not a JSON record: {line[:80]!r}') from error
+      logging.warning('%s: skipped the unfinished last line %r', path, line[:80])
+      record = None
+    if record is not None:
       merged[record['step'], any(k.startswith('eval/') for k in record)] = record
   return [merged[k] for k in sorted(merged)]
 

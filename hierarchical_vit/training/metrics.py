@@ -20,9 +20,10 @@ class MetricWriter:
     if self._active:
       os.makedirs(workdir, exist_ok=True)
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      path = os.path.join(workdir, 'metrics.jsonl')
+      drop_partial_last_line(path)
       # Line buffered, appended: a resumed run continues the same file.
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a',
-                         buffering=1, encoding='utf-8')
+      self._jsonl = open(path, 'a', buffering=1, encoding='utf-8')
 
   def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
     if not self._active:
@@ -36,6 +37,20 @@ class MetricWriter:
     if self._active:
       self._tb.close()
       self._jsonl.close()
+
+
+def drop_partial_last_line(path: str) -> None:
+  """Cuts a line that a killed run left unfinished off the end of path.
+
+  Appended to, it would swallow the resumed run's first record into one line
+  that no JSON reader parses; the resumed run logs that step again anyway.
+  """
+  if not os.path.exists(path):
+    return
+  with open(path, 'rb+') as f:
+    content = f.read()
+    if content and not content.endswith(b'\n'):
+      f.truncate(content.rfind(b'\n') + 1)
 
 
 class Progress:
