@@ -11,7 +11,7 @@
 # GPU checks"). Each measurement writes OUT_DIR/<name>.json, the most wanted
 # first, so a run cut short keeps what it finished. STEPS (default: all three)
 # splits the run across calls: kernels ~1.5, model ~5.5, profile ~4 minutes on
-# an H100.
+# an H100 (limits 2, 7 and 4 minutes: kernels and model fit one 10-minute call).
 set -euo pipefail
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [WHEELS_DIR]}
 wheels=${2:-.whl}
@@ -42,7 +42,7 @@ fi
 # 2. The model with the einsum core, bf16 logits (einsum_lowp) and the pallas kernel against
 #    timm under torch.compile; pallas last, so that a crash of the untried kernel keeps the rest.
 if [[ $steps == *" model "* ]]; then
-  step 330 python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=einsum \
+  step 420 python3 -m benchmarks.throughput $swin_t --steps=10 --rounds=3 --attention=einsum \
       --attention=einsum_lowp --attention=pallas --timm_compile \
       --output="$out/attention_vs_timm_compiled.json"
 fi

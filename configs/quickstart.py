@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.image_size = 32
   config.data.crop_padding = 0
   config.train.batch_size = 128
-  # 8 epochs of ~75 s each under tcmalloc on 2 cores (README: measured result).
+  # 8 epochs of ~85 s each under tcmalloc on 2 cores (README: measured result).
   config.train.num_epochs = 8.0
   config.train.warmup_epochs = 0.25
   config.train.learning_rate = 2e-3
