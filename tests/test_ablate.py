@@ -380,6 +380,31 @@ def test_welch_difference_by_hand():
   assert stats.mean_std([0.90, 0.92, 0.94]) == pytest.approx((0.92, 0.02))
 
 
+def test_paired_difference_by_hand_and_against_scipy():
+  diff = stats.paired_difference([1.0, 2.0, 4.0], [0.0, 1.0, 2.0])  # d = 1, 1, 2.
+  assert (diff.mean, diff.df) == (pytest.approx(4 / 3), 2)
+  assert diff.std_error == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
+  assert diff.ci_low == pytest.approx(4 / 3 - 4.302653 / 3, abs=1e-5)
+  scipy_stats = import_optional('scipy.stats')
+  a, b = [0.90, 0.93, 0.94, 0.97], [0.85, 0.91, 0.90, 0.96]
+  low, high = scipy_stats.ttest_rel(a, b).confidence_interval(0.9)
+  diff = stats.paired_difference(a, b, confidence=0.9)
+  assert (diff.ci_low, diff.ci_high) == pytest.approx((low, high), abs=1e-6)
+  with pytest.raises(ValueError, match='two sequences of one length >= 2, got 3 and 2'):
+    stats.paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_comparisons_pair_only_the_seeds_both_variants_ran():
+  results = ([_result('a', s, v) for s, v in ((0, 0.90), (1, 0.92), (2, 0.97))]
+             + [_result('b', s, v) for s, v in ((1, 0.90), (2, 0.94), (3, 0.80))]
+             + [_result('c', s, v) for s, v in ((5, 0.90), (6, 0.94))])
+  ab, ac = aggregate.comparison_table(results, 'eval/accuracy', (('a', 'b'), ('a', 'c')))
+  assert ab['n_pairs'] == 2  # Seeds 1 and 2: differences 0.02 and 0.03.
+  assert ab['paired_std_error'] == pytest.approx(0.005)
+  assert ab['mean'] == pytest.approx(0.93 - 0.88)  # Welch: every run of each.
+  assert 'n_pairs' not in ac
+
+
 def test_welch_difference_with_unequal_sizes_matches_scipy():
   """n = 4 against n = 2, unequal variances: scipy's Welch t-test gives the
   statistic (diff / s.e.), the df (through its p-value) and the interval."""
@@ -454,6 +479,8 @@ def test_aggregates_by_hand(tmp_path):
   assert ("two random crops of a wider view (Zhang's ImageNet protocol) of a held-out image "
           'by up to 16 pixels per axis, on 500 images') in markdown
   assert '| patch_merge − avg_pool | 3, 3 | 4.00 ± 2.08 |' in markdown
+  # Paired by seed: differences 5, 4, 3 pp, s.e. 1/sqrt(3), t(0.975, 2) = 4.302653.
+  assert '| [1.52, 6.48] (3) |' in markdown
   csv_lines = (tmp_path / 'results.csv').read_text().splitlines()
   assert len(csv_lines) == 7 and csv_lines[0].startswith('run,variant,seed,eval/accuracy,')
   assert csv_lines[1].startswith('patch_merge-seed0,patch_merge,0,0.9,')

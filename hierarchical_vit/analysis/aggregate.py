@@ -7,7 +7,7 @@
                               if information.json / shift_consistency.json are
                               there); the sweep's grid, if it has one; its
                               comparisons a - b with Welch 95% confidence
-                              intervals
+                              intervals, and paired-by-seed ones
   metric_vs_params.png        metric vs parameters, ±1 std error bars
   metric_vs_gflops.png        metric vs forward GFLOPs per image
   learning_curves.png         eval metric per epoch, mean ± std over seeds
@@ -82,17 +82,25 @@ def variant_table(results: Sequence[Result], metric: str) -> list[dict[str, Any]
 
 def comparison_table(results: Sequence[Result], metric: str,
                      comparisons: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
-  """Per (a, b) with >= 2 runs each: mean(a) - mean(b), its std error and 95% CI."""
+  """Per (a, b) with >= 2 runs each: mean(a) - mean(b), its std error and Welch
+  95% CI; with >= 2 seeds run by both, also the paired-by-seed interval
+  (n_pairs, paired_std_error, paired_ci_low, paired_ci_high)."""
   groups = by_variant(results)
   rows = []
   for a, b in comparisons:
-    values_a = [metric_of(r, metric) for r in groups.get(a, [])]
-    values_b = [metric_of(r, metric) for r in groups.get(b, [])]
-    if len(values_a) < 2 or len(values_b) < 2:
+    by_seed_a = {r['seed']: metric_of(r, metric) for r in groups.get(a, [])}
+    by_seed_b = {r['seed']: metric_of(r, metric) for r in groups.get(b, [])}
+    if len(by_seed_a) < 2 or len(by_seed_b) < 2:
       continue  # Not enough seeds finished yet for an interval.
-    diff = stats.welch_difference(values_a, values_b)
-    rows.append({'a': a, 'b': b, 'n_a': len(values_a), 'n_b': len(values_b),
-                 **vars(diff)})
+    diff = stats.welch_difference(list(by_seed_a.values()), list(by_seed_b.values()))
+    row = {'a': a, 'b': b, 'n_a': len(by_seed_a), 'n_b': len(by_seed_b), **vars(diff)}
+    seeds = sorted(by_seed_a.keys() & by_seed_b.keys())
+    if len(seeds) >= 2:
+      paired = stats.paired_difference([by_seed_a[s] for s in seeds],
+                                       [by_seed_b[s] for s in seeds])
+      row.update(n_pairs=len(seeds), paired_std_error=paired.std_error,
+                 paired_ci_low=paired.ci_low, paired_ci_high=paired.ci_high)
+    rows.append(row)
   return rows
 
 
@@ -171,12 +179,18 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
   if rows:
     lines += ['', f'## Differences a − b of {metric} (percentage points)', '',
               'Δ ± standard error, Welch t 95% confidence interval (df = Welch–Satterthwaite). '
-              'An interval containing 0 means the seeds cannot tell a from b.', '',
-              '| a − b | n | Δ ± s.e. | 95% CI | df |', '|---|---|---|---|---|']
+              'Paired: the t interval of the per-seed differences (df = n − 1) over the seeds '
+              'both ran; runs of one seed share data order and augmentation, so it can be '
+              'tighter. An interval containing 0 means the seeds cannot tell a from b.', '',
+              '| a − b | n | Δ ± s.e. | 95% CI | df | paired 95% CI (n) |',
+              '|---|---|---|---|---|---|']
     for r in rows:
+      paired = (f'[{_percent(r["paired_ci_low"])}, {_percent(r["paired_ci_high"])}] '
+                f'({r["n_pairs"]})' if 'n_pairs' in r else '–')
       lines.append(f'| {r["a"]} − {r["b"]} | {r["n_a"]}, {r["n_b"]} | '
                    f'{_percent(r["mean"])} ± {_percent(r["std_error"])} | '
-                   f'[{_percent(r["ci_low"])}, {_percent(r["ci_high"])}] | {r["df"]:.1f} |')
+                   f'[{_percent(r["ci_low"])}, {_percent(r["ci_high"])}] | {r["df"]:.1f} | '
+                   f'{paired} |')
   return '\n'.join(lines) + '\n'
 
 
