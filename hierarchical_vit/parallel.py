@@ -30,6 +30,7 @@ slices default to one slice per 'data' index: FSDP's all-gathers then stay
 inside a slice and only the gradient all-reduce crosses DCN.
 """
 
+import glob
 import importlib.util
 import os
 from typing import Any
@@ -79,9 +80,19 @@ def distributed_args(coordinator_address: str = '', num_processes: int = 0,
 
 
 def _in_cluster() -> bool:
-  """Whether JAX's auto-detection applies: a TPU VM or a multi-task srun step."""
+  """Whether JAX's auto-detection applies: a TPU VM or a multi-task srun step.
+
+  A TPU VM has libtpu and TPU chips: an image built with jax[tpu] running on a
+  CPU or GPU host has libtpu alone, and JAX's detection would fail there.
+  """
   srun_tasks = int(os.environ.get('SLURM_STEP_NUM_TASKS', 1))
-  return srun_tasks > 1 or importlib.util.find_spec('libtpu') is not None
+  return srun_tasks > 1 or (importlib.util.find_spec('libtpu') is not None
+                            and _tpu_chips_present())
+
+
+def _tpu_chips_present() -> bool:
+  # TPU v2-v4 chips appear as /dev/accel*, v5 and later as VFIO groups.
+  return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
 
 
 def initialize_distributed(coordinator_address: str = '',

@@ -9,6 +9,8 @@ order may differ.
 """
 
 import contextlib
+import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -237,6 +239,21 @@ def test_distributed_args(monkeypatch):
   monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
   monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '8')  # Inside `srun -n 8`.
   assert parallel.distributed_args() == {}
+
+
+@pytest.mark.parametrize('devices, expected', [([], None), (['/dev/accel0'], {}),
+                                               (['/dev/vfio/0'], {})])
+def test_libtpu_alone_is_not_a_tpu_vm(monkeypatch, devices, expected):
+  """jax[tpu] installed on a CPU or GPU host: one process, not JAX's cluster
+  auto-detection (which would fail without TPU chips)."""
+  for name in ('JAX_COORDINATOR_ADDRESS', 'SLURM_STEP_NUM_TASKS'):
+    monkeypatch.delenv(name, raising=False)
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: object() if name == 'libtpu' else find_spec(name, *a))
+  monkeypatch.setattr(glob, 'glob', lambda pattern: [d for d in devices
+                                                     if d.startswith(pattern.rstrip('*[0-9]'))])
+  assert parallel.distributed_args() == expected
 
 
 def test_state_shardings_strategy():
