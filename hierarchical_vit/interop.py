@@ -38,6 +38,7 @@ from absl import logging
 from flax import nnx
 
 from hierarchical_vit.layers.attention import WindowAttention
+from hierarchical_vit.layers.common import Mlp
 from hierarchical_vit.resampling.downsample import DOWNSAMPLERS, PatchMerge
 
 Weights = dict[str, np.ndarray]
@@ -326,12 +327,35 @@ def _check_timm_downsamplers(model: nnx.Module) -> None:
                        "model.downsample='patch_merge' exports to timm (save as .npz instead).")
 
 
+def _check_timm_windows(model: nnx.Module) -> None:
+  """Raises ValueError where a shifted block's token map pads to its windows.
+
+  Ours pads before the shift (as the Swin authors' backbone), timm after it,
+  so on such maps timm's mask lets other tokens meet (layers/swin.py) and the
+  exported weights would compute another function, without an error.
+  """
+  encoder = getattr(model, 'encoder', None)
+  for i, (stage, res) in enumerate(zip(getattr(encoder, 'stages', ()),
+                                       getattr(encoder, 'resolutions', ()))):
+    for block in stage.blocks:
+      if any(block.shift) and (res[0] % block.window[0] or res[1] % block.window[1]):
+        raise ValueError(
+            f"stage {i}'s {res[0]}x{res[1]} token map does not tile into its shifted "
+            f'{block.window[0]}x{block.window[1]} windows: timm pads it after the shift, we '
+            'before, so timm would compute another function. Pick model.img_size, patch_size '
+            'and window_size whose shifted stages tile, or save as .npz.')
+  if any(isinstance(m, Mlp) and m.gelu_approximate for _, m in nnx.iter_graph(model)):
+    logging.warning('The model uses the tanh GELU (model.gelu_approximate) and timm the exact '
+                    'one: its logits will differ by ~1e-3 there.')
+
+
 def save_weights(model: nnx.Module, path: str) -> None:
   """Writes model's params as ours (.npz) or as a timm state dict (.pth/.safetensors)."""
-  weights = get_weights(model)
   suffix = _suffix(path)
   if suffix != '.npz':
     _check_timm_downsamplers(model)
+    _check_timm_windows(model)
+  weights = get_weights(model)
   if suffix == '.npz':
     np.savez(path, **weights)
   elif suffix == '.safetensors':

@@ -126,6 +126,20 @@ def test_export_to_timm_refuses_other_downsamplers(tmp_path, downsample):
   interop.save_weights(model, str(tmp_path / 'ours.npz'))  # Our own format still works.
 
 
+def test_export_to_timm_refuses_maps_that_pad_to_shifted_windows(tmp_path, caplog):
+  """Stage 1 of a 24x24 input (patch 2) is 6x6 tokens under shifted 4x4
+  windows: timm would mask it otherwise. A tanh GELU exports with a warning."""
+  model = our_swin('cifar_small', img_size=24)
+  with pytest.raises(ValueError, match=r"stage 1's 6x6 token map does not tile into its "
+                                       r'shifted 4x4 windows'):
+    interop.save_weights(model, str(tmp_path / 'timm.safetensors'))
+  interop.save_weights(model, str(tmp_path / 'ours.npz'))
+  tanh = our_swin('cifar_small', gelu_approximate=True)
+  with caplog.at_level('WARNING'):
+    interop.save_weights(tanh, str(tmp_path / 'tanh.safetensors'))
+  assert 'tanh GELU' in caplog.text
+
+
 def timm_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
   """microsoft/Swin-Transformer's layout: downsample at the END of stage i - 1,
   head 'head.*', and the persistent index / mask buffers it saves."""
