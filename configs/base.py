@@ -65,7 +65,8 @@ def get_model_config() -> ml_collections.ConfigDict:
       'avg_pool': {'kernel_size': 2},
       'max_pool': {'kernel_size': 2},
       'conv_max_pool': {'pool_size': 3},     # NesT: 3; 2 = the 2x2 blocks.
-      'depthwise_conv_pool': {'kernel_size': 3},  # PiT: depthwise stride-2 conv.
+      # PiT: depthwise stride-2 conv; norm=False drops the LayerNorm PiT does not have.
+      'depthwise_conv_pool': {'kernel_size': 3, 'norm': True},
       # Binomial taps per axis: 1 no blur, 2 box [1, 1] / 2, 3 [1, 2, 1] / 4, ...
       'blur_merge': {'filter_size': 3},
       'blur_pool': {'filter_size': 3},

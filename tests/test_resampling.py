@@ -198,6 +198,10 @@ def test_depthwise_conv_pool_is_the_grouped_conv(h, w, c, out, k):
   np.testing.assert_allclose(taps, expected, atol=1e-5)
   np.testing.assert_allclose(taps, module.conv(x), atol=1e-5)
   np.testing.assert_allclose(module(x), module.norm(module.conv(x)), atol=1e-3)
+  # norm=False: PiT's pooling exactly, the conv alone.
+  pit = DOWNSAMPLERS['depthwise_conv_pool'](c, out, kernel_size=k, norm=False, rngs=nnx.Rngs(0))
+  assert pit.norm is None
+  np.testing.assert_allclose(pit(x), pit.conv(x), atol=1e-5)
 
 
 @pytest.mark.parametrize('factor', [2, 3, 8])

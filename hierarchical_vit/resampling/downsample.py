@@ -220,7 +220,9 @@ class ConvDownsample(nnx.Module):
 class DepthwiseConvPool(nnx.Module):
   """PiT's pooling (Heo et al. 2021, "Rethinking spatial dimensions of ViTs"):
   a depthwise stride-2 conv (kernel 3, padding 1) with channel multiplier
-  C_out / C, then LayerNorm. C_out must be a multiple of C.
+  C_out / C. C_out must be a multiple of C. PiT has no norm there (norm=False);
+  by default a LayerNorm follows, as it ends every other downsampler here, so
+  that an ablation compares the resampling, not the normalization.
 
   The conv's parameters are nnx.Conv's (kernel (k, k, 1, C_out)), but it runs as
   k*k strided multiply-adds: XLA:CPU executes grouped convolutions ~8x slower
@@ -228,7 +230,7 @@ class DepthwiseConvPool(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
-               kernel_size: int = 3, dtype: DTypeLike | None = None):
+               kernel_size: int = 3, norm: bool = True, dtype: DTypeLike | None = None):
     if kernel_size < 1 or kernel_size % 2 == 0:
       # An even kernel with padding k // 2 gives H/2 + 1 rows, not ceil(H/2).
       raise ValueError(f'model.downsample_options.depthwise_conv_pool.kernel_size={kernel_size} '
@@ -242,13 +244,14 @@ class DepthwiseConvPool(nnx.Module):
     self.conv = nnx.Conv(in_features, out_features, (kernel_size, kernel_size), 2,
                          padding=((pad, pad), (pad, pad)), feature_group_count=in_features,
                          dtype=dtype, rngs=rngs)
-    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
+    self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype) if norm else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)."""
     kernel, bias = self.conv.kernel[...], self.conv.bias[...]
     x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.conv.dtype)
-    return on_tokens(self.norm, depthwise_conv_stride_2(x, kernel[:, :, 0], bias))
+    y = depthwise_conv_stride_2(x, kernel[:, :, 0], bias)
+    return y if self.norm is None else on_tokens(self.norm, y)
 
 
 def depthwise_conv_stride_2(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:

@@ -24,6 +24,7 @@ ADDED_FIELDS: dict[Path, Any] = {
     ('model', 'downsample_options', 'avg_pool'): {'kernel_size': 2},
     ('model', 'downsample_options', 'max_pool'): {'kernel_size': 2},
     ('model', 'downsample_options', 'conv_max_pool'): {'pool_size': 3},
+    ('model', 'downsample_options', 'depthwise_conv_pool', 'norm'): True,
     ('mesh', 'dcn_shape'): (),
     ('model', 'remat'): 'none',
     ('train', 'ema_warmup'): False,
