@@ -59,3 +59,17 @@ def test_restore_returns_that_step_and_moves_the_data_iterator(tmp_path):
   weights = checkpointing.restore_weights(reader, 2, {'params': template['params']})
   assert set(weights) == {'params'}
   np.testing.assert_array_equal(weights['params']['w'], [2.0, 2.0, 2.0])
+
+
+def test_the_best_survives_a_restart_and_saves_without_metrics(tmp_path):
+  """A resumed run opens a new manager, and saves at checkpoint_every_steps or
+  on SIGTERM carry no metrics: neither may cost the best checkpoint."""
+  workdir = str(tmp_path)
+  _save_all(workdir, {10: 0.9, 20: 0.1}, keep=1, best_metric='eval/accuracy').close()
+  manager = checkpointing.create_checkpoint_manager(workdir, 1)
+  for step, metrics in ((30, None), (40, {'eval/accuracy': 0.2}), (50, None)):
+    state = {'step': jnp.asarray(step), 'params': {'w': jnp.full((3,), float(step))}}
+    checkpointing.save(manager, step, state, _iterator(step), metrics)
+  manager.wait_until_finished()
+  assert _steps_on_disk(workdir) == [10, 50]
+  assert manager.best_step() == 10 and manager.latest_step() == 50
