@@ -1,6 +1,6 @@
 r"""Evaluates a checkpoint of a workdir on a data split.
 
-  python eval.py --workdir=workdirs/run1 [--step=1000] [--split=test]
+  python eval.py --workdir=workdirs/run1 [--step=1000|best] [--split=test]
 
 Writes eval_<split>_<step>.json and confusion_<split>_<step>.png into the
 workdir and prints the headline metrics; what the JSON holds depends on
@@ -49,7 +49,9 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file; default: the workdir\'s config.json.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir.',
                                required=True)
-_STEP = flags.DEFINE_integer('step', -1, 'Checkpoint step; -1 = latest.')
+_STEP = flags.DEFINE_string(
+    'step', '-1', "Checkpoint step; -1 = the latest, 'best' = the kept best by the task's "
+    'metric on data.eval_split (select on a held-out split, not on test: configs/base.py).')
 _SPLIT = flags.DEFINE_string('split', '', "Split; '' = config.data.eval_split.")
 _NUM_OVERLAYS = flags.DEFINE_integer(
     'num_overlays', 4, 'Segmentation: eval images to write overlay PNGs for.')
@@ -186,9 +188,9 @@ _REPORTS = {
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
-                        step: int = -1, split: str = '',
+                        step: int | str = -1, split: str = '',
                         num_overlays: int = 4) -> dict:
-  """Evaluates checkpoint `step` (-1 = latest) of workdir; writes JSON + PNGs."""
+  """Evaluates checkpoint `step` (-1 = latest, 'best') of workdir; writes JSON + PNGs."""
   split = split or config.data.eval_split
   tasks.get_task(config.task)  # ValueError naming the valid tasks.
   task_report = _REPORTS[config.task]
@@ -226,10 +228,21 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return report
 
 
+def _parse_step(text: str) -> int | str:
+  if text == 'best':
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise app.UsageError(f"--step={text!r} is not valid: a saved step, -1 (the latest) or "
+                         "'best'.") from None
+
+
 def main(argv):
   del argv
   config = _CONFIG.value or trainer.load_config(_WORKDIR.value)
-  report = evaluate_checkpoint(config, _WORKDIR.value, _STEP.value, _SPLIT.value,
+  step = _parse_step(_STEP.value)
+  report = evaluate_checkpoint(config, _WORKDIR.value, step, _SPLIT.value,
                                _NUM_OVERLAYS.value)
   print(_REPORTS[config.task].headline(report))
 

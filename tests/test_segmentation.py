@@ -258,8 +258,9 @@ def test_train_and_evaluate_reports_miou(trained):
 
 def test_eval_script_writes_miou_json_and_overlays(trained):
   workdir, final = trained
+  # --step=best: the best by eval/miou, the task's metric (step 4 has the only one).
   proc = subprocess.run(
-      [sys.executable, 'eval.py', f'--workdir={workdir}', '--num_overlays=3'],
+      [sys.executable, 'eval.py', f'--workdir={workdir}', '--num_overlays=3', '--step=best'],
       cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True,
       text=True, timeout=180)
   assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -351,18 +351,27 @@ def eval_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
       {**mesh_config.to_dict(), 'strategy': 'data_parallel', 'shape': (), 'dcn_shape': ()}))
 
 
-def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int = -1,
+def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int | str = -1,
                     mesh: jax.sharding.Mesh | None = None) -> Trained:
-  """Checkpoint `step` (-1 = latest) of the run in workdir, replicated over mesh
-  (default: `eval_mesh`, whatever mesh the run trained on)."""
+  """Checkpoint `step` of the run in workdir, replicated over mesh (default:
+  `eval_mesh`, whatever mesh the run trained on). step: a saved step, -1 = the
+  latest, or 'best' = the kept best by the task's metric on data.eval_split."""
   manager = checkpointing.create_checkpoint_manager(
-      workdir, config.train.keep_checkpoints, read_only=True)
+      workdir, config.train.keep_checkpoints, read_only=True,
+      best_metric=tasks.get_task(config.task).best_metric)
+  if step == 'best':
+    step = manager.best_step()
+    if step is None:
+      raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints was saved with eval '
+                              'metrics to pick the best by.')
+  elif not isinstance(step, int):
+    raise ValueError(f"step={step!r} is not valid: a saved step, -1 (the latest) or 'best'.")
   step = manager.latest_step() if step < 0 else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
   if step not in manager.all_steps():
     raise ValueError(f'step={step} has no checkpoint in {workdir}/checkpoints; saved steps: '
-                     f'{sorted(manager.all_steps())} (-1 = the latest).')
+                     f"{sorted(manager.all_steps())} (-1 = the latest, 'best' = the best).")
   _, eval_graphdef, params, rest = init_model(config)
   key = 'ema_params' if config.train.ema_decay > 0 else 'params'
   mesh = mesh or eval_mesh(config.mesh)

@@ -157,6 +157,9 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
   assert got.step == want.step == 6
   jax.tree.map(np.testing.assert_array_equal, got.params, want.params)
   assert trainer.restore_trained(config, workdir, step=3).step == 3
+  assert trainer.restore_trained(config, workdir, step='best').step == 6  # Only 6 has eval.
+  with pytest.raises(ValueError, match=r"step='last' is not valid"):
+    trainer.restore_trained(config, workdir, step='last')
   with pytest.raises(ValueError, match=r'step=4 has no checkpoint in .*; saved steps: \[3, 6\]'):
     trainer.restore_trained(config, workdir, step=4)
 
