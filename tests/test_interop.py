@@ -153,6 +153,27 @@ def timm_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
   return out
 
 
+def test_official_layout_helper_gives_the_published_swin_t_keys():
+  """Keys and shapes of microsoft/Swin-Transformer's swin_tiny_patch4_window7_224
+  checkpoint, written out here, so that the import test below reads a layout
+  that is the official one and not only the inverse of our own renaming."""
+  official = timm_to_official(timm_swin().state_dict())
+  published = {
+      'patch_embed.proj.weight': (96, 3, 4, 4), 'patch_embed.norm.weight': (96,),
+      'layers.0.blocks.0.attn.qkv.weight': (288, 96),
+      'layers.0.blocks.0.attn.relative_position_bias_table': (169, 3),
+      'layers.0.downsample.norm.weight': (384,),
+      'layers.0.downsample.reduction.weight': (192, 384),
+      'layers.2.blocks.5.mlp.fc1.weight': (1536, 384),
+      'layers.2.downsample.reduction.weight': (768, 1536),
+      'layers.3.blocks.1.mlp.fc2.weight': (768, 3072),
+      'norm.weight': (768,), 'head.weight': (1000, 768), 'head.bias': (1000,),
+  }
+  for key, shape in published.items():
+    assert tuple(official[key].shape) == shape, key
+  assert not any(k.startswith('layers.3.downsample') for k in official)
+
+
 def test_official_checkpoint_imports(tmp_path):
   timm_model = timm_swin(img_size=32, num_classes=10, **SMALL)
   official = timm_to_official(timm_model.state_dict())
