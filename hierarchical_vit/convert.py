@@ -14,6 +14,9 @@ their keys), and so does the output's (.npz ours; .pth/.safetensors timm).
   # a CIFAR-scale model: override the preset's fields.
   python -m hierarchical_vit.convert --input=ours.npz --output=timm.pth \
       --preset=cifar_small --num_classes=100
+  # a train.py run (its config.json is the architecture; the weights eval.py
+  # uses, EMA where the run kept one): latest, a --step, or --step=best.
+  python -m hierarchical_vit.convert --workdir=workdirs/run1 --output=run1.safetensors
 
 Weights carry no activation: timm's and the official Swin use the exact (erf)
 GELU, so a model trained with model.gelu_approximate=True (the tanh form, as
@@ -31,10 +34,14 @@ from configs import base
 from hierarchical_vit import interop
 from hierarchical_vit.models import build_model
 from hierarchical_vit.presets import PRESETS, apply_preset
+from hierarchical_vit.training import trainer
 
-_INPUT = flags.DEFINE_string('input', None, 'Weights to read.', required=True)
+_INPUT = flags.DEFINE_string('input', None, 'Weights to read (or --workdir).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py run to export (or --input).')
+_STEP = flags.DEFINE_string('step', '-1', "With --workdir: a saved step, -1 = the latest, "
+                            "'best' = the kept best.")
 _OUTPUT = flags.DEFINE_string('output', None, 'Weights to write.', required=True)
-_PRESET = flags.DEFINE_enum('preset', 'swin_t', sorted(PRESETS), 'Architecture.')
+_PRESET = flags.DEFINE_enum('preset', 'swin_t', sorted(PRESETS), 'Architecture (--input).')
 # Overrides of the preset's config.model fields; None keeps the preset's value.
 _OVERRIDES = {
     'num_classes': flags.DEFINE_integer('num_classes', None, 'Classes of the head.'),
@@ -47,6 +54,9 @@ _OVERRIDES = {
 }
 flags.register_validator('input', lambda path: path is None or os.path.isfile(path),
                          message='--input: no such file.')
+flags.register_multi_flags_validator(
+    ['input', 'workdir'], lambda f: (f['input'] is None) != (f['workdir'] is None),
+    message='Give exactly one of --input (a weights file) and --workdir (a train.py run).')
 
 
 def _ints(values: list[str] | None) -> bool:
@@ -57,6 +67,8 @@ flags.register_validator('depths', _ints, message='--depths must be comma-separa
                          'e.g. 2,2,6,2.')
 flags.register_validator('num_heads', _ints, message='--num_heads must be comma-separated '
                          'ints, e.g. 3,6,12,24.')
+flags.register_validator('step', lambda s: s == 'best' or s.lstrip('-').isdigit(),
+                         message="--step must be a saved step, -1 (the latest) or 'best'.")
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -73,9 +85,20 @@ def convert(input_path: str, output_path: str, config: ml_collections.ConfigDict
   interop.save_weights(model, output_path)
 
 
+def export_run(workdir: str, output_path: str, step: int | str = -1) -> None:
+  """Writes checkpoint `step` of a train.py run (the weights eval.py uses) to output_path."""
+  trained = trainer.restore_trained(trainer.load_config(workdir), workdir, step)
+  interop.save_weights(trained.model(), output_path)
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _WORKDIR.value is not None:
+    step = _STEP.value if _STEP.value == 'best' else int(_STEP.value)
+    export_run(_WORKDIR.value, _OUTPUT.value, step)
+    logging.info('Wrote %s.', _OUTPUT.value)
+    return
   overrides = {name: flag.value for name, flag in _OVERRIDES.items()}
   for name in ('depths', 'num_heads'):
     if overrides[name] is not None:

@@ -274,3 +274,5 @@ def test_convert_cli_writes_what_timm_loads_and_refuses_bad_flags(tmp_path):
   assert missing.returncode != 0 and '--input: no such file.' in missing.stderr
   typo = _convert(f'--input={ours}', f'--output={theirs}', '--depths=2,2,x')
   assert typo.returncode != 0 and '--depths must be comma-separated ints' in typo.stderr
+  both = _convert(f'--input={ours}', f'--workdir={tmp_path}', f'--output={theirs}')
+  assert both.returncode != 0 and 'Give exactly one of --input' in both.stderr

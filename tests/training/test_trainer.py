@@ -16,12 +16,15 @@ import pytest
 from flax import nnx
 
 from configs import cifar
+from tests.conftest import import_optional
 from tests.training.conftest import read_metrics, run_script, tiny_config, write_config_file
 from hierarchical_vit import data
+from hierarchical_vit import convert
 from hierarchical_vit import parallel
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import config_history
 from hierarchical_vit.training import optimizer as optimizer_lib
+from hierarchical_vit.layers.common import Mlp
 from hierarchical_vit.training import trainer
 
 
@@ -162,6 +165,29 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
     trainer.restore_trained(config, workdir, step='last')
   with pytest.raises(ValueError, match=r'step=4 has no checkpoint in .*; saved steps: \[3, 6\]'):
     trainer.restore_trained(config, workdir, step=4)
+
+
+def test_a_run_exports_to_timm_as_the_weights_eval_uses(trained, tmp_path):
+  """convert --workdir: timm loads the export strictly and computes our model's
+  logits (with timm's exact GELU on both sides; the run trained with tanh)."""
+  timm, torch = import_optional('timm'), import_optional('torch')
+  safetensors_torch = import_optional('safetensors.torch')
+  config, workdir, _ = trained
+  path = str(tmp_path / 'run.safetensors')
+  convert.export_run(workdir, path, step='best')
+  reference = timm.create_model(
+      'swin_tiny_patch4_window7_224', pretrained=False, img_size=32, patch_size=4,
+      window_size=4, in_chans=1, embed_dim=16, depths=(1, 1), num_heads=(1, 2), num_classes=10)
+  reference.load_state_dict(safetensors_torch.load_file(path), strict=True)
+  reference.eval()
+  model = trainer.restore_trained(config, workdir).model()
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, Mlp):
+      module.gelu_approximate = False
+  x = np.random.default_rng(0).normal(size=(2, 32, 32, 1)).astype(np.float32)
+  with torch.no_grad():
+    expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  np.testing.assert_allclose(model(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_config_history_fills_only_what_is_missing():
