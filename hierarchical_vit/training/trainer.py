@@ -383,7 +383,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int |
 
 def create_train_state(config: ml_collections.ConfigDict, params: nnx.State | dict,
                        tx: optax.GradientTransformation) -> State:
-  """The initial train state (host-agnostic; shard it with device_put)."""
+  """The initial train state (host-agnostic; shard_train_state lays it out on a mesh)."""
   state = {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
@@ -393,6 +393,20 @@ def create_train_state(config: ml_collections.ConfigDict, params: nnx.State | di
   if config.train.ema_decay > 0:
     state['ema_params'] = jax.tree.map(jnp.copy, params)
   return state
+
+
+def shard_train_state(config: ml_collections.ConfigDict, params: nnx.State | dict,
+                      tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> State:
+  """create_train_state, laid out over mesh by config.mesh's strategy.
+
+  Only the params go through the host; the optimizer moments and the EMA are
+  created in place on their shards, so under FSDP no device ever holds the
+  whole state (4x the params with Adam and an EMA).
+  """
+  create = functools.partial(create_train_state, config, tx=tx)
+  shardings = parallel.state_shardings(mesh, jax.eval_shape(create, params), config.mesh)
+  params = parallel.put_global(params, shardings['params'])
+  return jax.jit(create, out_shardings=shardings)(params)
 
 
 class _PreemptionFlag:
@@ -495,9 +509,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   schedule = optimizer_lib.create_learning_rate_schedule(
       tc, steps_per_epoch, total_steps)
   tx = optimizer_lib.create_optimizer(tc, schedule)
-  state = create_train_state(config, params, tx)
-  state_shardings = parallel.state_shardings(mesh, state, config.mesh)
-  state = parallel.put_global(state, state_shardings)
+  state = shard_train_state(config, params, tx, mesh)
+  state_shardings = jax.tree.map(lambda x: x.sharding, state)
   parallel.log_memory(state)
   rest = parallel.put_global(rest, parallel.replicated(mesh))
 

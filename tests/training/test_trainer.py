@@ -190,6 +190,24 @@ def test_a_run_exports_to_timm_as_the_weights_eval_uses(trained, tmp_path):
   np.testing.assert_allclose(model(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_only_the_params_go_through_the_host(monkeypatch):
+  """shard_train_state creates the Adam moments and the EMA on their shards
+  (FSDP never holds them whole): the host hands over the params alone, and the
+  state is create_train_state's. The FSDP split itself: tests/test_multihost.py."""
+  config = tiny_config('', ema_decay=0.9)
+  _, _, params, _ = trainer.init_model(config)
+  tx = optimizer_lib.create_optimizer(config.train, lambda step: 1e-3)
+  handed_over = []
+  put_global = parallel.put_global
+  monkeypatch.setattr(parallel, 'put_global',
+                      lambda tree, shardings: handed_over.append(tree) or put_global(tree, shardings))
+  state = trainer.shard_train_state(config, params, tx, parallel.create_mesh(config.mesh))
+  assert handed_over == [params]
+  assert set(state) == {'step', 'params', 'opt_state', 'rng', 'ema_params'}
+  jax.tree.map(np.testing.assert_array_equal, state,
+               trainer.create_train_state(config, params, tx))
+
+
 def test_config_history_fills_only_what_is_missing():
   saved = {'model': {'attention': 'cudnn', 'remat': 'block', 'name': 'classifier'},
            'data': {'name': 'x', 'randaugment_prob': 0.5, 'randaugment_magnitude_std': 0.5}}
