@@ -199,8 +199,8 @@ def test_only_the_params_go_through_the_host(monkeypatch):
   tx = optimizer_lib.create_optimizer(config.train, lambda step: 1e-3)
   handed_over = []
   put_global = parallel.put_global
-  monkeypatch.setattr(parallel, 'put_global',
-                      lambda tree, shardings: handed_over.append(tree) or put_global(tree, shardings))
+  monkeypatch.setattr(parallel, 'put_global', lambda tree, shardings: (
+      handed_over.append(tree) or put_global(tree, shardings)))
   state = trainer.shard_train_state(config, params, tx, parallel.create_mesh(config.mesh))
   assert handed_over == [params]
   assert set(state) == {'step', 'params', 'opt_state', 'rng', 'ema_params'}
