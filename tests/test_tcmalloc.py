@@ -13,6 +13,12 @@ _PRINT_MAPS = ('from hierarchical_vit import tcmalloc; tcmalloc.reexec_with_tcma
                'print("tcmalloc" in maps, os.environ.get("LD_PRELOAD", ""))')
 
 
+# A platform guard: CI (Linux) installs libtcmalloc-minimal4, so these run there.
+_NEEDS_TCMALLOC = pytest.mark.skipif(
+    tcmalloc.find_tcmalloc() is None or not sys.platform.startswith('linux'),
+    reason='needs libtcmalloc-minimal4 (apt-get; .ci/run installs it)')
+
+
 def test_preload_env_puts_tcmalloc_first_and_keeps_other_preloads():
   env = tcmalloc.preload_env({'LD_PRELOAD': 'libfoo.so:libbar.so', 'X': '1'}, 'libtc.so')
   assert env == {'LD_PRELOAD': 'libtc.so:libfoo.so:libbar.so', 'X': '1'}
@@ -51,8 +57,7 @@ def test_warns_with_the_package_name_when_missing(monkeypatch):
   assert len(warnings) == 1 and 'libtcmalloc-minimal4' in warnings[0]
 
 
-@pytest.mark.skipif(tcmalloc.find_tcmalloc() is None or not sys.platform.startswith('linux'),
-                    reason='needs libtcmalloc-minimal4 (apt-get; .ci/run installs it)')
+@_NEEDS_TCMALLOC
 def test_a_real_process_ends_up_with_tcmalloc_mapped():
   env = {k: v for k, v in os.environ.items() if k not in ('LD_PRELOAD', tcmalloc.SWITCH)}
   out = subprocess.run([sys.executable, '-c', _PRINT_MAPS], env=env, check=True,
@@ -64,8 +69,7 @@ def test_a_real_process_ends_up_with_tcmalloc_mapped():
   assert out == ['False']
 
 
-@pytest.mark.skipif(tcmalloc.find_tcmalloc() is None or not sys.platform.startswith('linux'),
-                    reason='needs libtcmalloc-minimal4 (apt-get; .ci/run installs it)')
+@_NEEDS_TCMALLOC
 @pytest.mark.parametrize('script', ['train.py', 'eval.py'])
 def test_entry_points_reexec_before_their_heavy_imports(script):
   """-X importtime survives the re-exec (it is in sys.orig_argv): jax must be
