@@ -228,20 +228,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return report
 
 
-def _parse_step(text: str) -> int | str:
-  if text == 'best':
-    return text
-  try:
-    return int(text)
-  except ValueError:
-    raise app.UsageError(f"--step={text!r} is not valid: a saved step, -1 (the latest) or "
-                         "'best'.") from None
-
-
 def main(argv):
   del argv
   config = _CONFIG.value or trainer.load_config(_WORKDIR.value)
-  step = _parse_step(_STEP.value)
+  step = cli.checkpoint_step('--step', _STEP.value)
   report = evaluate_checkpoint(config, _WORKDIR.value, step, _SPLIT.value,
                                _NUM_OVERLAYS.value)
   print(_REPORTS[config.task].headline(report))

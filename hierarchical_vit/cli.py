@@ -42,3 +42,14 @@ def parse_flags(argv: list[str]) -> list[str]:
       raise
     sys.stderr.write(line + '\nPass --helpshort or --helpfull to see help on flags.\n')
     sys.exit(1)
+
+
+def checkpoint_step(flag: str, text: str) -> int | str:
+  """A --step flag's value: a saved step (-1 = the latest) or 'best'."""
+  if text == 'best':
+    return text
+  try:
+    return int(text)
+  except ValueError:
+    raise app.UsageError(f"{flag}={text!r} is not valid: a saved step, -1 (the latest) or "
+                         "'best'.") from None

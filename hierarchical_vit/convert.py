@@ -31,44 +31,16 @@ from absl import app, flags, logging
 from flax import nnx
 
 from configs import base
+from hierarchical_vit import cli
 from hierarchical_vit import interop
 from hierarchical_vit.models import build_model
 from hierarchical_vit.presets import PRESETS, apply_preset
 from hierarchical_vit.training import trainer
 
-_INPUT = flags.DEFINE_string('input', None, 'Weights to read (or --workdir).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A train.py run to export (or --input).')
-_STEP = flags.DEFINE_string('step', '-1', "With --workdir: a saved step, -1 = the latest, "
-                            "'best' = the kept best.")
-_OUTPUT = flags.DEFINE_string('output', None, 'Weights to write.', required=True)
-_PRESET = flags.DEFINE_enum('preset', 'swin_t', sorted(PRESETS), 'Architecture (--input).')
-# Overrides of the preset's config.model fields; None keeps the preset's value.
-_OVERRIDES = {
-    'num_classes': flags.DEFINE_integer('num_classes', None, 'Classes of the head.'),
-    'img_size': flags.DEFINE_integer('img_size', None, 'Input height = width.'),
-    'window_size': flags.DEFINE_integer('window_size', None, 'Attention window.'),
-    'patch_size': flags.DEFINE_integer('patch_size', None, 'Stem stride.'),
-    'embed_dim': flags.DEFINE_integer('embed_dim', None, 'Width of stage 0.'),
-    'depths': flags.DEFINE_list('depths', None, 'Blocks per stage, e.g. 2,2,6,2.'),
-    'num_heads': flags.DEFINE_list('num_heads', None, 'Heads per stage, e.g. 3,6,12,24.'),
-}
-flags.register_validator('input', lambda path: path is None or os.path.isfile(path),
-                         message='--input: no such file.')
-flags.register_multi_flags_validator(
-    ['input', 'workdir'], lambda f: (f['input'] is None) != (f['workdir'] is None),
-    message='Give exactly one of --input (a weights file) and --workdir (a train.py run).')
-
-
-def _ints(values: list[str] | None) -> bool:
-  return values is None or all(v.strip().isdigit() for v in values)
-
-
-flags.register_validator('depths', _ints, message='--depths must be comma-separated ints, '
-                         'e.g. 2,2,6,2.')
-flags.register_validator('num_heads', _ints, message='--num_heads must be comma-separated '
-                         'ints, e.g. 3,6,12,24.')
-flags.register_validator('step', lambda s: s == 'best' or s.lstrip('-').isdigit(),
-                         message="--step must be a saved step, -1 (the latest) or 'best'.")
+# Overrides of the preset's config.model fields (flags of the same names); None
+# keeps the preset's value.
+_OVERRIDE_FIELDS = ('num_classes', 'img_size', 'window_size', 'patch_size', 'embed_dim',
+                    'depths', 'num_heads')
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
@@ -94,18 +66,50 @@ def export_run(workdir: str, output_path: str, step: int | str = -1) -> None:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _WORKDIR.value is not None:
-    step = _STEP.value if _STEP.value == 'best' else int(_STEP.value)
-    export_run(_WORKDIR.value, _OUTPUT.value, step)
-    logging.info('Wrote %s.', _OUTPUT.value)
+  args = flags.FLAGS
+  if args.workdir is not None:
+    export_run(args.workdir, args.output, cli.checkpoint_step('--step', args.step))
+    logging.info('Wrote %s.', args.output)
     return
-  overrides = {name: flag.value for name, flag in _OVERRIDES.items()}
+  overrides = {name: args[name].value for name in _OVERRIDE_FIELDS}
   for name in ('depths', 'num_heads'):
     if overrides[name] is not None:
       overrides[name] = tuple(int(v) for v in overrides[name])
-  convert(_INPUT.value, _OUTPUT.value, model_config(_PRESET.value, **overrides))
-  logging.info('Wrote %s.', _OUTPUT.value)
+  convert(args.input, args.output, model_config(args.preset, **overrides))
+  logging.info('Wrote %s.', args.output)
+
+
+def _ints(values: list[str] | None) -> bool:
+  return values is None or all(v.strip().isdigit() for v in values)
+
+
+def define_flags() -> None:
+  """The CLI's flags; defined when run, not at import, since importers (the
+  tests, scripts beside eval.py) have flags of their own (--workdir, --step)."""
+  flags.DEFINE_string('input', None, 'Weights to read (or --workdir).')
+  flags.DEFINE_string('workdir', None, 'A train.py run to export (or --input).')
+  flags.DEFINE_string('step', '-1', "With --workdir: a saved step, -1 = the latest, "
+                      "'best' = the kept best.")
+  flags.DEFINE_string('output', None, 'Weights to write.', required=True)
+  flags.DEFINE_enum('preset', 'swin_t', sorted(PRESETS), 'Architecture (--input).')
+  flags.DEFINE_integer('num_classes', None, 'Classes of the head.')
+  flags.DEFINE_integer('img_size', None, 'Input height = width.')
+  flags.DEFINE_integer('window_size', None, 'Attention window.')
+  flags.DEFINE_integer('patch_size', None, 'Stem stride.')
+  flags.DEFINE_integer('embed_dim', None, 'Width of stage 0.')
+  flags.DEFINE_list('depths', None, 'Blocks per stage, e.g. 2,2,6,2.')
+  flags.DEFINE_list('num_heads', None, 'Heads per stage, e.g. 3,6,12,24.')
+  flags.register_validator('input', lambda path: path is None or os.path.isfile(path),
+                           message='--input: no such file.')
+  flags.register_multi_flags_validator(
+      ['input', 'workdir'], lambda f: (f['input'] is None) != (f['workdir'] is None),
+      message='Give exactly one of --input (a weights file) and --workdir (a train.py run).')
+  flags.register_validator('depths', _ints, message='--depths must be comma-separated ints, '
+                           'e.g. 2,2,6,2.')
+  flags.register_validator('num_heads', _ints, message='--num_heads must be comma-separated '
+                           'ints, e.g. 3,6,12,24.')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -6,6 +6,7 @@ import sys
 
 import ml_collections
 import pytest
+from absl import app
 
 from hierarchical_vit import cli
 
@@ -50,3 +51,11 @@ def test_a_misspelt_override_exits_with_one_line_and_writes_nothing(entry_point,
   assert 'FATAL Flags parsing error: --config.nope.x=1: no such config field: nope' in result.stderr
   assert 'Traceback' not in result.stderr
   assert not workdir.exists()
+
+
+def test_checkpoint_step_takes_a_step_or_best_and_names_the_flag():
+  assert cli.checkpoint_step('--step', '-1') == -1
+  assert cli.checkpoint_step('--step', '300') == 300
+  assert cli.checkpoint_step('--step', 'best') == 'best'
+  with pytest.raises(app.UsageError, match=r"--step='last' is not valid: a saved step, -1 "):
+    cli.checkpoint_step('--step', 'last')
