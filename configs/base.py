@@ -108,10 +108,13 @@ def get_data_config() -> ml_collections.ConfigDict:
   # Augmentation (training split only).
   d.crop_padding = 4         # Random crop after padding each side by this (0 = off; fixed-size data).
   d.hflip = True             # Random horizontal flip (turn off for digits).
-  # '' | 'trivial_augment_wide' (TrivialAugment's own, wide op ranges) |
-  # 'trivial_augment' (TrivialAugment in RandAugment's ranges) | 'randaugment'.
+  # '' | 'trivial_augment_wide' (torchvision's TrivialAugmentWide) |
+  # 'trivial_augment' (TrivialAugment in RandAugment's ranges) |
+  # 'randaugment' (torchvision's ops and ranges, magnitude on the paper's 0-10 scale) |
+  # 'randaugment_timm' (timm's rand-m*-inc1, Swin's and DeiT's: fill = data mean, bicubic).
+  # transforms.OpSpace lists each space's ops and ranges.
   d.augment = ''
-  d.randaugment_num_ops = 2      # augment='randaugment' only: ops per image ...
+  d.randaugment_num_ops = 2      # augment='randaugment*' only: ops per image ...
   d.randaugment_magnitude = 9    # ... and their strength, 0-10 (full strength at 10);
   d.randaugment_prob = 1.0       # ... each op applied with this probability (timm: 0.5) ...
   d.randaugment_magnitude_std = 0.0  # ... at magnitude ~ N(m, this) in [0, 10] (timm: 0.5).

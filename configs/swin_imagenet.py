@@ -1,9 +1,9 @@
 """Swin-T/S/B on ImageNet-1k at 224x224, the recipe of Liu et al. 2021.
 
-Its augmentation is timm's rand-m9-mstd0.5-inc1: two RandAugment ops, each
-applied with probability 0.5 at a magnitude drawn from N(9, 0.5); bicubic
-Inception crops. One difference stays: the op set (transforms.OP_NAMES) shares
-13 ops with timm's, and has Identity where timm's has Invert and SolarizeAdd.
+Its augmentation is timm's rand-m9-mstd0.5-inc1 ('randaugment_timm'): two
+RandAugment ops of timm's increasing set, each applied with probability 0.5 at a
+magnitude drawn from N(9, 0.5), geometry bicubic and filled with the data mean;
+bicubic Inception crops.
 
 Usage: --config=configs/swin_imagenet.py:swin_t   (or swin_s, swin_b)
 """
@@ -21,7 +21,7 @@ def get_config(arg: str = 'swin_t') -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'
   config.data.image_size = 224
   config.data.crop_padding = 0  # imagenet2012 uses random-resized crops instead.
-  config.data.augment = 'randaugment'
+  config.data.augment = 'randaugment_timm'
   config.data.randaugment_prob = 0.5
   config.data.randaugment_magnitude_std = 0.5
   config.data.mixup_alpha = 0.8

@@ -287,13 +287,15 @@ def _train_ops(data_config: ml_collections.ConfigDict,
   else:
     ops = [transforms.ToSize(size, data_config.resize_mode),
            transforms.CropFlip(data_config.crop_padding, data_config.hflip)]
+  mean, std = _mean_std(data_config, info)
   if data_config.augment:
     ops.append(transforms.AutoAugment(data_config.augment,
                                       data_config.randaugment_num_ops,
                                       data_config.randaugment_magnitude,
                                       data_config.randaugment_prob,
-                                      data_config.randaugment_magnitude_std))
-  ops.append(transforms.Normalize(*_mean_std(data_config, info)))
+                                      data_config.randaugment_magnitude_std,
+                                      tuple(min(255, round(255 * m)) for m in mean)))
+  ops.append(transforms.Normalize(mean, std))
   if data_config.random_erasing > 0:
     ops.append(transforms.RandomErasing(data_config.random_erasing))
   return ops

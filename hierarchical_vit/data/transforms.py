@@ -181,119 +181,178 @@ def random_erase(image: np.ndarray, rng: np.random.Generator,
 # ---------------------------------------------------------------------------
 # TrivialAugment / RandAugment.
 #
-# Ops (PIL, fill 0): Identity, AutoContrast, Equalize, Rotate, Solarize
-# (threshold 256 -> 0), Posterize, Color, Contrast, Brightness, Sharpness
-# (factor 1 +- enhance), ShearX/Y, TranslateX/Y. Each op takes a strength level
-# in [0, 1], scaled by an OpRanges; signed ops pick the sign at random.
-# RandAugment applies `num_ops` random ops at level = magnitude / 10 (timm's
-# scale, so the usual m9 is 0.9); TrivialAugment applies one random op at a
-# level drawn uniformly from 31 bins in [0, 1].
+# Each op takes a strength level in [0, 1], scaled by an OpSpace; signed ops
+# pick the sign at random. RandAugment applies `num_ops` random ops at level =
+# magnitude / 10 (the paper's and timm's scale, so the usual m9 is 0.9);
+# TrivialAugment applies one random op at a level drawn uniformly from 31 bins
+# in [0, 1].
 
 
 @dataclasses.dataclass(frozen=True)
-class OpRanges:
-  """What level 1 means for each levelled op."""
+class OpSpace:
+  """An augmentation space: its ops, what level 1 means for each, and how the
+  geometric ops (Rotate, Shear, Translate) resample and fill."""
+  ops: tuple[str, ...]
   rotate: float            # Degrees.
   shear: float
   translate: float         # A fraction of the side, or pixels with translate_pixels.
   translate_pixels: bool
   enhance: float           # Color, Contrast, Brightness, Sharpness: factor 1 +- this.
-  posterize: int           # Bits dropped (of 8).
+  posterize: int           # Posterize: bits dropped (of 8); PosterizeIncreasing: bits kept at level 0.
+  resample: Image.Resampling
+  fill_mean: bool          # Uncovered pixels get the data mean (timm), else 0 (torchvision).
 
 
-# RandAugment's space on timm's scale; TrivialAugment in it is the paper's "TA (RA)".
-RA_RANGES = OpRanges(rotate=30.0, shear=0.3, translate=0.45, translate_pixels=False,
-                     enhance=0.9, posterize=4)
+# torchvision's RandAugment / TrivialAugmentWide ops, with its defaults:
+# nearest-neighbour geometry filled with 0.
+_TORCHVISION_OPS = ('Identity', 'AutoContrast', 'Equalize', 'Rotate', 'Solarize', 'Posterize',
+                    'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+                    'TranslateX', 'TranslateY')
+# RandAugment's ranges (timm's, on the 0-10 scale) in torchvision's ops;
+# TrivialAugment in it is the paper's "TA (RA)".
+RA_SPACE = OpSpace(_TORCHVISION_OPS, rotate=30.0, shear=0.3, translate=0.45,
+                   translate_pixels=False, enhance=0.9, posterize=4,
+                   resample=Image.NEAREST, fill_mean=False)
 # TrivialAugment's own wide space (Mueller & Hutter 2021, Table 2; torchvision's
 # TrivialAugmentWide): translations in pixels whatever the image size.
-WIDE_RANGES = OpRanges(rotate=135.0, shear=0.99, translate=32.0, translate_pixels=True,
-                       enhance=0.99, posterize=6)
+WIDE_SPACE = OpSpace(_TORCHVISION_OPS, rotate=135.0, shear=0.99, translate=32.0,
+                     translate_pixels=True, enhance=0.99, posterize=6,
+                     resample=Image.NEAREST, fill_mean=False)
+# timm's increasing RandAugment ('rand-m*-inc1', Swin's and DeiT's recipes):
+# Invert and SolarizeAdd instead of Identity, posterize to 4 down to 0 bits,
+# solarize and translate as timm rounds them, geometry bicubic (their configured
+# interpolation) filled with the data mean.
+TIMM_SPACE = OpSpace(('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing',
+                      'SolarizeIncreasing', 'SolarizeAdd', 'Color', 'Contrast', 'Brightness',
+                      'Sharpness', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel'),
+                     rotate=30.0, shear=0.3, translate=0.45, translate_pixels=False,
+                     enhance=0.9, posterize=4, resample=Image.BICUBIC, fill_mean=True)
 
 
 def _signed(level: float, rng: np.random.Generator) -> float:
   return level if rng.random() < 0.5 else -level
 
 
-def _affine(img: Image.Image, coeffs: tuple[float, ...]) -> Image.Image:
-  return img.transform(img.size, Image.AFFINE, coeffs, Image.BILINEAR,
-                       fillcolor=0)
+def _affine(img: Image.Image, coeffs: tuple[float, ...], space: OpSpace, fill) -> Image.Image:
+  return img.transform(img.size, Image.AFFINE, coeffs, space.resample, fillcolor=fill)
 
 
 def _enhance(enhancer) -> Callable:
-  return lambda img, level, rng, r: enhancer(img).enhance(
-      1.0 + r.enhance * _signed(level, rng))
+  return lambda img, level, rng, s, fill: enhancer(img).enhance(
+      1.0 + s.enhance * _signed(level, rng))
 
 
 def _translate(img: Image.Image, axis: int, level: float, rng: np.random.Generator,
-               r: OpRanges) -> Image.Image:
-  side = 1.0 if r.translate_pixels else img.size[axis]
-  offset = r.translate * side * _signed(level, rng)
-  return _affine(img, (1, 0, offset, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, offset))
+               space: OpSpace, fill, whole_pixels: bool) -> Image.Image:
+  side = 1.0 if space.translate_pixels else img.size[axis]
+  offset = space.translate * _signed(level, rng) * side  # timm's rounding order.
+  if whole_pixels:
+    offset = int(offset)
+  coeffs = (1, 0, offset, 0, 1, 0) if axis == 0 else (1, 0, 0, 0, 1, offset)
+  return _affine(img, coeffs, space, fill)
 
 
-_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator, OpRanges],
+def _solarize_add(img: Image.Image, level: float) -> Image.Image:
+  """Adds int(110 level) to pixels below 128, clipped at 255 (timm's SolarizeAdd)."""
+  add = int(110 * level)
+  return img.point([min(255, i + add) if i < 128 else i for i in range(256)] * len(img.getbands()))
+
+
+def _posterize(img: Image.Image, bits: int) -> Image.Image:
+  """Keeps the top `bits` bits; 0 bits gives black (PIL >= 10 refuses 0)."""
+  return ImageOps.posterize(img, bits) if bits else img.point([0] * 256 * len(img.getbands()))
+
+
+# Op(img, level, rng, space, fill) -> img; fill is the PIL fill colour of geometric ops.
+_OPS: dict[str, Callable[[Image.Image, float, np.random.Generator, OpSpace, object],
                          Image.Image]] = {
-    'Identity': lambda img, level, rng, r: img,
-    'AutoContrast': lambda img, level, rng, r: ImageOps.autocontrast(img),
-    'Equalize': lambda img, level, rng, r: ImageOps.equalize(img),
-    'Rotate': lambda img, level, rng, r: img.rotate(
-        r.rotate * _signed(level, rng), Image.BILINEAR, fillcolor=0),
-    'Solarize': lambda img, level, rng, r: ImageOps.solarize(
-        img, round(256 * (1.0 - level))),
-    'Posterize': lambda img, level, rng, r: ImageOps.posterize(
-        img, 8 - round(r.posterize * level)),
+    'Identity': lambda img, level, rng, s, fill: img,
+    'AutoContrast': lambda img, level, rng, s, fill: ImageOps.autocontrast(img),
+    'Equalize': lambda img, level, rng, s, fill: ImageOps.equalize(img),
+    'Invert': lambda img, level, rng, s, fill: ImageOps.invert(img),
+    'Rotate': lambda img, level, rng, s, fill: img.rotate(
+        s.rotate * _signed(level, rng), s.resample, fillcolor=fill),
+    # Pixels at or above the threshold are inverted: torchvision's 255 (1 - level)
+    # (255s invert at level 0; rounded so that whole thresholds stay whole),
+    # timm's 256 - int(256 level).
+    'Solarize': lambda img, level, rng, s, fill: ImageOps.solarize(
+        img, round(255.0 * (1.0 - level), 6)),
+    'SolarizeIncreasing': lambda img, level, rng, s, fill: ImageOps.solarize(
+        img, 256 - int(256 * level)),
+    'SolarizeAdd': lambda img, level, rng, s, fill: _solarize_add(img, level),
+    # torchvision's: 8 - round(posterize * level) bits kept.
+    'Posterize': lambda img, level, rng, s, fill: ImageOps.posterize(
+        img, 8 - round(s.posterize * level)),
+    # timm's: posterize - int(posterize * level) bits kept (4 at level 0, 1 at m9).
+    'PosterizeIncreasing': lambda img, level, rng, s, fill: _posterize(
+        img, s.posterize - int(s.posterize * level)),
     'Color': _enhance(ImageEnhance.Color),
     'Contrast': _enhance(ImageEnhance.Contrast),
     'Brightness': _enhance(ImageEnhance.Brightness),
     'Sharpness': _enhance(ImageEnhance.Sharpness),
-    'ShearX': lambda img, level, rng, r: _affine(
-        img, (1, r.shear * _signed(level, rng), 0, 0, 1, 0)),
-    'ShearY': lambda img, level, rng, r: _affine(
-        img, (1, 0, 0, r.shear * _signed(level, rng), 1, 0)),
-    'TranslateX': lambda img, level, rng, r: _translate(img, 0, level, rng, r),
-    'TranslateY': lambda img, level, rng, r: _translate(img, 1, level, rng, r),
+    'ShearX': lambda img, level, rng, s, fill: _affine(
+        img, (1, s.shear * _signed(level, rng), 0, 0, 1, 0), s, fill),
+    'ShearY': lambda img, level, rng, s, fill: _affine(
+        img, (1, 0, 0, s.shear * _signed(level, rng), 1, 0), s, fill),
+    # torchvision's move by whole pixels (truncated), timm's Rel ones by fractions.
+    'TranslateX': lambda img, level, rng, s, fill: _translate(img, 0, level, rng, s, fill, True),
+    'TranslateY': lambda img, level, rng, s, fill: _translate(img, 1, level, rng, s, fill, True),
+    'TranslateXRel': lambda img, level, rng, s, fill: _translate(img, 0, level, rng, s, fill,
+                                                                 False),
+    'TranslateYRel': lambda img, level, rng, s, fill: _translate(img, 1, level, rng, s, fill,
+                                                                 False),
 }
-OP_NAMES = tuple(_OPS)
 
 
 def apply_op(image: np.ndarray, name: str, level: float, rng: np.random.Generator,
-             ranges: OpRanges = RA_RANGES) -> np.ndarray:
-  """Applies augmentation op `name` at strength level in [0, 1] to uint8 (H, W, C)."""
-  return _from_pil(_OPS[name](_to_pil(image), level, rng, ranges), image.shape[2])
+             space: OpSpace = RA_SPACE, mean_fill: tuple[int, ...] = (0,)) -> np.ndarray:
+  """Applies augmentation op `name` at strength level in [0, 1] to uint8 (H, W, C).
+
+  mean_fill: the data mean in 0-255, one value per channel or one for all;
+  geometric ops fill with it in spaces with fill_mean.
+  """
+  channels = image.shape[2]
+  fill = 0
+  if space.fill_mean:
+    fill = mean_fill[0] if channels == 1 else tuple(np.broadcast_to(mean_fill, channels).tolist())
+  return _from_pil(_OPS[name](_to_pil(image), level, rng, space, fill), channels)
 
 
 def rand_augment(image: np.ndarray, rng: np.random.Generator, num_ops: int,
-                 magnitude: float, prob: float = 1.0,
-                 magnitude_std: float = 0.0) -> np.ndarray:
-  """RandAugment (Cubuk et al. 2020): num_ops random ops at magnitude / 10.
+                 magnitude: float, prob: float = 1.0, magnitude_std: float = 0.0,
+                 space: OpSpace = RA_SPACE, mean_fill: tuple[int, ...] = (0,)) -> np.ndarray:
+  """RandAugment (Cubuk et al. 2020): num_ops random ops of `space` at magnitude / 10.
 
   As in timm's recipes (rand-m9-mstd0.5, Swin's), each op may apply only with
   probability `prob`, at a magnitude drawn from N(magnitude, magnitude_std)
   and clipped to [0, 10]; the defaults are the paper's fixed RandAugment.
   """
-  for name in rng.choice(OP_NAMES, size=num_ops):
+  for name in rng.choice(space.ops, size=num_ops):
     if prob < 1.0 and rng.random() >= prob:
       continue
     level = magnitude
     if magnitude_std > 0:
       level = float(np.clip(rng.normal(magnitude, magnitude_std), 0.0, 10.0))
-    image = apply_op(image, str(name), level / 10.0, rng)
+    image = apply_op(image, str(name), level / 10.0, rng, space, mean_fill)
   return image
 
 
 def trivial_augment(image: np.ndarray, rng: np.random.Generator,
-                    ranges: OpRanges = RA_RANGES) -> np.ndarray:
+                    space: OpSpace = RA_SPACE) -> np.ndarray:
   """TrivialAugment (Mueller & Hutter 2021): one random op at a random level."""
-  name = str(rng.choice(OP_NAMES))
-  return apply_op(image, name, rng.integers(0, 31) / 30.0, rng, ranges)
+  name = str(rng.choice(space.ops))
+  return apply_op(image, name, rng.integers(0, 31) / 30.0, rng, space)
 
 
 # data.augment -> fn(image, rng, the AutoAugment transform holding its options).
 AUGMENTS = {
-    'trivial_augment': lambda image, rng, options: trivial_augment(image, rng, RA_RANGES),
-    'trivial_augment_wide': lambda image, rng, options: trivial_augment(image, rng, WIDE_RANGES),
+    'trivial_augment': lambda image, rng, options: trivial_augment(image, rng, RA_SPACE),
+    'trivial_augment_wide': lambda image, rng, options: trivial_augment(image, rng, WIDE_SPACE),
     'randaugment': lambda image, rng, options: rand_augment(
         image, rng, options.num_ops, options.magnitude, options.prob, options.magnitude_std),
+    'randaugment_timm': lambda image, rng, options: rand_augment(
+        image, rng, options.num_ops, options.magnitude, options.prob, options.magnitude_std,
+        TIMM_SPACE, options.mean_fill),
 }
 
 
@@ -397,6 +456,7 @@ class AutoAugment(grain.transforms.RandomMap):
   magnitude: float = 9
   prob: float = 1.0
   magnitude_std: float = 0.0
+  mean_fill: tuple[int, ...] = (0,)  # The data mean in 0-255, for TIMM_SPACE's fill.
 
   def __post_init__(self):
     if self.policy not in AUGMENTS:

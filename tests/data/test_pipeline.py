@@ -14,7 +14,7 @@ from tests.conftest import prepare_slice
 from configs import base
 from configs import segmentation
 from hierarchical_vit import data
-from hierarchical_vit.data import sources
+from hierarchical_vit.data import sources, transforms
 from hierarchical_vit.training import tasks
 
 
@@ -120,7 +120,7 @@ def test_batch_size_must_divide(fake_data_dir):
 @pytest.mark.parametrize('field, value, message', [
     ('augment', 'autoaugment',
      r"data.augment='autoaugment' is not valid; valid choices: \['randaugment', "
-     r"'trivial_augment', 'trivial_augment_wide'\], or '' \(off\)"),
+     r"'randaugment_timm', 'trivial_augment', 'trivial_augment_wide'\], or '' \(off\)"),
     ('resize_mode', 'crop',
      r"data.resize_mode='crop' is not valid; valid choices: \['pad', 'resize'\]"),
 ])
@@ -218,7 +218,8 @@ def test_pipeline_reports_missing_data(tmp_path, create):
 
 
 @pytest.mark.parametrize('overrides', [{'augment': 'trivial_augment'},
-                                       {'augment': 'randaugment'}])
+                                       {'augment': 'randaugment'},
+                                       {'augment': 'randaugment_timm'}])
 def test_augment_changes_training_images(fake_data_dir, overrides):
   # Same seed, same crop/flip: only the augmentation differs.
   plain = _take(data.create_train_iterator(
@@ -232,6 +233,16 @@ def test_augment_changes_training_images(fake_data_dir, overrides):
     changed += sum(not np.array_equal(a['image'][i], b['image'][i])
                    for i in range(16))
   assert changed > 16  # Most of the 32 (Identity or a weak level keeps some).
+
+
+def test_timm_randaugment_fills_with_the_configured_mean(monkeypatch, fake_data_dir):
+  fills = set()
+  monkeypatch.setattr(transforms, 'apply_op',
+                      lambda image, name, level, rng, space=None, mean_fill=None: fills.add(
+                          (space, mean_fill)) or image)
+  config = _config(fake_data_dir, 'cifar10', augment='randaugment_timm', mean=(0.5, 0.25, 1.0))
+  next(data.create_train_iterator(config, global_batch_size=16, seed=0))
+  assert fills == {(transforms.TIMM_SPACE, (128, 64, 255))}
 
 
 def test_random_erasing_replaces_one_box_per_image(fake_data_dir):

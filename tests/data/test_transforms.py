@@ -62,20 +62,26 @@ def test_normalize_matches_reference():
   assert out['image'].dtype == np.float32 and out['label'].dtype == np.int32
 
 
-@pytest.mark.parametrize('name', transforms.OP_NAMES)
+ALL_OPS = sorted(set(transforms.RA_SPACE.ops) | set(transforms.TIMM_SPACE.ops))
+
+
+@pytest.mark.parametrize('name', ALL_OPS)
 @pytest.mark.parametrize('channels', [1, 3])
 def test_augment_ops_keep_shape_and_dtype(name, channels):
   image = _image(32, 32, channels)
-  out = transforms.apply_op(image, name, 1.0, np.random.default_rng(0))
+  out = transforms.apply_op(image, name, 1.0, np.random.default_rng(0), transforms.TIMM_SPACE,
+                            (120, 110, 100))
   assert out.shape == image.shape and out.dtype == np.uint8
 
 
 # Ops whose strength grows from nothing at level 0 (AutoContrast and Equalize
-# take no level): the module's table says Rotate/Shear/Translate 0, Solarize
-# threshold 256, Posterize 8 bits and enhancer factor 1 at level 0.
-LEVELLED_OPS = ('Identity', 'Rotate', 'Solarize', 'Posterize', 'Color',
-                'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
-                'TranslateX', 'TranslateY')
+# take no level): the module's table says Rotate/Shear/Translate 0,
+# SolarizeIncreasing threshold 256, SolarizeAdd 0, Posterize 8 bits and
+# enhancer factor 1 at level 0. (torchvision's Solarize, threshold 255 at level
+# 0, inverts the 255s; timm's PosterizeIncreasing keeps 4 bits.)
+LEVELLED_OPS = ('Identity', 'Rotate', 'SolarizeIncreasing', 'SolarizeAdd', 'Posterize',
+                'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
+                'TranslateX', 'TranslateY', 'TranslateXRel', 'TranslateYRel')
 
 
 class _Draw:
@@ -88,9 +94,9 @@ class _Draw:
     return self.value
 
 
-def _both_signs(image, name, level, ranges=transforms.RA_RANGES):
+def _both_signs(image, name, level, space=transforms.RA_SPACE):
   """The op's outputs for a low and a high random draw (one per sign)."""
-  return [transforms.apply_op(image, name, level, _Draw(u), ranges) for u in (0.1, 0.9)]
+  return [transforms.apply_op(image, name, level, _Draw(u), space) for u in (0.1, 0.9)]
 
 
 def _assert_one_each(outs, expected_a, expected_b, atol=0):
@@ -250,7 +256,7 @@ def test_shear_matches_pil_affine_on_its_own_axis(channels):
   image = _image(20, 30, channels)
   def sheared(coeffs):
     return _array(_pil(image).transform((30, 20), Image.AFFINE, coeffs,
-                                        Image.BILINEAR, fillcolor=0), channels)
+                                        Image.NEAREST, fillcolor=0), channels)
   _assert_one_each(_both_signs(image, 'ShearX', 0.6),
                    sheared((1, 0.18, 0, 0, 1, 0)),
                    sheared((1, -0.18, 0, 0, 1, 0)), atol=1)
@@ -263,7 +269,7 @@ def test_shear_matches_pil_affine_on_its_own_axis(channels):
 def test_rotate_turns_by_30_level_degrees(channels):
   image = _image(20, 30, channels)
   def rotated(degrees):
-    return _array(_pil(image).rotate(degrees, Image.BILINEAR, fillcolor=0),
+    return _array(_pil(image).rotate(degrees, Image.NEAREST, fillcolor=0),
                   channels)
   # Level 0.6: 18 degrees either way (an inverted level gives 12).
   _assert_one_each(_both_signs(image, 'Rotate', 0.6), rotated(18),
@@ -273,7 +279,7 @@ def test_rotate_turns_by_30_level_degrees(channels):
 def test_rand_augment_applies_num_ops_at_magnitude_over_10(monkeypatch):
   calls = []
   monkeypatch.setattr(transforms, 'apply_op',
-                      lambda image, name, level, rng, ranges=None: calls.append(
+                      lambda image, name, level, rng, space=None, mean_fill=None: calls.append(
                           (name, level)) or image)
   image = _image(8, 8)
   for seed in range(10):
@@ -353,18 +359,18 @@ def test_fashion_mnist_mean_std_are_the_train_splits():
 def test_trivial_augment_draws_one_op_at_one_of_31_levels(monkeypatch):
   calls = []
   monkeypatch.setattr(transforms, 'apply_op',
-                      lambda image, name, level, rng, ranges=None: calls.append(
-                          (name, level, ranges)) or image)
+                      lambda image, name, level, rng, space=None, mean_fill=None: calls.append(
+                          (name, level, space)) or image)
   rng = np.random.default_rng(0)
   for _ in range(2000):
     transforms.trivial_augment(np.zeros((4, 4, 1), np.uint8), rng)
   assert {level for _, level, _ in calls} == {k / 30 for k in range(31)}
-  assert {name for name, _, _ in calls} == set(transforms.OP_NAMES)
-  assert {ranges for _, _, ranges in calls} == {transforms.RA_RANGES}
+  assert {name for name, _, _ in calls} == set(transforms.RA_SPACE.ops)
+  assert {space for _, _, space in calls} == {transforms.RA_SPACE}
   calls.clear()
   op = transforms.AutoAugment('trivial_augment_wide')
   op.random_map({'image': np.zeros((4, 4, 1), np.uint8), 'label': 0}, rng)
-  assert [ranges for _, _, ranges in calls] == [transforms.WIDE_RANGES]
+  assert [space for _, _, space in calls] == [transforms.WIDE_SPACE]
 
 
 @pytest.mark.parametrize('channels', [1, 3])
@@ -372,11 +378,11 @@ def test_wide_ranges_are_trivial_augments_published_ones(channels):
   """TrivialAugment's wide space at level 2/3: rotate 90 degrees, shear 0.66,
   enhance 1 +- 0.66, posterize to 4 bits; at level 3/4, translate 24 pixels
   whatever the side."""
-  wide, level = transforms.WIDE_RANGES, 2 / 3
+  wide, level = transforms.WIDE_SPACE, 2 / 3
   image = _image(40, 30, channels)
-  rotated = lambda deg: _array(_pil(image).rotate(deg, Image.BILINEAR, fillcolor=0), channels)
+  rotated = lambda deg: _array(_pil(image).rotate(deg, Image.NEAREST, fillcolor=0), channels)
   _assert_one_each(_both_signs(image, 'Rotate', level, wide), rotated(90), rotated(-90), atol=1)
-  sheared = lambda c: _array(_pil(image).transform((30, 40), Image.AFFINE, c, Image.BILINEAR,
+  sheared = lambda c: _array(_pil(image).transform((30, 40), Image.AFFINE, c, Image.NEAREST,
                                                    fillcolor=0), channels)
   _assert_one_each(_both_signs(image, 'ShearX', level, wide),
                    sheared((1, 0.66, 0, 0, 1, 0)), sheared((1, -0.66, 0, 0, 1, 0)), atol=1)
@@ -397,7 +403,8 @@ def test_rand_augment_op_probability_and_magnitude_noise(monkeypatch):
   """timm's recipe: each op applied with probability prob, at a magnitude drawn
   from N(m, std) and clipped to [0, 10]."""
   calls = []
-  monkeypatch.setattr(transforms, 'apply_op', lambda image, name, level, rng, ranges=None:
+  monkeypatch.setattr(transforms, 'apply_op',
+                      lambda image, name, level, rng, space=None, mean_fill=None:
                       calls.append(level) or image)
   rng = np.random.default_rng(0)
   for _ in range(2000):
@@ -416,7 +423,7 @@ def test_rand_augment_options_are_checked_by_name(field, value):
   with pytest.raises(ValueError, match=rf'data.randaugment_{field}={value} is not valid'):
     transforms.AutoAugment('randaugment', **{field: value})
   with pytest.raises(ValueError, match=r"data.augment='ra' is not valid; valid choices: "
-                                       r"\['randaugment', 'trivial_augment', "
+                                       r"\['randaugment', 'randaugment_timm', 'trivial_augment', "
                                        r"'trivial_augment_wide'\], or '' \(off\)"):
     transforms.AutoAugment('ra')
 
@@ -432,3 +439,20 @@ def test_random_resized_crop_falls_back_to_the_clamped_central_box(monkeypatch):
   out = transforms.random_resized_crop(image, 16, np.random.default_rng(0), scale=(1.0, 1.0))
   assert out.shape == (16, 16, 3)
   np.testing.assert_array_equal(boxes[-1], image[:, 93:106])
+
+
+@pytest.mark.parametrize('policy, space, mean_fill', [
+    ('randaugment', transforms.RA_SPACE, (0,)),
+    ('randaugment_timm', transforms.TIMM_SPACE, (124, 116, 104)),
+])
+def test_randaugment_policies_use_their_space(monkeypatch, policy, space, mean_fill):
+  calls = []
+  monkeypatch.setattr(transforms, 'apply_op',
+                      lambda image, name, level, rng, space=None, mean_fill=None: calls.append(
+                          (name, space, mean_fill)) or image)
+  op = transforms.AutoAugment(policy, num_ops=2, magnitude=9, mean_fill=(124, 116, 104))
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    op.random_map({'image': np.zeros((4, 4, 3), np.uint8), 'label': 0}, rng)
+  assert {name for name, _, _ in calls} == set(space.ops)
+  assert {(s, f) for _, s, f in calls} == {(space, mean_fill)}
