@@ -9,7 +9,7 @@ from PIL import Image
 
 from hierarchical_vit import resampling
 from hierarchical_vit.resampling import DOWNSAMPLERS, UPSAMPLERS, space_to_depth
-from hierarchical_vit.resampling import antialias
+from hierarchical_vit.resampling import antialias, downsample
 from hierarchical_vit.resampling.downsample import soft_pool_2x2
 from hierarchical_vit.resampling.rearrange import expand_patches
 
@@ -30,6 +30,13 @@ def _finite_grads(module, x):
   return all(bool(jnp.all(jnp.isfinite(g))) for g in leaves), len(leaves)
 
 
+def _assert_input_gradient_flows(module, x):
+  """The gradient to earlier stages: finite (the -inf paddings of the max and
+  soft pools must not leak NaNs) and non-zero."""
+  grad = jax.grad(lambda x: jnp.sum(module(x) ** 2))(x)
+  assert bool(jnp.all(jnp.isfinite(grad))) and bool(jnp.any(grad != 0))
+
+
 @pytest.mark.parametrize('name', sorted(DOWNSAMPLERS))
 @pytest.mark.parametrize('size', SIZES)
 def test_downsampler_contract(name, size):
@@ -42,6 +49,7 @@ def test_downsampler_contract(name, size):
   assert module.out_features == expected_c
   assert bool(jnp.all(jnp.isfinite(y)))
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(module, x), y, rtol=1e-5, atol=1e-5)
+  _assert_input_gradient_flows(module, x)
   if name != 'space_to_depth':  # The only parameter-free entry.
     finite, n = _finite_grads(module, x)
     assert finite and n > 0
@@ -66,6 +74,7 @@ def test_upsampler_contract(name, size):
   assert y.shape == (2, 2 * size[0], 2 * size[1], c // 2)
   assert module.out_features == c // 2
   np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(module, x), y, rtol=1e-5, atol=1e-5)
+  _assert_input_gradient_flows(module, x)
   finite, n = _finite_grads(module, x)
   assert finite and n > 0
   # factor and out_features are part of every upsampler's contract (the
@@ -226,6 +235,17 @@ def test_pixel_shuffle_conv_equals_xla_convolution(factor):
   np.testing.assert_allclose(module(x), reference, rtol=1e-4, atol=1e-4)
 
 
+def test_expand_patches_reads_channels_in_p1_p2_c_order():
+  """One pixel of 8 channels 0..7 at factor 2 and C = 2: output (dy, dx, c)
+  is channel (2 dy + dx) * 2 + c, Swin-Unet's '(p1 p2 c)' (TensorFlow's
+  depth_to_space; torch.nn.PixelShuffle would put c first)."""
+  x = jnp.arange(8.0).reshape(1, 1, 1, 8)
+  out = np.asarray(expand_patches(x, 2))[0]
+  expected = np.array([[[(2 * dy + dx) * 2 + c for c in range(2)] for dx in range(2)]
+                       for dy in range(2)], np.float32)
+  np.testing.assert_array_equal(out, expected)
+
+
 def _random_conv_downsample(c, out, kernel_size):
   """ConvDownsample with random conv bias and norm affine (zeros and ones at init,
   which would hide a missing bias or a norm applied in the wrong place)."""
@@ -304,10 +324,12 @@ def _numpy_blur(x, size, stride):
   return out
 
 
-def _numpy_max_2x2_stride_1(x):
-  xp = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=-np.inf)
-  return np.max([xp[:, dy:dy + x.shape[1], dx:dx + x.shape[2]]
-                 for dy in (0, 1) for dx in (0, 1)], axis=0)
+def _numpy_zhang_max_blur_pool(x, size):
+  """Zhang's MaxBlurPool (antialiased-cnns): MaxPool2d(2, stride=1) without
+  padding, (H - 1, W - 1), then BlurPool (reflect pad, stride 2)."""
+  h, w = x.shape[1:3]
+  maxima = np.max([x[:, dy:dy + h - 1, dx:dx + w - 1] for dy in (0, 1) for dx in (0, 1)], axis=0)
+  return _numpy_blur(maxima, size, 2)
 
 
 @pytest.mark.parametrize('size', range(1, 8))
@@ -354,9 +376,34 @@ def test_blur_pools_match_numpy(shape, size):
   np.testing.assert_allclose(blur_pool(jnp.asarray(x)),
                              _ln_reduction(blur_pool, _numpy_blur(x, size, 2)),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape', [(8, 8), (5, 7), (2, 3)])
+@pytest.mark.parametrize('size', [1, 3, 4])
+def test_max_blur_pool_is_zhangs_where_zhangs_has_an_output(shape, size):
+  """ceil(H/2) x ceil(W/2) out; its first floor rows / columns on odd sides
+  (all of them on even ones) are Zhang's."""
+  x = np.random.default_rng(0).normal(size=(2, *shape, 4)).astype(np.float32)
   max_blur = DOWNSAMPLERS['max_blur_pool'](4, 6, filter_size=size, rngs=nnx.Rngs(1))
-  expected = _ln_reduction(max_blur, _numpy_blur(_numpy_max_2x2_stride_1(x), size, 2))
-  np.testing.assert_allclose(max_blur(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-4)
+  out = np.asarray(max_blur(jnp.asarray(x)))
+  assert out.shape == (2, -(-shape[0] // 2), -(-shape[1] // 2), 6)
+  zhang = _ln_reduction(max_blur, _numpy_zhang_max_blur_pool(x, size))
+  zh, zw = zhang.shape[1:3]
+  assert (zh, zw) == (shape[0] // 2, shape[1] // 2)
+  np.testing.assert_allclose(out[:, :zh, :zw], zhang, rtol=1e-4, atol=1e-4)
+
+
+def test_max_blur_pool_odd_sides_reflect_one_more_row_of_maxima():
+  """On a 5 x 1 map the maxima are x0 v x1, ..., x3 v x4 (a side of 1 is its
+  own maximum); the fifth row reflects the third, and the 3-tap blur at stride
+  2 reads rows (m1, m0, m1), (m1, m2, m3), (m3, m4 = m2, m3)."""
+  x = np.array([0.0, 3.0, -1.0, 2.0, 5.0], np.float32).reshape(1, 5, 1, 1)
+  m = [3.0, 3.0, 2.0, 5.0]
+  m.append(m[2])
+  expected = [(m[1] + 2 * m[0] + m[1]) / 4, (m[1] + 2 * m[2] + m[3]) / 4,
+              (m[3] + 2 * m[4] + m[3]) / 4]
+  pooled = downsample.MaxBlurPool(1, rngs=nnx.Rngs(0), filter_size=3).pool(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(pooled).ravel(), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize('shape', [(8, 8), (5, 7)])

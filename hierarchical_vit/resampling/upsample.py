@@ -61,6 +61,9 @@ class Interpolate(Upsampler):
   """jax.image.resize by `factor` (method bilinear | nearest | bicubic) and a
   Linear C -> C_out, then LayerNorm.
 
+  Half-pixel centres, as torch's align_corners=False; bicubic is Keys' cubic
+  with a = -0.5 (PIL's and TensorFlow's), where torch's bicubic uses -0.75.
+
   The Linear (no bias) runs before the resize: both are linear, so they
   commute, and projecting first runs the Linear on f*f times fewer pixels and
   resizes C_out channels instead of C.
@@ -113,6 +116,10 @@ class TransposedConv(Upsampler):
 class PixelShuffle(Upsampler):
   """Sub-pixel convolution (Shi et al. 2016): 3x3 conv C -> f*f*C_out, then
   depth-to-space by f, then LayerNorm.
+
+  Depth-to-space in TensorFlow's channel order, (dy, dx, c) (expand_patches),
+  where torch.nn.PixelShuffle reads (c, dy, dx): conv weights from torch need
+  their output channels permuted.
 
   The conv (nnx.Conv's params) runs as one matmul over the 3x3 neighbourhoods
   (im2col): at f = 8 it maps 64 channels to 4096 and is FLOP-bound, and XLA:CPU's
