@@ -54,6 +54,7 @@ class Encoder(nnx.Module):
                window_size: int, global_attention: Sequence[int], downsample: str,
                downsample_options: dict, drop_path_rate: float, rngs: nnx.Rngs,
                dtype: DTypeLike | None = None, **block_kwargs):
+    self.in_chans = in_chans
     self.stem = STEMS[stem](in_chans, embed_dim, patch_size, rngs=rngs, dtype=dtype)
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     self.resolutions = stage_resolutions(img_size, patch_size, len(depths))
@@ -79,6 +80,9 @@ class Encoder(nnx.Module):
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     """x: (B, H, W, C_in) -> per stage i: (B, H_i, W_i, C_i)."""
+    if x.ndim != 4 or x.shape[-1] != self.in_chans:
+      raise ValueError(f'the model takes (B, H, W, {self.in_chans}) images, channels last '
+                       f'(model.in_chans={self.in_chans}); got an input of shape {x.shape}')
     x = self.stem(x)
     outputs = []
     for i, stage in enumerate(self.stages):
