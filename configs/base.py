@@ -152,7 +152,7 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 500  # Also at every eval, at the end and on SIGTERM.
   # Last N checkpoints kept, plus the best by the task's metric (tasks.Task.best_metric).
   t.keep_checkpoints = 2
-  t.eval_batch_size = 256    # Global, like batch_size; must divide by the device count.
+  t.eval_batch_size = 256    # Global, like batch_size; must divide by the device and process counts.
   t.init_from = ''           # Path to pretrained weights (see hierarchical_vit.interop).
   return t
 

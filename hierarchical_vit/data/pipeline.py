@@ -200,6 +200,8 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
     {'image': float32 (batch_size, H, W, C), 'label': int32 (batch_size,)
      (segmentation: (batch_size, H, W)), 'mask': bool (batch_size,)}.
   """
+  if batch_size < 1:
+    raise ValueError(f'eval batch_size={batch_size} must be >= 1')
   split = split or data_config.eval_split
   task_data = _task(task)
   builder = sources.get_builder(data_config.name, data_config.data_dir)
@@ -229,6 +231,8 @@ def load_eval_examples(data_config: ml_collections.ConfigDict, split: str, count
   (margin: see create_eval_iterator) and the task's labels, int32 (n,) or
   (n, H, W), n = min(count, split size). Read in this process: grain workers
   would interleave records."""
+  if count < 1:
+    raise ValueError(f'count={count} examples must be >= 1')
   in_order = data_config.copy_and_resolve_references()
   in_order.num_workers = 0
   images, labels = [], []

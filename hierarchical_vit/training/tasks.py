@@ -30,6 +30,9 @@ TargetsFn = Callable[[Batch, jax.Array], tuple[jax.Array, jax.Array]]
 @dataclasses.dataclass(frozen=True)
 class Task:
   """The task-specific pieces of the loop (see the module docstring)."""
+  # The models.MODELS entry whose outputs the loss reads: image logits (B, K)
+  # or per-pixel logits (B, H, W, K).
+  model_name: str
   # Eval metric (higher is better) that picks the best checkpoint.
   best_metric: str
   # The scalar eval metrics `summarize` returns that a sweep may compare.
@@ -201,12 +204,14 @@ def _segmentation_summary(totals: dict[str, Any]) -> dict[str, Any]:
 
 TASKS: dict[str, Task] = {
     'classification': Task(
+        model_name='classifier',
         best_metric='eval/accuracy',
         eval_metrics=('eval/accuracy', 'eval/top5_accuracy', 'eval/loss'),
         make_targets=_classification_targets,
         loss=cross_entropy_loss, accuracy=_classification_accuracy,
         eval_sums=_classification_sums, summarize=_classification_summary),
     'segmentation': Task(
+        model_name='unet',
         best_metric='eval/miou',
         eval_metrics=('eval/miou', 'eval/pixel_accuracy', 'eval/loss'),
         make_targets=_segmentation_targets,

@@ -71,6 +71,12 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
   here, before a first evaluation could fail an epoch into the run.
   """
   m, tc = config.model, config.train
+  model_name = tasks.get_task(config.task).model_name
+  if m.name != model_name:
+    # The logits' shape would be wrong for the loss, and can broadcast against
+    # the targets silently (a UNet's (B, H, W, K) against (B, K) when W = K).
+    raise ValueError(f'model.name={m.name!r} cannot train task={config.task!r}; '
+                     f'valid: model.name={model_name!r}')
   got = {'model.num_classes': m.num_classes, 'model.in_chans': m.in_chans,
          'model.img_size': input_shape(m)[1:3]}
   want = {'model.num_classes': info.num_classes, 'model.in_chans': info.image_shape[2],
@@ -114,6 +120,7 @@ _Range = tuple[str, Callable[[Any], bool]]
 _EVAL_RANGES: dict[str, _Range] = {
     'train.eval_batch_size': ('>= 1', lambda v: v >= 1),
     'data.num_workers': ('>= 0', lambda v: v >= 0),
+    'data.std': ("> 0 in every channel (() = the data set's)", lambda v: all(s > 0 for s in v)),
 }
 _TRAIN_RANGES: dict[str, _Range] = {
     'train.batch_size': ('>= 1', lambda v: v >= 1),
@@ -123,7 +130,8 @@ _TRAIN_RANGES: dict[str, _Range] = {
     'train.keep_checkpoints': ('>= 1', lambda v: v >= 1),
     'train.eval_every_steps': ('>= 0 (0 = at the end of each epoch)', lambda v: v >= 0),
     'train.num_steps': ('>= 0 (0 = train.num_epochs decides)', lambda v: v >= 0),
-    'train.warmup_epochs': ('>= 0', lambda v: v >= 0),
+    'train.num_epochs': ('finite', math.isfinite),
+    'train.warmup_epochs': ('finite and >= 0', lambda v: math.isfinite(v) and v >= 0),
     'train.label_smoothing': ('in [0, 1)', lambda v: 0 <= v < 1),
     'train.ema_decay': ('in [0, 1) (0 = off)', lambda v: 0 <= v < 1),
     'train.learning_rate': ('>= 0', lambda v: v >= 0),
@@ -132,6 +140,8 @@ _TRAIN_RANGES: dict[str, _Range] = {
     'train.b1': ('in [0, 1)', lambda v: 0 <= v < 1),
     'train.b2': ('in [0, 1)', lambda v: 0 <= v < 1),
     'train.grad_clip_norm': ('>= 0 (0 = off)', lambda v: v >= 0),
+    'data.mixup_alpha': ('>= 0 (0 = off)', lambda v: v >= 0),
+    'data.cutmix_alpha': ('>= 0 (0 = off)', lambda v: v >= 0),
     'data.mix_prob': ('in [0, 1]', lambda v: 0 <= v <= 1),
     'data.random_erasing': ('in [0, 1]', lambda v: 0 <= v <= 1),
     'mesh.fsdp_min_size': ('>= 0', lambda v: v >= 0),

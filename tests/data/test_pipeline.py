@@ -420,3 +420,11 @@ def test_seek_lands_where_reading_would(fashion_mnist_dir, workers, process_inde
   data.seek_train_iterator(sought, 5, 4, process_index, process_count)
   assert sought.get_state() == read.get_state()
   np.testing.assert_array_equal(next(sought)['label'], next(read)['label'])
+
+
+def test_empty_eval_batches_and_counts_are_refused_by_name(fake_data_dir):
+  config = _config(fake_data_dir, 'cifar10')
+  with pytest.raises(ValueError, match='eval batch_size=0 must be >= 1'):
+    data.create_eval_iterator(config, batch_size=0)
+  with pytest.raises(ValueError, match='count=0 examples must be >= 1'):
+    data.load_eval_examples(config, 'test', 0)

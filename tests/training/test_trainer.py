@@ -333,7 +333,7 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.keep_checkpoints', 0, r'train.keep_checkpoints=0 must be >= 1'),
     ('train.num_steps', -5, r'train.num_steps=-5 must be >= 0'),
     ('train.num_epochs', 0.0, r'train.num_epochs=0.0 must be > 0 \(or train.num_steps > 0\)'),
-    ('train.warmup_epochs', -1.0, r'train.warmup_epochs=-1.0 must be >= 0'),
+    ('train.warmup_epochs', -1.0, r'train.warmup_epochs=-1.0 must be finite and >= 0'),
     ('train.label_smoothing', 1.0, r'train.label_smoothing=1.0 must be in \[0, 1\)'),
     ('train.ema_decay', 1.5, r'train.ema_decay=1.5 must be in \[0, 1\) \(0 = off\)'),
     ('data.mix_prob', -0.5, r'data.mix_prob=-0.5 must be in \[0, 1\]'),
@@ -348,6 +348,15 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.b2', 1.0, r'train.b2=1.0 must be in \[0, 1\)'),
     ('mesh.fsdp_min_size', -1, r'mesh.fsdp_min_size=-1 must be >= 0'),
     ('seed', -1, r'seed=-1 must be in \[0, 2\*\*32\)'),
+    ('train.num_epochs', float('nan'), r'train.num_epochs=nan must be finite'),
+    ('train.warmup_epochs', float('inf'), r'train.warmup_epochs=inf must be finite and >= 0'),
+    ('data.mixup_alpha', -0.8, r'data.mixup_alpha=-0.8 must be >= 0 \(0 = off\)'),
+    ('data.cutmix_alpha', -1.0, r'data.cutmix_alpha=-1.0 must be >= 0 \(0 = off\)'),
+    ('data.std', (0.2, 0.0, 0.2), r"data.std=\(0.2, 0.0, 0.2\) must be > 0 in every channel"),
+    ('model.name', 'unet', r"model.name='unet' cannot train task='classification'; "
+                           r"valid: model.name='classifier'"),
+    ('task', 'segmentation', r"model.name='classifier' cannot train task='segmentation'; "
+                             r"valid: model.name='unet'"),
 ])
 def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
   config = cifar.get_config('cifar10,cifar_small')
