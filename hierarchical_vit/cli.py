@@ -49,7 +49,10 @@ def checkpoint_step(flag: str, text: str) -> int | str:
   if text == 'best':
     return text
   try:
-    return int(text)
+    step = int(text)
   except ValueError:
+    step = None
+  if step is None or step < -1:
     raise app.UsageError(f"{flag}={text!r} is not valid: a saved step, -1 (the latest) or "
-                         "'best'.") from None
+                         "'best'.")
+  return step

@@ -59,3 +59,5 @@ def test_checkpoint_step_takes_a_step_or_best_and_names_the_flag():
   assert cli.checkpoint_step('--step', 'best') == 'best'
   with pytest.raises(app.UsageError, match=r"--step='last' is not valid: a saved step, -1 "):
     cli.checkpoint_step('--step', 'last')
+  with pytest.raises(app.UsageError, match=r"--step='-7' is not valid: a saved step, -1 "):
+    cli.checkpoint_step('--step', '-7')  # Not the latest in disguise.

@@ -94,12 +94,49 @@ def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int:
   return counts.pop()
 
 
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'params/encoder/0/...': shape} for each leaf, whatever the key types
+  (orbax's metadata names list indices as strings)."""
+  def part(key) -> str:
+    return str(getattr(key, 'key', getattr(key, 'idx', getattr(key, 'name', key))))
+  return {'/'.join(map(part, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_weights_fit(manager: ocp.CheckpointManager, step: int,
+                       weights: dict[str, Any]) -> None:
+  """ValueError naming what is missing or shaped otherwise: orbax would hand
+  back placeholders for a missing entry, and name no config for a shape."""
+  where = f'checkpoint {step} in {manager.directory}'
+  metadata = ocp.PyTreeCheckpointer().metadata(
+      os.path.join(os.fspath(manager.directory), str(step), 'state'))
+  saved_tree = metadata.item_metadata.tree
+  missing = sorted(set(weights) - set(saved_tree))
+  if missing:
+    hint = (' Runs keep EMA weights only when trained with train.ema_decay > 0: evaluate '
+            'this one with --config.train.ema_decay=0.' if 'ema_params' in missing else '')
+    raise ValueError(f'{where} holds no {missing} (it holds {sorted(saved_tree)}).{hint}')
+  saved = _leaf_shapes({k: saved_tree[k] for k in weights})
+  wanted = _leaf_shapes(weights)
+  differ = [f'{k}: saved {saved[k] if k in saved else "nowhere"}, this model {shape}'
+            for k, shape in sorted(wanted.items()) if saved.get(k) != shape]
+  differ += [f'{k}: saved {shape}, not in this model'
+             for k, shape in sorted(saved.items()) if k not in wanted]
+  if differ:
+    raise ValueError(f'{where} does not fit the model of this config ({len(differ)} arrays; '
+                     f'{"; ".join(differ[:4])}). Evaluate a run with its own config: '
+                     '--config=configs/saved.py:WORKDIR.')
+
+
 def restore_weights(manager: ocp.CheckpointManager, step: int,
                     weights: dict[str, Any]) -> dict[str, Any]:
   """Restores only some entries of the state (e.g. {'params', 'ema_params'}).
 
   For evaluation: no optimizer state or data iterator is needed or read.
+  Raises ValueError if the checkpoint lacks an entry or its arrays have
+  other paths or shapes than `weights`.
   """
+  _check_weights_fit(manager, step, weights)
   abstract = _abstract(weights)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.PyTreeRestore(

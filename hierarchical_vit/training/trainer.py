@@ -376,7 +376,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int |
                               'metrics to pick the best by.')
   elif not isinstance(step, int):
     raise ValueError(f"step={step!r} is not valid: a saved step, -1 (the latest) or 'best'.")
-  step = manager.latest_step() if step < 0 else step
+  step = manager.latest_step() if step == -1 else step
   if step is None:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
   if step not in manager.all_steps():

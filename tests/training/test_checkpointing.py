@@ -1,10 +1,12 @@
 """Checkpoint retention: the latest `keep` plus the best by the task's metric."""
 
 import os
+import re
 
 import grain
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hierarchical_vit.training import checkpointing
 
@@ -73,3 +75,19 @@ def test_the_best_survives_a_restart_and_saves_without_metrics(tmp_path):
   manager.wait_until_finished()
   assert _steps_on_disk(workdir) == [10, 50]
   assert manager.best_step() == 10 and manager.latest_step() == 50
+
+
+def test_restore_weights_names_what_the_checkpoint_lacks_or_shapes_otherwise(tmp_path):
+  """orbax's partial restore hands back placeholders for a missing entry, and
+  a shape mismatch names no config: both are refused here, by name."""
+  _save_all(str(tmp_path), {1: 0.1}, keep=1, best_metric='eval/accuracy')
+  reader = checkpointing.create_checkpoint_manager(str(tmp_path), 1, read_only=True)
+  with pytest.raises(ValueError, match=re.escape(
+      "holds no ['ema_params'] (it holds ['params', 'step']). Runs keep EMA weights only "
+      'when trained with train.ema_decay > 0')):
+    checkpointing.restore_weights(reader, 1, {'ema_params': {'w': jnp.zeros((3,))}})
+  with pytest.raises(ValueError, match=re.escape(
+      'does not fit the model of this config (2 arrays; params/v: saved nowhere, this model '
+      '(2,); params/w: saved (3,), this model (4,)')):
+    checkpointing.restore_weights(reader, 1, {'params': {'w': jnp.zeros((4,)),
+                                                         'v': jnp.zeros((2,))}})

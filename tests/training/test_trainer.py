@@ -165,6 +165,17 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
     trainer.restore_trained(config, workdir, step='last')
   with pytest.raises(ValueError, match=r'step=4 has no checkpoint in .*; saved steps: \[3, 6\]'):
     trainer.restore_trained(config, workdir, step=4)
+  with pytest.raises(ValueError, match=r'step=-7 has no checkpoint'):
+    trainer.restore_trained(config, workdir, step=-7)  # Only -1 means the latest.
+  no_ema = config.copy_and_resolve_references()
+  no_ema.train.ema_decay = 0.999  # This run kept no EMA weights.
+  with pytest.raises(ValueError, match=r"holds no \['ema_params'\].*train.ema_decay > 0"):
+    trainer.restore_trained(no_ema, workdir)
+  wider = config.copy_and_resolve_references()
+  wider.model.embed_dim *= 2
+  with pytest.raises(ValueError, match=r'does not fit the model of this config .*'
+                                       r'configs/saved.py:WORKDIR'):
+    trainer.restore_trained(wider, workdir)
 
 
 def test_a_run_exports_to_timm_as_the_weights_eval_uses(trained, tmp_path):
