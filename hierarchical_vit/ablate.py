@@ -304,10 +304,10 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 def read_metrics(workdir: str) -> list[dict[str, float]]:
   """The trainer's metrics.jsonl records; [] if none yet.
 
-  A resumed run re-logs the steps after its checkpoint, so a step can appear
-  twice; the later record wins. A run killed mid-write leaves its last line
-  unfinished: that line is skipped (a resumed run cuts it off, see
-  metrics.drop_partial_last_line).
+  A step can appear twice in files from before a resumed run dropped the
+  records after its checkpoint (metrics.keep_records_up_to); the later record
+  wins. A run killed mid-write leaves its last line unfinished: that line is
+  skipped (a resumed run cuts it off).
   """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):

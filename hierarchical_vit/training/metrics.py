@@ -11,17 +11,25 @@ import jax
 import tensorboardX
 from absl import logging
 
+from hierarchical_vit import files
+
 
 class MetricWriter:
-  """Writes scalars to `workdir/tensorboard/` and `workdir/metrics.jsonl`."""
+  """Writes scalars to `workdir/tensorboard/` and `workdir/metrics.jsonl`.
 
-  def __init__(self, workdir: str):
+  A run resumed from its checkpoint at `start_step` logs the steps after it
+  again: their earlier records are dropped from both (TensorBoard's purge
+  step), so that each step appears once.
+  """
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self._active = jax.process_index() == 0
     if self._active:
       os.makedirs(workdir, exist_ok=True)
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                                            purge_step=start_step + 1 if start_step else None)
       path = os.path.join(workdir, 'metrics.jsonl')
-      drop_partial_last_line(path)
+      keep_records_up_to(path, start_step)
       # Line buffered, appended: a resumed run continues the same file.
       self._jsonl = open(path, 'a', buffering=1, encoding='utf-8')
 
@@ -39,18 +47,19 @@ class MetricWriter:
       self._jsonl.close()
 
 
-def drop_partial_last_line(path: str) -> None:
-  """Cuts a line that a killed run left unfinished off the end of path.
-
-  Appended to, it would swallow the resumed run's first record into one line
-  that no JSON reader parses; the resumed run logs that step again anyway.
-  """
+def keep_records_up_to(path: str, step: int) -> None:
+  """Rewrites path (atomically) without the records after `step`, and without
+  a last line that a killed run left unfinished (appended to, it would swallow
+  the next record into one line that no JSON reader parses)."""
   if not os.path.exists(path):
     return
-  with open(path, 'rb+') as f:
-    content = f.read()
-    if content and not content.endswith(b'\n'):
-      f.truncate(content.rfind(b'\n') + 1)
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  # Only the piece after the last newline can be unfinished.
+  kept = ''.join(line + '\n' for line in text.split('\n')[:-1]
+                 if json.loads(line)['step'] <= step)
+  if kept != text:
+    files.write_text(path, kept)
 
 
 class Progress:

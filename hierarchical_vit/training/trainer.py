@@ -44,7 +44,7 @@ from hierarchical_vit.training import optimizer as optimizer_lib
 from hierarchical_vit.training import tasks
 
 State = dict[str, Any]
-Batch = dict[str, jax.Array]
+Batch = tasks.Batch
 
 
 def compute_steps(train_config: ml_collections.ConfigDict,
@@ -551,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     results.pop('confusion', None)  # Not a scalar; eval.py reports it.
     return results
 
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, start_step)
   progress = metrics_lib.Progress(total_steps, start_step)
   preemption = _PreemptionFlag()
   train_scalars, eval_scalars = {}, {}

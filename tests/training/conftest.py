@@ -54,6 +54,8 @@ def run_script(args: list[str], env: dict[str, str] | None = None,
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl's records as written, repeats included (ablate.read_metrics
+  merges them): what the tests of the writer check."""
   import json
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f]

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import tensorboardX
 
 from hierarchical_vit import ablate
 from hierarchical_vit.training import metrics
@@ -11,13 +12,32 @@ from hierarchical_vit.training import metrics
 def test_a_resumed_run_cuts_the_unfinished_line_and_appends_whole_records(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')  # Killed here.
-  writer = metrics.MetricWriter(str(tmp_path))
+  writer = metrics.MetricWriter(str(tmp_path), start_step=1)
   writer.write_scalars(2, {'train/loss': 1.5})
   writer.close()
   assert [json.loads(line) for line in path.read_text().splitlines()] == [
       {'step': 1, 'train/loss': 2.0}, {'step': 2, 'train/loss': 1.5}]
-  metrics.drop_partial_last_line(str(path))  # Whole lines are left alone.
-  assert len(path.read_text().splitlines()) == 2
+
+
+def test_a_resumed_run_drops_the_records_after_its_checkpoint(tmp_path, monkeypatch):
+  """Resumed from step 4, a run logs 5 and 6 again: their old records go
+  (the eval record of step 4 stays), here and in TensorBoard (purge_step)."""
+  path = tmp_path / 'metrics.jsonl'
+  records = [{'step': s, 'train/loss': 1.0 / s} for s in range(1, 7)]
+  records.insert(4, {'step': 4, 'eval/accuracy': 0.5})
+  path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+  purge_steps = []
+  real_writer = tensorboardX.SummaryWriter
+  monkeypatch.setattr(tensorboardX, 'SummaryWriter', lambda logdir, purge_step=None: (
+      purge_steps.append(purge_step) or real_writer(logdir, purge_step=purge_step)))
+  writer = metrics.MetricWriter(str(tmp_path), start_step=4)
+  writer.write_scalars(5, {'train/loss': 0.3})
+  writer.close()
+  assert [json.loads(line) for line in path.read_text().splitlines()] == [
+      *records[:5], {'step': 5, 'train/loss': 0.3}]
+  assert purge_steps == [5]
+  metrics.MetricWriter(str(tmp_path)).close()  # A fresh run (no checkpoint) starts over.
+  assert path.read_text() == '' and purge_steps == [5, None]
 
 
 def test_read_metrics_skips_an_unfinished_last_line_only(tmp_path):
