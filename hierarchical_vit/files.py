@@ -9,17 +9,29 @@ from typing import Any
 
 def write_text(path: str, text: str) -> None:
   """Writes text to path (creating its directory) via a temporary file of this
-  process beside it and an atomic rename; a failed write removes the temporary."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  process beside it and an atomic rename; a failed write removes the temporary.
+
+  The data and then the rename are flushed to disk (fsync): without it, a
+  machine that crashes soon after can leave the renamed file empty.
+  """
+  directory = os.path.dirname(path) or '.'
+  os.makedirs(directory, exist_ok=True)
   tmp = f'{path}.{os.getpid()}.tmp'
   try:
     with open(tmp, 'w', encoding='utf-8', newline='') as f:
       f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+  dir_fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(dir_fd)
+  finally:
+    os.close(dir_fd)
 
 
 def write_json(path: str, value: Any, indent: int = 1) -> None:

@@ -30,3 +30,13 @@ def test_a_failed_write_leaves_the_old_file(tmp_path):
   with pytest.raises(IsADirectoryError):  # Fails at the rename.
     files.write_text(str(tmp_path / 'taken'), 'x')
   assert sorted(os.listdir(tmp_path)) == ['result.json', 'taken']  # No temporary left.
+
+
+def test_the_data_and_the_rename_reach_the_disk_before_returning(tmp_path, monkeypatch):
+  synced = []
+  real_fsync = os.fsync
+  monkeypatch.setattr(os, 'fsync', lambda fd: synced.append(os.path.realpath(
+      f'/proc/self/fd/{fd}')) or real_fsync(fd))
+  path = str(tmp_path / 'run' / 'config.json')
+  files.write_text(path, 'x')
+  assert synced == [f'{path}.{os.getpid()}.tmp', str(tmp_path / 'run')]
