@@ -64,6 +64,18 @@ def test_downsampler_out_features(name):
   assert DOWNSAMPLERS[name](8, 24, rngs=nnx.Rngs(0))(jnp.ones((1, 4, 4, 8))).shape[-1] == 24
 
 
+@pytest.mark.parametrize('name', sorted(set(DOWNSAMPLERS) - {'space_to_depth'}))
+def test_a_zero_width_is_refused_not_taken_for_the_default(name):
+  with pytest.raises(ValueError, match=r"a downsampler's out_features=0 must be >= 1"):
+    DOWNSAMPLERS[name](8, 0, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('name', sorted(UPSAMPLERS))
+def test_a_zero_upsampler_width_is_refused(name):
+  with pytest.raises(ValueError, match=r"an upsampler's out_features=0 must be >= 1"):
+    UPSAMPLERS[name](8, 0, rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize('name', sorted(UPSAMPLERS))
 @pytest.mark.parametrize('size', SIZES)
 def test_upsampler_contract(name, size):

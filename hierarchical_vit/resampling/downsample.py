@@ -20,6 +20,15 @@ from hierarchical_vit.resampling.antialias import blur
 from hierarchical_vit.resampling.rearrange import space_to_depth
 
 
+def _out(in_features: int, out_features: int | None) -> int:
+  """The output width: out_features, or the registry's convention 2C."""
+  if out_features is None:
+    return 2 * in_features
+  if out_features < 1:
+    raise ValueError(f'a downsampler\'s out_features={out_features} must be >= 1')
+  return out_features
+
+
 class PatchMerge(nnx.Module):
   """Swin's 2x2 patch merging: space_to_depth (Swin's channel order),
   LayerNorm(4C), Linear 4C -> C_out without bias. Names match Swin/timm
@@ -27,7 +36,7 @@ class PatchMerge(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                dtype: DTypeLike | None = None):
-    out_features = out_features or 2 * in_features
+    out_features = _out(in_features, out_features)
     self.out_features = out_features
     self.norm = layer_norm(4 * in_features, rngs=rngs, dtype=dtype)
     self.reduction = dense(4 * in_features, out_features, use_bias=False, rngs=rngs, dtype=dtype)
@@ -86,7 +95,7 @@ class _Pool(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                dtype: DTypeLike | None = None):
-    out_features = out_features or 2 * in_features
+    out_features = _out(in_features, out_features)
     self.out_features = out_features
     self.norm = layer_norm(in_features, rngs=rngs, dtype=dtype)
     self.reduction = dense(in_features, out_features, use_bias=False, rngs=rngs, dtype=dtype)
@@ -190,7 +199,7 @@ class ConvMaxPool(nnx.Module):
     if not isinstance(pool_size, int) or pool_size < 2:
       raise ValueError(f'model.downsample_options.conv_max_pool.pool_size={pool_size!r} '
                        'must be an integer >= 2 (3: NesT, 2: 2x2 blocks)')
-    out_features = out_features or 2 * in_features
+    out_features = _out(in_features, out_features)
     self.out_features = out_features
     self.pool_size = pool_size
     self.conv = nnx.Conv(in_features, out_features, (3, 3), padding='SAME', dtype=dtype,
@@ -212,7 +221,7 @@ class ConvDownsample(nnx.Module):
     if kernel_size not in (2, 3):
       raise ValueError(f'model.downsample_options.conv.kernel_size={kernel_size} '
                        'is not one of [2, 3]')
-    out_features = out_features or 2 * in_features
+    out_features = _out(in_features, out_features)
     self.out_features = out_features
     self.kernel_size = kernel_size
     padding = 'VALID' if kernel_size == 2 else ((1, 1), (1, 1))
@@ -244,7 +253,7 @@ class DepthwiseConvPool(nnx.Module):
       # An even kernel with padding k // 2 gives H/2 + 1 rows, not ceil(H/2).
       raise ValueError(f'model.downsample_options.depthwise_conv_pool.kernel_size={kernel_size} '
                        'must be odd and positive (e.g. 3, 5)')
-    out_features = out_features or 2 * in_features
+    out_features = _out(in_features, out_features)
     self.out_features = out_features
     if out_features % in_features:
       raise ValueError(f'depthwise_conv_pool needs out_features ({out_features}) to be a '

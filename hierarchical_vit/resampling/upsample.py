@@ -20,7 +20,12 @@ INTERPOLATION_METHODS = ('bilinear', 'nearest', 'bicubic')
 
 
 def _out(in_features: int, out_features: int | None) -> int:
-  return out_features or max(in_features // 2, 1)
+  """The output width: out_features, or the registry's convention C/2."""
+  if out_features is None:
+    return max(in_features // 2, 1)
+  if out_features < 1:
+    raise ValueError(f'an upsampler\'s out_features={out_features} must be >= 1')
+  return out_features
 
 
 class Upsampler(nnx.Module):
