@@ -312,14 +312,13 @@ def _eval_ops(data_config: ml_collections.ConfigDict,
   view = size + 2 * margin
   if _variable_size(info):
     # The resize of the plain view (shorter side to size / CROP_FRACTION),
-    # then a centre crop `margin` pixels wider each side.
-    crop_fraction = transforms.CROP_FRACTION * view / size
-    if crop_fraction > 1:
+    # then its centre crop `margin` pixels wider each side.
+    room = (math.floor(size / transforms.CROP_FRACTION) - size) // 2
+    if margin > room:
       raise ValueError(
           f'margin={margin} is too large for data.image_size={size}: the resized image '
-          f'has at most {int((size / transforms.CROP_FRACTION - size) // 2)} pixels '
-          'each side of the view.')
-    resize = [transforms.CentreCrop(view, crop_fraction)]
+          f'has at most {room} pixels each side of the view.')
+    resize = [transforms.CentreCrop(size, transforms.CROP_FRACTION, margin)]
   elif margin:
     if data_config.resize_mode != 'pad':
       raise ValueError(f'margin={margin} needs data.resize_mode=\'pad\' (a resize would '

@@ -135,14 +135,25 @@ def random_resized_crop(image: np.ndarray, size: int, rng: np.random.Generator,
   return resize(image[y:y + ch, x:x + cw], size, size, Image.BICUBIC)
 
 
-def centre_crop(image: np.ndarray, size: int,
-                crop_fraction: float = CROP_FRACTION) -> np.ndarray:
-  """Resizes the shorter side to size / crop_fraction (bicubic), keeps the centre square."""
+def centre_crop(image: np.ndarray, size: int, crop_fraction: float = CROP_FRACTION,
+                margin: int = 0) -> np.ndarray:
+  """torchvision's (and timm's) eval view: Resize(floor(size / crop_fraction)),
+  bicubic, on the shorter side (the longer one truncated to keep the aspect),
+  then CenterCrop(size), offsets rounded. (H, W, C) -> (size, size, C).
+
+  margin > 0 widens that crop by `margin` pixels per side around it:
+  (size + 2 margin, size + 2 margin, C), whose centre is the plain view.
+  """
   h, w = image.shape[:2]
-  scale = size / crop_fraction / min(h, w)
-  image = resize(image, max(size, round(h * scale)), max(size, round(w * scale)),
-                 Image.BICUBIC)
-  return pad_or_crop(image, size)
+  short = math.floor(size / crop_fraction)
+  height, width = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+  image = resize(image, height, width, Image.BICUBIC)
+  top, left = round((height - size) / 2) - margin, round((width - size) / 2) - margin
+  view = size + 2 * margin
+  if min(top, left) < 0 or top + view > height or left + view > width:
+    raise ValueError(f'margin={margin} does not fit around the {size}-pixel view of a '
+                     f'{height} x {width} resize')
+  return image[top:top + view, left:left + view]
 
 
 def normalize(image: np.ndarray, mean: Sequence[float],
@@ -402,13 +413,15 @@ class ZeroBorder(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class CentreCrop(grain.transforms.Map):
-  """Eval view of variable-size images (ImageNet): resize + centre crop."""
+  """Eval view of variable-size images (ImageNet): resize + centre crop
+  (widened by `margin` pixels per side, see centre_crop)."""
   size: int
   crop_fraction: float = CROP_FRACTION
+  margin: int = 0
 
   def map(self, example: dict) -> dict:
-    return {**example,
-            'image': centre_crop(example['image'], self.size, self.crop_fraction)}
+    return {**example, 'image': centre_crop(example['image'], self.size, self.crop_fraction,
+                                            self.margin)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Augmentation spaces against the libraries they reproduce: TIMM_SPACE's ops
+"""Augmentations against the libraries they reproduce: TIMM_SPACE's ops
 against timm's own RandAugment ops, WIDE_SPACE's against torchvision's
-TrivialAugmentWide (both from the interop extra)."""
+TrivialAugmentWide, the eval centre crop against torchvision's (all from the
+interop extra)."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from tests.conftest import import_optional
 
 timm_aa = import_optional('timm.data.auto_augment')
 tv_aa = import_optional('torchvision.transforms.autoaugment')
+tv_transforms = import_optional('torchvision.transforms')
 
 # Our name -> timm's, where they differ (same level rule, timm's name says
 # 'increasing').
@@ -99,3 +101,15 @@ def test_wide_space_ops_are_torchvisions(name, bin_, channels):
     signs = [transforms.apply_op(image, name, bin_ / 30, _Draw(u), transforms.WIDE_SPACE)
              for u in (0.1, 0.9)]
     assert not np.array_equal(*signs)  # Both of torchvision's signs, not one twice.
+
+
+@pytest.mark.parametrize('shape', [(300, 451), (451, 300), (257, 259), (224, 224), (100, 80)])
+def test_centre_crop_is_torchvisions_imagenet_eval_view(shape):
+  """Resize(256) (shorter side, bicubic) then CenterCrop(224): the 0.875 crop
+  of timm's and torchvision's ImageNet evaluation, pixel for pixel."""
+  image = _image(*shape, 3)
+  view = tv_transforms.Compose([
+      tv_transforms.Resize(256, interpolation=tv_transforms.InterpolationMode.BICUBIC),
+      tv_transforms.CenterCrop(224)])
+  np.testing.assert_array_equal(transforms.centre_crop(image, 224),
+                                np.asarray(view(Image.fromarray(image))))

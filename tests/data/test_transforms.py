@@ -456,3 +456,11 @@ def test_randaugment_policies_use_their_space(monkeypatch, policy, space, mean_f
     op.random_map({'image': np.zeros((4, 4, 3), np.uint8), 'label': 0}, rng)
   assert {name for name, _, _ in calls} == set(space.ops)
   assert {(s, f) for _, s, f in calls} == {(space, mean_fill)}
+
+
+def test_random_resized_crops_differ_between_draws():
+  """The Inception crop is random: not a fixed (e.g. centre) view."""
+  image = _image(60, 90, 3)
+  crops = [transforms.random_resized_crop(image, 32, np.random.default_rng(seed))
+           for seed in range(8)]
+  assert len({c.tobytes() for c in crops}) == 8
