@@ -13,6 +13,25 @@ TRUNC_NORMAL = nnx.initializers.truncated_normal(stddev=0.02)
 LN_EPS = 1e-5
 
 
+def pad_to_multiple(x: jax.Array, multiple: int | tuple[int, int],
+                    value: float = 0.0) -> jax.Array:
+  """Pads x: (B, H, W, C) at the bottom/right with `value` to multiples of
+  `multiple` (one for both axes, or (for H, for W))."""
+  mh, mw = (multiple, multiple) if isinstance(multiple, int) else multiple
+  _, h, w, _ = x.shape
+  return jnp.pad(x, ((0, 0), (0, -h % mh), (0, -w % mw), (0, 0)), constant_values=value)
+
+
+def conv_operands(conv: nnx.Conv | nnx.ConvTranspose, x: jax.Array
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x, kernel, bias) in the conv's compute dtype, as its own call would
+  cast them: for layers that run a conv's parameters as matmuls or
+  multiply-adds (XLA:CPU runs those faster than its grouped or transposed
+  convolutions)."""
+  operands = (x, conv.kernel[...], conv.bias[...])
+  return tuple(nnx.nn.dtypes.promote_dtype(operands, dtype=conv.dtype))
+
+
 def dense(in_features: int, out_features: int, *, rngs: nnx.Rngs,
           use_bias: bool = True, dtype: DTypeLike | None = None) -> nnx.Linear:
   """A Linear layer initialised as Swin/timm do (trunc-normal 0.02, zero bias)."""

@@ -1,17 +1,10 @@
 """Stems: image (B, H, W, C_in) -> tokens (B, ceil(H/p), ceil(W/p), embed_dim)."""
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from hierarchical_vit.layers.common import layer_norm, on_tokens
-
-
-def pad_to_multiple(x: jax.Array, multiple: int) -> jax.Array:
-  """Zero-pads x: (B, H, W, C) at the bottom/right to multiples of `multiple`."""
-  _, h, w, _ = x.shape
-  return jnp.pad(x, ((0, 0), (0, -h % multiple), (0, -w % multiple), (0, 0)))
+from hierarchical_vit.layers.common import layer_norm, on_tokens, pad_to_multiple
 
 
 class PatchEmbed(nnx.Module):

@@ -9,7 +9,7 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.attention import WindowAttention
-from hierarchical_vit.layers.common import DropPath, Mlp, layer_norm, on_tokens
+from hierarchical_vit.layers.common import DropPath, Mlp, layer_norm, on_tokens, pad_to_multiple
 
 
 class SwinBlock(nnx.Module):
@@ -44,9 +44,8 @@ class SwinBlock(nnx.Module):
   def _attention(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, H, W, C), attention within (shifted) windows."""
     _, h, w, _ = x.shape
-    pad_h, pad_w = -h % self.window[0], -w % self.window[1]
-    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-    hp, wp = h + pad_h, w + pad_w
+    x = pad_to_multiple(x, self.window)
+    _, hp, wp, _ = x.shape
     shifted = any(self.shift)
     if shifted:
       x = jnp.roll(x, (-self.shift[0], -self.shift[1]), axis=(1, 2))

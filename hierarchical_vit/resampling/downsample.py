@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from hierarchical_vit.layers.common import dense, layer_norm, on_tokens
-from hierarchical_vit.layers.embedding import pad_to_multiple
+from hierarchical_vit.layers.common import (conv_operands, dense, layer_norm, on_tokens,
+                                            pad_to_multiple)
 from hierarchical_vit.resampling.antialias import blur
 from hierarchical_vit.resampling.rearrange import space_to_depth
 
@@ -173,7 +173,7 @@ def soft_pool_2x2(x: jax.Array) -> jax.Array:
   and the maximum. x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C); odd sizes'
   padding gets weight 0."""
   b, h, w, c = x.shape
-  x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
+  x = pad_to_multiple(x, 2, -jnp.inf)
   windows = x.reshape(b, (h + 1) // 2, 2, (w + 1) // 2, 2, c)
   weights = jax.nn.softmax(windows, axis=(2, 4))
   return jnp.sum(weights * jnp.where(weights > 0, windows, 0), axis=(2, 4))
@@ -266,8 +266,7 @@ class DepthwiseConvPool(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C_out)."""
-    kernel, bias = self.conv.kernel[...], self.conv.bias[...]
-    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.conv.dtype)
+    x, kernel, bias = conv_operands(self.conv, x)
     y = depthwise_conv_stride_2(x, kernel[:, :, 0], bias)
     return y if self.norm is None else on_tokens(self.norm, y)
 

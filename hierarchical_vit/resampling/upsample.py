@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from hierarchical_vit.layers.common import dense, layer_norm, on_tokens
+from hierarchical_vit.layers.common import conv_operands, dense, layer_norm, on_tokens
 from hierarchical_vit.resampling.rearrange import expand_patches
 
 INTERPOLATION_METHODS = ('bilinear', 'nearest', 'bicubic')
@@ -110,8 +110,7 @@ class TransposedConv(Upsampler):
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
   def resample(self, x: jax.Array) -> jax.Array:
-    kernel, bias = self.conv.kernel[...], self.conv.bias[...]  # (f, f, C, C_out), (C_out,)
-    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.conv.dtype)
+    x, kernel, bias = conv_operands(self.conv, x)  # kernel (f, f, C, C_out), bias (C_out,)
     f, _, c, c_out = kernel.shape
     # ConvTranspose applies the kernel flipped: output offset (i, j) reads kernel[f-1-i, f-1-j].
     kernel = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c, f * f * c_out)
@@ -141,8 +140,7 @@ class PixelShuffle(Upsampler):
     self.norm = layer_norm(out_features, rngs=rngs, dtype=dtype)
 
   def resample(self, x: jax.Array) -> jax.Array:
-    kernel, bias = self.conv.kernel[...], self.conv.bias[...]  # (3, 3, C, f*f*C_out)
-    x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, kernel, bias), dtype=self.conv.dtype)
+    x, kernel, bias = conv_operands(self.conv, x)  # kernel (3, 3, C, f*f*C_out)
     _, h, w, c = x.shape
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     # (B, H, W, 9C), neighbourhoods in the kernel's (dy, dx, c) order.
