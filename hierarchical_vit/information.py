@@ -57,7 +57,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from hierarchical_vit import cli, data, files, resampling, shift_consistency
-from hierarchical_vit.resampling import antialias
+from hierarchical_vit.resampling import antialias, downsample
 from hierarchical_vit.training import trainer
 
 Array = np.ndarray
@@ -155,13 +155,6 @@ def _blur(x: Array, stride: int = 1) -> Array:
   return np.asarray(antialias.blur(x, 3, stride), np.float64)
 
 
-def _max_2x2_stride_1(x: Array) -> Array:
-  """max_blur_pool's first step: the 2x2 maximum at stride 1, edge-padded."""
-  x = np.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)), mode='edge')
-  return np.maximum(np.maximum(x[:, :-1, :-1], x[:, 1:, :-1]),
-                    np.maximum(x[:, :-1, 1:], x[:, 1:, 1:]))
-
-
 def _soft_mean(x: Array, axis: tuple[int, ...]) -> Array:
   """SoftPool's reduction: sum e^x x / sum e^x over `axis`."""
   e = np.exp(x - x.max(axis=axis, keepdims=True))
@@ -196,8 +189,8 @@ def downsampler_errors(train: Array, test: Array) -> dict[str, float]:
       'depthwise_conv_pool': reduced_rank_error(train, test),
       'blur_merge': blurred_merge_error(train, test),
       'blur_pool': reconstruction_error(lambda x: _blur(x, stride=2), train, test),
-      'max_blur_pool': reconstruction_error(lambda x: _blur(_max_2x2_stride_1(x), stride=2),
-                                            train, test),
+      'max_blur_pool': reconstruction_error(
+          lambda x: np.asarray(downsample.max_blur_pool(x), np.float64), train, test),
       'soft_pool': reconstruction_error(lambda x: pool(x, _soft_mean), train, test),
       'conv_max_pool': reconstruction_error(_max_3x3_stride_2, train, test),
   }

@@ -14,7 +14,7 @@ from hierarchical_vit.resampling import DOWNSAMPLERS
 from tests.test_shift_consistency import _fake_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from tests.test_resampling import _numpy_blur, _numpy_max_2x2_stride_1, _numpy_soft_pool
+from tests.test_resampling import _numpy_blur, _numpy_soft_pool, _numpy_zhang_max_blur_pool
 
 
 def _rows(features: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +128,9 @@ def test_every_downsampler_has_a_measure_and_the_blurs_match_numpy():
   assert set(errors) == set(DOWNSAMPLERS)
   assert errors['blur_pool'] == pytest.approx(
       _reference_error(_numpy_blur(smooth, 3, 2), smooth), rel=1e-4)
+  # 12 x 12: even sides, where max_blur_pool is Zhang's whole.
   assert errors['max_blur_pool'] == pytest.approx(
-      _reference_error(_numpy_blur(_numpy_max_2x2_stride_1(smooth), 3, 2), smooth), rel=1e-4)
+      _reference_error(_numpy_zhang_max_blur_pool(smooth, 3), smooth), rel=1e-4)
   assert errors['soft_pool'] == pytest.approx(
       _reference_error(_numpy_soft_pool(smooth), smooth), rel=1e-4)
   nest_pool = np.asarray(nn.max_pool(smooth, (3, 3), (2, 2), padding='SAME'))

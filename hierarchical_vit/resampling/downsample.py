@@ -147,24 +147,31 @@ class BlurPool(_Blurred, _Pool):
     return blur(x, self.filter_size, stride=2)
 
 
-class MaxBlurPool(_Blurred, _Pool):
-  """Zhang (2019)'s MaxBlurPool: the 2x2 maximum at stride 1, unpadded (H - 1
-  rows), then the blur at stride 2: an anti-aliased max_pool.
+def max_blur_pool(x: jax.Array, filter_size: int = 3) -> jax.Array:
+  """Zhang (2019)'s MaxBlurPool without its learned parts: the 2x2 maximum at
+  stride 1, unpadded (H - 1 rows), then the blur at stride 2. x: (B, H, W, C)
+  -> (B, ceil(H/2), ceil(W/2), C).
 
   Where Zhang's has an output it is exactly Zhang's. An odd side (H - 1 even
   rows, which Zhang's blurs to floor(H/2)) gets one more row of the maxima,
   reflected, so that the output is ceil(H/2) like every downsampler's; a side
   of 1 is its own maximum.
   """
+  _, h, w, _ = x.shape
+  x = jnp.pad(x, ((0, 0), (0, int(h == 1)), (0, int(w == 1)), (0, 0)), mode='edge')
+  x = nn.max_pool(x, (2, 2), (1, 1), padding='VALID')
+  odd = lambda n: int(n % 2 == 1 and n > 1)
+  x = jnp.pad(x, ((0, 0), (0, odd(h)), (0, odd(w)), (0, 0)), mode='reflect')
+  return blur(x, filter_size, stride=2)
+
+
+class MaxBlurPool(_Blurred, _Pool):
+  """max_blur_pool (Zhang's MaxBlurPool), then LayerNorm and Linear: an
+  anti-aliased max_pool."""
   registry_name = 'max_blur_pool'
 
   def pool(self, x: jax.Array) -> jax.Array:
-    _, h, w, _ = x.shape
-    x = jnp.pad(x, ((0, 0), (0, int(h == 1)), (0, int(w == 1)), (0, 0)), mode='edge')
-    x = nn.max_pool(x, (2, 2), (1, 1), padding='VALID')
-    odd = lambda n: int(n % 2 == 1 and n > 1)
-    x = jnp.pad(x, ((0, 0), (0, odd(h)), (0, odd(w)), (0, 0)), mode='reflect')
-    return blur(x, self.filter_size, stride=2)
+    return max_blur_pool(x, self.filter_size)
 
 
 def soft_pool_2x2(x: jax.Array) -> jax.Array:
