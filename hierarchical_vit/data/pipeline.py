@@ -124,7 +124,10 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
   Each process reads a disjoint shard of the train split, reshuffled every
   epoch. Example order and augmentation depend only on `seed` (and the
   sharding); which examples share a batch also depends on data.num_workers,
-  as grain batches inside each worker.
+  as grain batches inside each worker. grain seeds the augmentation of the
+  i-th example read with seed + i, so seeds s and s + 1 draw the same random
+  numbers one position apart (on differently shuffled examples): seeds of a
+  sweep are replicates of the data order more than of the augmentation.
 
   Returns:
     An iterator of {'image': float32 (b, H, W, C), 'label': int32 (b,)} (for
