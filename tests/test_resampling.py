@@ -184,8 +184,10 @@ def test_unknown_names_list_choices():
     UPSAMPLERS['interpolate'](8, method='cubic', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r'kernel_size=5'):
     DOWNSAMPLERS['conv'](8, kernel_size=5, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r'depthwise_conv_pool.kernel_size=4 must be odd'):
-    DOWNSAMPLERS['depthwise_conv_pool'](8, kernel_size=4, rngs=nnx.Rngs(0))
+  for bad in (4, True, 3.0):
+    with pytest.raises(ValueError, match=rf'depthwise_conv_pool.kernel_size={bad!r} must be an '
+                                         'odd positive integer'):
+      DOWNSAMPLERS['depthwise_conv_pool'](8, kernel_size=bad, rngs=nnx.Rngs(0))
 
 
 def _numpy_depthwise_conv_stride_2(x, kernel, bias):

@@ -256,10 +256,10 @@ class DepthwiseConvPool(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                kernel_size: int = 3, norm: bool = True, dtype: DTypeLike | None = None):
-    if kernel_size < 1 or kernel_size % 2 == 0:
+    if type(kernel_size) is not int or kernel_size < 1 or kernel_size % 2 == 0:
       # An even kernel with padding k // 2 gives H/2 + 1 rows, not ceil(H/2).
-      raise ValueError(f'model.downsample_options.depthwise_conv_pool.kernel_size={kernel_size} '
-                       'must be odd and positive (e.g. 3, 5)')
+      raise ValueError(f'model.downsample_options.depthwise_conv_pool.kernel_size={kernel_size!r} '
+                       'must be an odd positive integer (e.g. 3, 5)')
     out_features = _out(in_features, out_features)
     self.out_features = out_features
     if out_features % in_features:
