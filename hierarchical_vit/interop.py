@@ -28,6 +28,7 @@ their keys) and `save_weights(model, path)` writes ours (.npz) or timm's
 (.pth/.safetensors). `load_weights(..., finetune=True)` is `train.init_from`.
 """
 
+import argparse
 import math
 import os
 import re
@@ -162,6 +163,13 @@ def get_weights(model: nnx.Module) -> Weights:
           for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def _first(keys: list[str], count: int = 8) -> str:
+  """The first `count` keys, and how many more: a wrong architecture can
+  differ in hundreds."""
+  more = f', ... ({len(keys) - count} more)' if len(keys) > count else ''
+  return ', '.join(keys[:count]) + more
+
+
 def assign(model: nnx.Module, weights: Weights) -> None:
   """Sets every nnx.Param of model from weights (cast to the param's dtype).
 
@@ -179,9 +187,9 @@ def assign(model: nnx.Module, weights: Weights) -> None:
     problems = [(f'{len(missing)} missing', missing),
                 (f'{len(unexpected)} unexpected', unexpected),
                 (f'{len(mismatched)} with mismatched shapes', mismatched)]
-    raise ValueError('Checkpoint does not fit the model (keys after conversion to ours):\n'
-                     + '\n'.join(f'  {title}: {", ".join(keys)}'
-                                 for title, keys in problems if keys))
+    raise ValueError('Checkpoint does not fit the model (keys after conversion to ours; '
+                     'check model.* against the checkpoint\'s architecture):\n'
+                     + '\n'.join(f'  {title}: {_first(keys)}' for title, keys in problems if keys))
   nnx.update(model, nnx.from_flat_state([
       (path, var.replace(jnp.asarray(weights[_key(path)], var.get_value().dtype)))
       for path, var in flat]))
@@ -234,15 +242,32 @@ def resize_bias_table(table: np.ndarray, window: tuple[int, int]) -> np.ndarray:
   return resized.reshape(out_h * out_w, -1).astype(table.dtype)
 
 
+def adapt_input_channels(kernel: np.ndarray, in_chans: int) -> np.ndarray:
+  """A stem conv kernel (kh, kw, C, E) for in_chans input channels, as timm
+  adapts pretrained RGB stems: one channel takes the sum of the filters (a gray
+  image x gives what (x, x, x) gave); more channels repeat them, scaled by
+  C / in_chans to keep the activations' scale."""
+  channels = kernel.shape[2]
+  if in_chans == 1:
+    return kernel.sum(axis=2, keepdims=True)
+  repeats = -(-in_chans // channels)
+  return np.tile(kernel, (1, 1, repeats, 1))[:, :, :in_chans] * (channels / in_chans)
+
+
 def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
   """Fits pretrained weights to model where fine-tuning changes shapes.
 
   Relative position bias tables are resized to the model's windows (window
-  size or resolution changed); a head for another number of classes gives way
-  to the model's own freshly initialized one. Anything else that does not fit
-  is left for `assign` to report.
+  size or resolution changed); a stem for another number of input channels is
+  adapted (adapt_input_channels); the parts fine-tuning trains from scratch
+  keep the model's fresh initialization where the checkpoint has none or one
+  of another shape: a classifier's head, a UNet's decoder and per-pixel head
+  (a UNet takes a classifier's encoder, as Swin-Unet starts from ImageNet
+  Swin; the classifier's final norm is dropped). Anything else that does not
+  fit is left for `assign` to report.
   """
   weights = dict(weights)
+  own = get_weights(model)
   for path, module in nnx.iter_graph(model):
     key = f'{_key(path)}.relative_position_bias_table'
     if not isinstance(module, WindowAttention) or key not in weights:
@@ -252,12 +277,22 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
     if table.shape != target and table.shape[1] == target[1]:
       weights[key] = resize_bias_table(table, module.window)
       logging.info('Resized %s from %s to %s.', key, table.shape, target)
-  head = getattr(model, 'head', None)
-  if (isinstance(head, nnx.Linear) and 'head.kernel' in weights
-      and weights['head.kernel'].shape[-1] != head.out_features):
-    logging.info('Re-initializing the head: %d classes in the checkpoint, %d in the model.',
-                 weights['head.kernel'].shape[-1], head.out_features)
-    weights.update({k: v for k, v in get_weights(model).items() if k.startswith('head.')})
+  stem = 'encoder.stem.proj.kernel'
+  if stem in weights and stem in own:
+    kernel, target = weights[stem], own[stem].shape
+    if kernel.shape != target and (kernel.shape[:2], kernel.shape[3]) == (target[:2], target[3]):
+      weights[stem] = adapt_input_channels(kernel, target[2])
+      logging.info('Adapted %s from %d to %d input channels.', stem, kernel.shape[2], target[2])
+  unet = hasattr(model, 'decoder')
+  fresh = ('head.', 'decoder.') if unet else ('head.',)
+  renewed = [k for k in own if k.startswith(fresh)
+             and (k not in weights or weights[k].shape != own[k].shape)]
+  if renewed:
+    logging.info('Training from scratch: %d arrays the checkpoint lacks or shapes otherwise '
+                 '(%s).', len(renewed), ', '.join(sorted({k.split('.')[0] for k in renewed})))
+    weights.update({k: own[k] for k in renewed})
+  if unet:
+    weights = {k: v for k, v in weights.items() if k in own or not k.startswith(('norm.', 'head.'))}
   return weights
 
 
@@ -267,13 +302,17 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
 
 
 def _suffix(path: str) -> str:
-  return os.path.splitext(path)[1].lower()
+  """'.pth' for timm's training checkpoints 'x.pth.tar' too."""
+  lower = path.lower()
+  return '.pth' if lower.endswith('.pth.tar') else os.path.splitext(lower)[1]
 
 
 def _read_torch(path: str) -> Weights:
   import torch  # Only needed for .pth files.
 
-  state_dict = torch.load(path, map_location='cpu', weights_only=True)
+  # timm's training checkpoints also hold their argparse arguments.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    state_dict = torch.load(path, map_location='cpu', weights_only=True)
   # Official checkpoints keep the weights under 'model', trainers under 'state_dict'.
   state_dict = state_dict.get('model', state_dict)
   state_dict = state_dict.get('state_dict', state_dict)
@@ -306,7 +345,10 @@ def load_weights(model: nnx.Module, path: str, *, finetune: bool = False) -> Non
   weights = read_weights(path)
   if finetune:
     weights = adapt_for_finetuning(model, weights)
-  assign(model, weights)
+  try:
+    assign(model, weights)
+  except ValueError as error:
+    raise ValueError(f'{path}: {error}') from None
   logging.info('Loaded %d arrays from %s.', len(weights), path)
 
 
@@ -337,6 +379,10 @@ def _check_timm_windows(model: nnx.Module) -> None:
   encoder = getattr(model, 'encoder', None)
   for i, (stage, res) in enumerate(zip(getattr(encoder, 'stages', ()),
                                        getattr(encoder, 'resolutions', ()))):
+    if stage.global_attention and max(res) > stage.window_size:
+      raise ValueError(f'stage {i} attends globally over its {res[0]}x{res[1]} tokens '
+                       '(model.global_attention), where timm attends in '
+                       f'{stage.window_size}x{stage.window_size} windows: save as .npz.')
     for block in stage.blocks:
       if any(block.shift) and (res[0] % block.window[0] or res[1] % block.window[1]):
         raise ValueError(

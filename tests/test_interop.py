@@ -215,7 +215,8 @@ def flat(params: dict) -> dict[str, np.ndarray]:
                          ids=['grow_224_to_384', 'wide', 'tall'])
 def test_resize_bias_table_matches_torch_bicubic(window):
   """A 7x7-window table (13 x 13 offsets) to other windows, as torch resizes it
-  (timm's fine-tuning recipe): growing, and non-square both ways round."""
+  (the Swin authors' fine-tuning recipe; timm 1.x resamples tables otherwise):
+  growing, and non-square both ways round."""
   table = np.random.default_rng(0).normal(size=(13 * 13, 3)).astype(np.float32)
   out_h, out_w = 2 * window[0] - 1, 2 * window[1] - 1
   grid = torch.from_numpy(table).T.reshape(1, 3, 13, 13)
@@ -276,3 +277,89 @@ def test_convert_cli_writes_what_timm_loads_and_refuses_bad_flags(tmp_path):
   assert typo.returncode != 0 and '--depths must be comma-separated ints' in typo.stderr
   both = _convert(f'--input={ours}', f'--workdir={tmp_path}', f'--output={theirs}')
   assert both.returncode != 0 and 'Give exactly one of --input' in both.stderr
+
+
+@pytest.mark.parametrize('in_chans', [1, 2, 4, 7])
+def test_stem_adapts_to_other_input_channels_as_timm(in_chans):
+  """timm's adapt_input_conv (OIHW) on the same kernel, ours in (kh, kw, C, E)."""
+  from timm.models._manipulate import adapt_input_conv
+  kernel = np.random.default_rng(0).normal(size=(2, 2, 3, 8)).astype(np.float32)
+  expected = adapt_input_conv(in_chans, torch.from_numpy(kernel.transpose(3, 2, 0, 1))).numpy()
+  np.testing.assert_allclose(interop.adapt_input_channels(kernel, in_chans),
+                             expected.transpose(2, 3, 1, 0), rtol=1e-6)
+
+
+def _finetune_config(**model):
+  config = base.get_config()
+  config.model = convert.model_config('cifar_small', img_size=32, **model)
+  return config
+
+
+def test_finetuning_from_rgb_to_gray_and_from_a_headless_checkpoint(tmp_path):
+  """An RGB checkpoint without a head (timm num_classes=0) fine-tunes a
+  1-channel classifier: a gray image gives the stem what (x, x, x) gave the
+  RGB one, and the head keeps its fresh initialization."""
+  source = timm_swin(img_size=32, num_classes=0, **SMALL)
+  path = str(tmp_path / 'headless.pth')
+  torch.save(source.state_dict(), path)
+  config = _finetune_config(in_chans=1, num_classes=10)
+  fresh = flat(trainer.init_model(config)[2])
+  loaded = flat(trainer.init_model(config, init_from=path)[2])
+  converted = interop.from_timm(numpy_state_dict(source))
+  for key in ('head.kernel', 'head.bias'):
+    np.testing.assert_array_equal(loaded[key], fresh[key])
+  gray = np.random.default_rng(1).normal(size=(2, 2, 1)).astype(np.float32)
+  stem = 'encoder.stem.proj.kernel'
+  np.testing.assert_allclose(np.einsum('hwc,hwce->e', gray, loaded[stem]),
+                             np.einsum('hwc,hwce->e', np.repeat(gray, 3, -1), converted[stem]),
+                             rtol=1e-5, atol=1e-5)
+  for key in converted:
+    if key != stem:
+      np.testing.assert_array_equal(loaded[key], converted[key], err_msg=key)
+
+
+def test_a_unet_fine_tunes_from_a_classifiers_encoder(tmp_path):
+  """As Swin-Unet starts from ImageNet Swin: the encoder from the checkpoint,
+  the decoder and per-pixel head fresh, the classifier's norm and head unused."""
+  source = timm_swin(img_size=32, num_classes=10, **SMALL)
+  path = str(tmp_path / 'classifier.pth')
+  torch.save(source.state_dict(), path)
+  config = _finetune_config(name='unet', in_chans=3, num_classes=5)
+  config.task = 'segmentation'
+  fresh = flat(trainer.init_model(config)[2])
+  loaded = flat(trainer.init_model(config, init_from=path)[2])
+  converted = interop.from_timm(numpy_state_dict(source))
+  for key, value in loaded.items():
+    expected = converted[key] if key.startswith('encoder.') else fresh[key]
+    np.testing.assert_array_equal(value, expected, err_msg=key)
+  assert any(k.startswith('decoder.') for k in loaded)
+
+
+def test_export_to_timm_refuses_global_attention(tmp_path):
+  model = our_swin('cifar_small', img_size=32, global_attention=(1,))
+  with pytest.raises(ValueError, match=r'stage 1 attends globally over its 8x8 tokens '
+                                       r'\(model.global_attention\), where timm attends in 4x4'):
+    interop.save_weights(model, str(tmp_path / 'global.pth'))
+
+
+def test_timm_training_checkpoints_load(tmp_path):
+  """timm's train.py writes x.pth.tar holding 'state_dict' and its argparse args."""
+  import argparse
+  source = timm_swin(img_size=32, num_classes=10, **SMALL)
+  path = str(tmp_path / 'model_best.pth.tar')
+  torch.save({'epoch': 3, 'state_dict': source.state_dict(),
+              'args': argparse.Namespace(lr=1e-3)}, path)
+  model = our_swin('cifar_small', img_size=32)
+  interop.load_weights(model, path)
+  assert_same_logits(source, model, 32)
+
+
+def test_a_checkpoint_of_another_architecture_names_the_file_briefly(tmp_path):
+  source = timm_swin(img_size=32, num_classes=10, **SMALL)
+  path = str(tmp_path / 'small.pth')
+  torch.save(source.state_dict(), path)
+  with pytest.raises(ValueError) as error:
+    interop.load_weights(our_swin('swin_t', img_size=32, num_classes=10), path)
+  message = str(error.value)
+  assert message.startswith(f'{path}: Checkpoint does not fit the model') and 'model.*' in message
+  assert len(message) < 2500 and 'more)' in message

@@ -88,6 +88,8 @@ class SwinStage(nnx.Module):
     if remat not in REMAT_POLICIES:
       raise ValueError(f'model.remat={remat!r} is not one of {sorted(REMAT_POLICIES)}')
     self.remat = remat
+    self.window_size = window_size
+    self.global_attention = global_attention
     if global_attention:
       window, shift = tuple(resolution), (0, 0)
     else:
