@@ -153,7 +153,9 @@ def get_train_config() -> ml_collections.ConfigDict:
   # Last N checkpoints kept, plus the best by the task's metric (tasks.Task.best_metric).
   t.keep_checkpoints = 2
   t.eval_batch_size = 256    # Global, like batch_size; must divide by the device and process counts.
-  t.init_from = ''           # Path to pretrained weights (see hierarchical_vit.interop).
+  # Pretrained weights that start the run (not a resumed one; see hierarchical_vit.interop):
+  # '' = none; None (a placeholder) = required, for configs that fine-tune.
+  t.init_from = ''
   return t
 
 

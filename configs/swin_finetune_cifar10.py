@@ -38,4 +38,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 0.05
   config.train.label_smoothing = 0.1
   config.train.eval_batch_size = 256
+  # Required: without it the run would train Swin-T from scratch (check_config refuses).
+  config.train.init_from = ml_collections.config_dict.placeholder(str)
   return config

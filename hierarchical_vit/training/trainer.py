@@ -91,6 +91,10 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
     value = functools.reduce(lambda node, key: node[key], field.split('.'), config)
     if not valid(value):
       raise ValueError(f'{field}={value!r} must be {rule}')
+  if training and tc.init_from is None:
+    raise ValueError('train.init_from is not set, and this config fine-tunes pretrained '
+                     'weights: pass --config.train.init_from=PATH (ours .npz, or a timm / '
+                     'official Swin .pth / .safetensors)')
   if training and tc.num_steps == 0 and tc.num_epochs <= 0:
     raise ValueError(f'train.num_epochs={tc.num_epochs} must be > 0 (or train.num_steps > 0)')
   if training and tc.min_learning_rate > tc.learning_rate:
@@ -511,6 +515,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   last_saved = manager.latest_step()
   if last_saved is not None:
     check_resumable(config, workdir)
+  elif tc.init_from and not os.path.exists(tc.init_from):
+    raise FileNotFoundError(f'train.init_from={tc.init_from!r}: no such file')
   save_config(config, workdir)
   # Pretrained weights only start a run: a resumed one restores its own.
   graphdef, eval_graphdef, params, rest = init_model(

@@ -323,6 +323,13 @@ def _info(config) -> data.DatasetInfo:
 def test_shipped_configs_match_their_data(name, arg):
   module = importlib.import_module(f'configs.{name}')
   config = module.get_config(arg) if arg else module.get_config()
+  if name == 'swin_finetune_cifar10':
+    # Without pretrained weights it would train Swin-T from scratch.
+    with pytest.raises(ValueError, match=r'train.init_from is not set, and this config '
+                                         r'fine-tunes pretrained weights: pass '
+                                         r'--config.train.init_from=PATH'):
+      trainer.check_config(config, _info(config))
+    config.train.init_from = 'swin_t.npz'
   trainer.check_config(config, _info(config))
 
 
@@ -654,3 +661,10 @@ def test_ema_weights_are_what_is_evaluated_and_restored(data_dir, tmp_path):
   ema_loss, raw_loss = eval_loss(saved['ema_params']), eval_loss(saved['params'])
   assert abs(ema_loss - raw_loss) > 1e-4  # The check below can tell them apart.
   np.testing.assert_allclose(final['eval/loss'], ema_loss, rtol=1e-5)
+
+
+def test_a_missing_init_from_fails_before_the_workdir_is_written(data_dir, tmp_path):
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(FileNotFoundError, match=r"train.init_from='nope.npz': no such file"):
+    trainer.train_and_evaluate(tiny_config(data_dir, init_from='nope.npz'), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
