@@ -465,6 +465,10 @@ class Sweep:
     expected = total_steps(run.config)
     records = read_metrics(run_dir)
     resumed = bool(records)
+    if resumed:
+      # Finished or not, records of another config must not become this
+      # config's result (e.g. the sweep file edited after --print_commands).
+      trainer.check_resumable(run.config, run_dir)
     start = time.perf_counter()
     if finished_step(records) != expected:
       logging.info('%s: training%s.', run.name, ' (resuming)' if resumed else '')

@@ -242,6 +242,23 @@ def test_result_of_another_config_is_refused_not_reused(tmp_path):
     fresh.is_finished(fresh.runs[0])  # A result that cannot be checked is not reused.
 
 
+def test_finished_metrics_of_another_config_are_refused(tmp_path):
+  """Runs trained from --print_commands, then the sweep file edited: their
+  metrics show them finished, but their config.json is another config."""
+  sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path / 'w'), str(tmp_path / 'c'))
+  run = sweep.runs[0]
+  FakeTrainer()(run, sweep.run_dir(run))
+  trainer.save_config(run.config, sweep.run_dir(run))  # As train.py writes it.
+  changed = sweep_config(seeds=(0,))
+  changed.train.learning_rate = 0.1
+  other = ablate.Sweep(changed, str(tmp_path / 'w'), str(tmp_path / 'c'))
+  calls = FakeTrainer()
+  with pytest.raises(ValueError, match=r'holds a run trained with another config '
+                                       r'\(train.learning_rate: 0.001 -> 0.1\)'):
+    other.execute(other.runs[:1], calls, fake_cost)
+  assert calls.calls == [] and not other.is_finished(other.runs[0])
+
+
 def test_interrupted_run_raises_then_resumes(tmp_path):
   sweep = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path))
   with pytest.raises(RuntimeError, match='patch_merge-seed0 stopped at step 2 of 4'):
