@@ -63,13 +63,23 @@ def distributed_args(coordinator_address: str = '', num_processes: int = 0,
   """
   coordinator_address = coordinator_address or os.environ.get(
       'JAX_COORDINATOR_ADDRESS', '')
-  if not coordinator_address:
-    return {} if _in_cluster() else None
-  if coordinator_address == 'auto':
-    return {}
-  num_processes = num_processes or int(os.environ.get('JAX_NUM_PROCESSES', 0))
+  num_processes = num_processes or _env_int('JAX_NUM_PROCESSES', 0)
   if process_id < 0:
-    process_id = int(os.environ.get('JAX_PROCESS_ID', -1))
+    process_id = _env_int('JAX_PROCESS_ID', -1)
+  # What JAX's detection leaves unset, explicit values fill in.
+  explicit = {k: v for k, v in (('num_processes', num_processes), ('process_id', process_id))
+              if v >= (1 if k == 'num_processes' else 0)}
+  if not coordinator_address:
+    if _in_cluster():
+      return explicit
+    if num_processes > 1 or process_id > 0:
+      # Each process would train alone, into the same workdir.
+      raise ValueError(f'num_processes={num_processes} and process_id={process_id} need a '
+                       'coordinator: --coordinator_address=HOST:PORT (process 0\'s) or '
+                       '$JAX_COORDINATOR_ADDRESS, or auto inside a cluster.')
+    return None
+  if coordinator_address == 'auto':
+    return explicit
   if num_processes < 1 or not 0 <= process_id < num_processes:
     raise ValueError(
         f'coordinator_address={coordinator_address!r} needs num_processes >= 1 '
@@ -77,6 +87,17 @@ def distributed_args(coordinator_address: str = '', num_processes: int = 0,
         f'$JAX_PROCESS_ID); got {num_processes} and {process_id}.')
   return {'coordinator_address': coordinator_address,
           'num_processes': num_processes, 'process_id': process_id}
+
+
+def _env_int(name: str, default: int) -> int:
+  """An integer environment variable; an error naming it if it is not one."""
+  text = os.environ.get(name, '')
+  if not text:
+    return default
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f'${name}={text!r} is not an integer') from None
 
 
 def _in_cluster() -> bool:

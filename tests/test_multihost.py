@@ -237,8 +237,20 @@ def test_distributed_args(monkeypatch):
   assert parallel.distributed_args() == {
       'coordinator_address': 'h:2', 'num_processes': 4, 'process_id': 3}
   monkeypatch.delenv('JAX_COORDINATOR_ADDRESS')
+  with pytest.raises(ValueError, match=r'num_processes=4 and process_id=3 need a coordinator'):
+    parallel.distributed_args()  # Each process would train alone into one workdir.
   monkeypatch.setenv('SLURM_STEP_NUM_TASKS', '8')  # Inside `srun -n 8`.
+  # JAX detects what is left unset; explicit values pass through.
+  assert parallel.distributed_args() == {'num_processes': 4, 'process_id': 3}
+  assert parallel.distributed_args('auto', 2) == {'num_processes': 2, 'process_id': 3}
+  monkeypatch.delenv('JAX_NUM_PROCESSES')
+  monkeypatch.delenv('JAX_PROCESS_ID')
   assert parallel.distributed_args() == {}
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '')
+  assert parallel.distributed_args() == {}  # Set but empty: unset.
+  monkeypatch.setenv('JAX_NUM_PROCESSES', 'two')
+  with pytest.raises(ValueError, match=r"\$JAX_NUM_PROCESSES='two' is not an integer"):
+    parallel.distributed_args()
 
 
 @pytest.mark.parametrize('devices, expected', [([], None), (['/dev/accel0'], {}),
