@@ -728,3 +728,20 @@ def test_missing_data_stops_the_sweep_before_any_run(tmp_path):
   assert "Data set 'fashion_mnist' is not prepared in data_dir" in proc.stderr
   assert 'hierarchical_vit.data.prepare --dataset=fashion_mnist' in proc.stderr
   assert not (tmp_path / 'work' / 'runs').exists()  # No child was started.
+
+
+def test_a_loss_metric_is_shown_as_it_is_not_in_percent():
+  sweep = ml_collections.ConfigDict({
+      'name': 'losses', 'seeds': (0, 1), 'metric': 'eval/loss',
+      'comparisons': (('a', 'b'),),
+      'variants': ({'name': 'a', 'overrides': {}}, {'name': 'b', 'overrides': {}})})
+  results = []
+  for variant, losses in (('a', (0.35, 0.37)), ('b', (0.30, 0.30))):
+    for seed, loss in enumerate(losses):
+      result = _result(variant, seed, 0.9)
+      result['eval'] = {'eval/loss': loss}
+      results.append(result)
+  text = aggregate.markdown(results, sweep)
+  assert '| eval/loss | params' in text and '| a | 2 | 0.3600 ± 0.0141 |' in text
+  assert '## Differences a − b of eval/loss (absolute)' in text
+  assert '| a − b | 2, 2 | 0.0600 ± 0.0100 |' in text and '(%)' not in text.split('##')[0]

@@ -23,7 +23,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import matplotlib
@@ -119,6 +119,14 @@ def _percent(x: float) -> str:
   return f'{100 * x:.2f}'
 
 
+def metric_scale(metric: str) -> tuple[float, str, str]:
+  """(factor, unit suffix, unit of differences) a metric is shown in: the
+  fractions (accuracies, IoU) in %, a loss as it is."""
+  if metric.endswith('loss'):
+    return 1.0, '', 'absolute'
+  return 100.0, ' (%)', 'percentage points'
+
+
 def _information_error(information: dict[str, float], overrides: dict) -> float | None:
   """The variant's downsampler's error: measured with the registry's default
   options, so none for a variant that changes them (e.g. a 3x3 max_pool)."""
@@ -138,12 +146,14 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
   entry}, 'shift', 'max_shift', 'num_images'}); each adds a column.
   """
   metric = sweep.metric
+  factor, unit, difference_unit = metric_scale(metric)
+  show = lambda x: f'{factor * x:.{2 if factor > 1 else 4}f}'
   extra_header = (' recon. error |' if information else '') + (
       ' shift consistency (%) |' if shift else '')
   lines = [f'# Sweep `{sweep.name}`', '',
-           f'Metric: final `{metric}` (in %), mean ± sample std over seeds '
+           f'Metric: final `{metric}`{unit}, mean ± sample std over seeds '
            f'{tuple(sweep.seeds)}; n = finished runs.', '',
-           f'| variant | n | {metric} (%) | params | GFLOPs/img | train img/s |{extra_header}',
+           f'| variant | n | {metric}{unit} | params | GFLOPs/img | train img/s |{extra_header}',
            '|---|---|---|---|---|---|' + '---|' * (bool(information) + bool(shift))]
   overrides = {v['name']: v['overrides'] for v in sweep.variants}
   for row in variant_table(results, metric):
@@ -156,8 +166,8 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
       measured = shift['variants'].get(row['variant'])
       extra += ' – |' if measured is None else (
           f" {_percent(measured['consistency'])} ± {_percent(measured['consistency_std'])} |")
-    lines.append(f'| {row["variant"]} | {row["n"]} | {_percent(row["mean"])} ± '
-                 f'{_percent(row["std"])} | {row["params"]:,} | {row["gflops"]:.4f} | '
+    lines.append(f'| {row["variant"]} | {row["n"]} | {show(row["mean"])} ± '
+                 f'{show(row["std"])} | {row["params"]:,} | {row["gflops"]:.4f} | '
                  f'{speed} |{extra}')
   if information:
     lines += ['', 'recon. error: ‖x − x̂‖ / ‖x − mean(x)‖ of the best affine inverse (least '
@@ -173,11 +183,11 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
               f"{shift['num_images']} images (Zhang 2019; hierarchical_vit/shift_consistency.py; "
               'shift_consistency.json).']
   if 'grid' in sweep:
-    lines += ['', f'## Grid: {metric} (%), mean ± std (n)', ''] + _grid_markdown(
-        results, metric, sweep.grid)
+    lines += ['', f'## Grid: {metric}{unit}, mean ± std (n)', ''] + _grid_markdown(
+        results, metric, sweep.grid, show)
   rows = comparison_table(results, metric, sweep.comparisons)
   if rows:
-    lines += ['', f'## Differences a − b of {metric} (percentage points)', '',
+    lines += ['', f'## Differences a − b of {metric} ({difference_unit})', '',
               'Δ ± standard error, Welch t 95% confidence interval (df = Welch–Satterthwaite). '
               'Paired: the t interval of the per-seed differences (df = n − 1) over the seeds '
               'both ran; runs of one seed share data order and augmentation, so it can be '
@@ -185,17 +195,17 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
               '| a − b | n | Δ ± s.e. | 95% CI | df | paired 95% CI (n) |',
               '|---|---|---|---|---|---|']
     for r in rows:
-      paired = (f'[{_percent(r["paired_ci_low"])}, {_percent(r["paired_ci_high"])}] '
+      paired = (f'[{show(r["paired_ci_low"])}, {show(r["paired_ci_high"])}] '
                 f'({r["n_pairs"]})' if 'n_pairs' in r else '–')
       lines.append(f'| {r["a"]} − {r["b"]} | {r["n_a"]}, {r["n_b"]} | '
-                   f'{_percent(r["mean"])} ± {_percent(r["std_error"])} | '
-                   f'[{_percent(r["ci_low"])}, {_percent(r["ci_high"])}] | {r["df"]:.1f} | '
+                   f'{show(r["mean"])} ± {show(r["std_error"])} | '
+                   f'[{show(r["ci_low"])}, {show(r["ci_high"])}] | {r["df"]:.1f} | '
                    f'{paired} |')
   return '\n'.join(lines) + '\n'
 
 
-def _grid_markdown(results: Sequence[Result], metric: str,
-                   grid: ml_collections.ConfigDict) -> list[str]:
+def _grid_markdown(results: Sequence[Result], metric: str, grid: ml_collections.ConfigDict,
+                   show: Callable[[float], str]) -> list[str]:
   """Rows x columns table of the cells' mean ± std (n); '–' for cells not run yet."""
   table = {row['variant']: row for row in variant_table(results, metric)}
   lines = ['| | ' + ' | '.join(grid.columns) + ' |', '|---|' + '---|' * len(grid.columns)]
@@ -205,7 +215,7 @@ def _grid_markdown(results: Sequence[Result], metric: str,
     for column in grid.columns:
       row = table.get(cells[row_name, column])
       entries.append('–' if row is None else
-                     f'{_percent(row["mean"])} ± {_percent(row["std"])} ({row["n"]})')
+                     f'{show(row["mean"])} ± {show(row["std"])} ({row["n"]})')
     lines.append(f'| {row_name} | ' + ' | '.join(entries) + ' |')
   return lines
 
@@ -215,15 +225,16 @@ def plot_grid(results: Sequence[Result], metric: str, grid: ml_collections.Confi
   """Bars of each cell's mean ± std: one group per row, one colour per column."""
   table = {row['variant']: row for row in variant_table(results, metric)}
   cells = grid_cells(grid)
+  factor, unit, _ = metric_scale(metric)
   fig, ax = plt.subplots(figsize=(1.6 * len(grid.rows) + 2, 4))
   width = 0.8 / len(grid.columns)
   for j, column in enumerate(grid.columns):
     rows = [table.get(cells[r, column]) for r in grid.rows]
     x = np.arange(len(grid.rows)) + (j - (len(grid.columns) - 1) / 2) * width
-    ax.bar(x, [100 * r['mean'] if r else np.nan for r in rows], width,
-           yerr=[100 * r['std'] if r else 0 for r in rows], capsize=3, label=column)
+    ax.bar(x, [factor * r['mean'] if r else np.nan for r in rows], width,
+           yerr=[factor * r['std'] if r else 0 for r in rows], capsize=3, label=column)
   ax.set_xticks(np.arange(len(grid.rows)), grid.rows, rotation=15)
-  ax.set_ylabel(f'{metric} (%)')
+  ax.set_ylabel(f'{metric}{unit}')
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, axis='y')
   fig.tight_layout()
@@ -233,15 +244,16 @@ def plot_grid(results: Sequence[Result], metric: str, grid: ml_collections.Confi
 
 def plot_cost(results: Sequence[Result], metric: str, cost: str, path: str) -> None:
   """Metric (mean ± std over seeds) against a cost column, one point per variant."""
+  factor, unit, _ = metric_scale(metric)
   fig, ax = plt.subplots(figsize=(6, 4))
   for row in variant_table(results, metric):
-    ax.errorbar(row[cost], 100 * row['mean'], yerr=100 * row['std'], fmt='o', capsize=3)
-    ax.annotate(row['variant'], (row[cost], 100 * row['mean']), textcoords='offset points',
+    ax.errorbar(row[cost], factor * row['mean'], yerr=factor * row['std'], fmt='o', capsize=3)
+    ax.annotate(row['variant'], (row[cost], factor * row['mean']), textcoords='offset points',
                 xytext=(5, 5), fontsize=8)
   ax.set_xlabel({'params': 'parameters', 'gflops': 'forward GFLOPs per image'}[cost])
   # Variants often differ by < 1% in cost: few ticks keep the labels apart.
   ax.xaxis.set_major_locator(ticker.MaxNLocator(4))
-  ax.set_ylabel(f'{metric} (%)')
+  ax.set_ylabel(f'{metric}{unit}')
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -254,10 +266,11 @@ def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> N
   Seeds share the eval schedule (same config but for the seed), so curves are
   averaged point by point over the steps all of them have.
   """
+  factor, unit, _ = metric_scale(metric)
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for variant, group in by_variant(results).items():
     length = min(len(r['curve']) for r in group)
-    values = 100 * np.array([[p['value'] for p in r['curve'][:length]] for r in group])
+    values = factor * np.array([[p['value'] for p in r['curve'][:length]] for r in group])
     curve = group[0]['curve'][:length]
     x = [p['epoch'] if p['epoch'] is not None else p['step'] for p in curve]
     mean, std = values.mean(0), values.std(0, ddof=1) if len(group) > 1 else 0
@@ -265,7 +278,7 @@ def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> N
     ax.fill_between(x, mean - std, mean + std, alpha=0.2)
   uses_epochs = all(p['epoch'] is not None for r in results for p in r['curve'])
   ax.set_xlabel('epoch' if uses_epochs else 'step')
-  ax.set_ylabel(f'{metric} (%)')
+  ax.set_ylabel(f'{metric}{unit}')
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
