@@ -175,6 +175,11 @@ def expand_run_dirs(patterns: Sequence[str]) -> list[str]:
   missing = [d for d in dirs if not os.path.isfile(os.path.join(d, 'config.json'))]
   if missing:
     raise FileNotFoundError(f'--run_dirs: no config.json (not a train.py workdir) in {missing}')
+  names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    # Results are keyed by the directory's name: one would overwrite another.
+    raise ValueError(f'--run_dirs: several runs named {repeated}; measure them separately')
   return dirs
 
 

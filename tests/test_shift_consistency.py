@@ -155,6 +155,10 @@ def test_expand_run_dirs_globs_dedupes_and_checks(tmp_path):
     sc.expand_run_dirs([str(tmp_path / '*')])
   with pytest.raises(FileNotFoundError, match='missing'):
     sc.expand_run_dirs([os.path.join(tmp_path, 'missing')])
+  (tmp_path / 'other' / 'a-seed0').mkdir(parents=True)
+  (tmp_path / 'other' / 'a-seed0' / 'config.json').write_text(json.dumps({}))
+  with pytest.raises(ValueError, match=r"several runs named \['a-seed0'\]"):
+    sc.expand_run_dirs([str(tmp_path / '*-seed0'), str(tmp_path / 'other' / '*')])
 
 
 def _fake_run(path, task: str = 'classification', name: str = 'fashion_mnist',
