@@ -146,8 +146,8 @@ def create_mesh(mesh_config: ml_collections.ConfigDict,
   # Auto axes: plain jit sharding propagation (jax>=0.7 defaults to Explicit).
   axis_types = (jax.sharding.AxisType.Auto,) * len(axes)
   if np.prod(dcn_shape) == 1:
-    # Devices come in process order, so each process holds a contiguous block
-    # of the batch (what make_array_from_process_local_data expects).
+    # make_array_from_process_local_data places each process's rows on its
+    # own devices wherever make_mesh puts them.
     return jax.make_mesh(shape, axes, axis_types=axis_types, devices=devices)
   return Mesh(hybrid_device_grid(shape, dcn_shape, devices), axes, axis_types=axis_types)
 
@@ -182,6 +182,11 @@ def hybrid_device_grid(shape: tuple[int, ...], dcn_shape: tuple[int, ...],
 
 
 def _num_slices(devices: list[Any]) -> int:
+  """How many TPU slices the devices span. XLA gives GPUs a slice_index per
+  host too, but there the granules are processes (mesh.dcn_shape), and the
+  default mesh spans every device."""
+  if devices[0].platform == 'gpu':
+    return 1
   return len({getattr(d, 'slice_index', 0) for d in devices})
 
 

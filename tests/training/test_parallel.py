@@ -112,11 +112,15 @@ class _TpuLike:
 
 @dataclasses.dataclass(frozen=True)
 class _GpuLike:
-  """A device without slice_index, as on GPU nodes."""
+  """A GPU on a node: XLA numbers each host's GPUs as a slice of their own."""
   id: int
   process_index: int
-  platform: str = 'cpu'
-  device_kind: str = 'cpu'
+  platform: str = 'gpu'
+  device_kind: str = 'NVIDIA H100 80GB HBM3'
+
+  @property
+  def slice_index(self) -> int:
+    return self.process_index
 
 
 def _slices(num_slices: int, per_slice: int, hosts_per_slice: int = 2) -> list[_TpuLike]:
@@ -168,6 +172,11 @@ def test_processes_are_the_granules_without_slices():
   grid = _grid(devices, dcn_shape=(2, 1))
   assert grid.shape == (2, 4)
   np.testing.assert_array_equal(_attr(grid, 'process_index'), [[0] * 4, [1] * 4])
+  # Their per-host slice_index makes no hybrid default: FSDP spans every GPU.
+  for mesh in ({}, {'shape': (1, -1)}):
+    config = ml_collections.ConfigDict({'axes': parallel.AXES, 'strategy': 'fsdp',
+                                        'shape': (), 'dcn_shape': (), **mesh})
+    assert parallel.mesh_layout(config, devices) == ((1, 8), (1, 1))
 
 
 @pytest.mark.parametrize('devices, mesh, message', [
