@@ -151,7 +151,7 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
   extra_header = (' recon. error |' if information else '') + (
       ' shift consistency (%) |' if shift else '')
   lines = [f'# Sweep `{sweep.name}`', '',
-           f'Metric: final `{metric}`{unit}, mean ± sample std over seeds '
+           f'Metric: final `{metric}`{" (in %)" if unit else ""}, mean ± sample std over seeds '
            f'{tuple(sweep.seeds)}; n = finished runs.', '',
            f'| variant | n | {metric}{unit} | params | GFLOPs/img | train img/s |{extra_header}',
            '|---|---|---|---|---|---|' + '---|' * (bool(information) + bool(shift))]
