@@ -48,7 +48,7 @@ import dataclasses
 import glob
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -116,25 +116,44 @@ def random_offsets(num_images: int, max_shift: int, seed: int) -> Array:
   return rng.integers(-max_shift, max_shift + 1, size=(2, 2, num_images))
 
 
-def shift_metrics(classify: Callable[[jax.Array], Array], images: Array, labels: Array,
-                  max_shift: int, seed: int = 0, shift: str = 'circular') -> dict:
-  """The module docstring's measures for one classifier: classify maps model
-  inputs (N, H, W, C) to predicted classes (N,); shift names a SHIFTS entry;
-  images are (N, H, W, C), or max_shift pixels wider per side for a shift
-  with_margin."""
-  if shift not in SHIFTS:
-    raise ValueError(f'shift={shift!r} is not one of {sorted(SHIFTS)}')
-  offsets = random_offsets(len(images), max_shift, seed)
+def _agreements(classify: Callable[[jax.Array], Array], images: Array, labels: Array,
+                offsets: Array, max_shift: int, shift: str) -> dict[str, Array]:
+  """Per image: whether the plain and the two shifted predictions are right,
+  whether the shifted two agree, and whether each diagonal shift (s, s)
+  keeps the plain prediction ('diagonal': (max_shift, N))."""
   same = np.ones(len(images), int)
   move = lambda s_y, s_x: SHIFTS[shift].move(images, s_y, s_x, max_shift)
   plain = classify(move(0 * same, 0 * same))
   a, b = (classify(move(dy, dx)) for dy, dx in offsets)
-  diagonal = [float(np.mean(classify(move(s * same, s * same)) == plain))
-              for s in range(1, max_shift + 1)]
-  return {'consistency': float(np.mean(a == b)),
-          'accuracy': float(np.mean(plain == labels)),
-          'shifted_accuracy': float((np.mean(a == labels) + np.mean(b == labels)) / 2),
-          'diagonal': diagonal}
+  return {'consistency': a == b, 'accuracy': plain == labels,
+          'shifted_accuracy': ((a == labels).astype(float) + (b == labels)) / 2,
+          'diagonal': np.stack([classify(move(s * same, s * same)) == plain
+                                for s in range(1, max_shift + 1)])}
+
+
+def shift_metrics(classify: Callable[[jax.Array], Array],
+                  examples: Iterable[tuple[Array, Array]], num_images: int, max_shift: int,
+                  seed: int = 0, shift: str = 'circular') -> dict:
+  """The module docstring's measures for one classifier over `num_images`
+  examples, read as (images, labels) chunks in order (so that a large eval
+  set is never in memory at once): classify maps model inputs (N, H, W, C)
+  to predicted classes (N,); shift names a SHIFTS entry; images are (N, H, W,
+  C), or max_shift pixels wider per side for a shift with_margin. Each image
+  gets its offsets by its position, whatever the chunks."""
+  if shift not in SHIFTS:
+    raise ValueError(f'shift={shift!r} is not one of {sorted(SHIFTS)}')
+  offsets = random_offsets(num_images, max_shift, seed)
+  parts, start = [], 0
+  for images, labels in examples:
+    stop = start + len(images)
+    parts.append(_agreements(classify, images, labels, offsets[..., start:stop], max_shift,
+                             shift))
+    start = stop
+  if start != num_images:
+    raise ValueError(f'num_images={num_images} but the examples held {start}')
+  joined = {k: np.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+  return {**{m: float(np.mean(joined[m])) for m in METRICS},
+          'diagonal': [float(v) for v in joined['diagonal'].mean(axis=1)]}
 
 
 def classifier(trained: trainer.Trained, batch_size: int = 500) -> Callable[[jax.Array], Array]:
@@ -206,10 +225,11 @@ def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0,
   EMA weights if it kept them), plus the checkpoint's 'step'."""
   config = classifier_config(run_dir)
   margin = max_shift if SHIFTS[shift].with_margin else 0
-  images, labels = data.load_eval_examples(config.data, config.data.eval_split, num_images,
-                                           margin)
+  # The offsets are drawn for the images there are: as many as asked, or the split.
+  count = min(num_images, data.get_dataset_info(config.data).num_eval_examples)
+  examples = data.iter_eval_examples(config.data, config.data.eval_split, count, margin)
   trained = trainer.restore_trained(config, run_dir)
-  return {**shift_metrics(classifier(trained), images, labels, max_shift, seed, shift),
+  return {**shift_metrics(classifier(trained), examples, count, max_shift, seed, shift),
           'step': trained.step}
 
 

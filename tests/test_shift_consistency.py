@@ -81,14 +81,15 @@ def test_random_offsets_cover_the_range_and_repeat_with_the_seed():
     sc.random_offsets(5, 0, seed=0)
   with pytest.raises(ValueError,
                      match=r"shift='wrap' is not one of \['circular', 'crop', 'edge'\]"):
-    sc.shift_metrics(lambda x: np.zeros(len(x)), _images(3), np.zeros(3), 1, shift='wrap')
+    sc.shift_metrics(lambda x: np.zeros(len(x)), [(_images(3), np.zeros(3))], 3, 1,
+                     shift='wrap')
 
 
 def test_a_shift_invariant_classifier_is_fully_consistent():
   images = _images()
   classify = lambda x: np.asarray(jnp.sum(x, axis=(1, 2, 3)) > 0).astype(int)
   labels = np.arange(len(images)) % 2
-  metrics = sc.shift_metrics(classify, images, labels, max_shift=2)
+  metrics = sc.shift_metrics(classify, [(images, labels)], len(images), max_shift=2)
   assert metrics['consistency'] == 1.0 and metrics['diagonal'] == [1.0, 1.0]
   expected_accuracy = np.mean((images.sum(axis=(1, 2, 3)) > 0) == labels)
   assert metrics['accuracy'] == metrics['shifted_accuracy'] == pytest.approx(expected_accuracy)
@@ -101,7 +102,12 @@ def test_a_position_dependent_classifier_against_numpy(shift):
   images = _images(200)
   labels = np.random.default_rng(3).integers(0, 2, len(images))
   corner = lambda x: (np.asarray(x)[:, 1, 1, 0] > 0).astype(int)
-  metrics = sc.shift_metrics(corner, images, labels, max_shift=2, seed=5, shift=shift)
+  metrics = sc.shift_metrics(corner, [(images, labels)], len(images), max_shift=2, seed=5,
+                             shift=shift)
+  chunks = [(images[i:i + 37], labels[i:i + 37]) for i in range(0, len(images), 37)]
+  # Read in chunks (a large eval set), each image keeps its offsets.
+  assert sc.shift_metrics(corner, chunks, len(images), max_shift=2, seed=5,
+                          shift=shift) == metrics
   (ay, ax), (by, bx) = sc.random_offsets(len(images), 2, seed=5)
   roll = lambda dy, dx: np.stack([_NUMPY_SHIFTS[shift](im, a, b, 2)
                                   for im, a, b in zip(images, dy, dx)])

@@ -6,6 +6,7 @@ from hierarchical_vit.data.pipeline import check_split
 from hierarchical_vit.data.pipeline import create_eval_iterator
 from hierarchical_vit.data.pipeline import create_train_iterator
 from hierarchical_vit.data.pipeline import get_dataset_info
+from hierarchical_vit.data.pipeline import iter_eval_examples
 from hierarchical_vit.data.pipeline import load_eval_examples
 from hierarchical_vit.data.pipeline import SEGMENTATION_LABELS
 from hierarchical_vit.data.pipeline import seek_train_iterator

@@ -25,7 +25,7 @@ Mixup / cutmix run on device afterwards: see `mixing.mix_batch`.
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from absl import flags
 import grain
@@ -226,26 +226,38 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, *,
   return _loader(source, sampler, operations, data_config.num_workers)
 
 
+def iter_eval_examples(data_config: ml_collections.ConfigDict, split: str, count: int,
+                       margin: int = 0, task: str = 'classification', batch_size: int = 500
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """The first `count` eval-preprocessed examples of a split, in order, as
+  (images, labels) chunks of at most batch_size (see load_eval_examples): for
+  analyses whose examples would not fit in memory at once. Read in this
+  process: grain workers would interleave records."""
+  if count < 1:
+    raise ValueError(f'count={count} examples must be >= 1')
+  in_order = data_config.copy_and_resolve_references()
+  in_order.num_workers = 0
+  left = count
+  for batch in create_eval_iterator(in_order, batch_size=min(count, batch_size), split=split,
+                                    task=task, margin=margin):
+    images, labels = batch['image'][batch['mask']][:left], batch['label'][batch['mask']][:left]
+    if len(images):
+      yield images, labels
+    left -= len(images)
+    if left <= 0 or not batch['mask'].all():  # A padded batch is the split's last.
+      return
+
+
 def load_eval_examples(data_config: ml_collections.ConfigDict, split: str, count: int,
                        margin: int = 0, task: str = 'classification'
                        ) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` eval-preprocessed examples of a split, in order, in
   memory, for analyses: images float32 (n, H + 2 margin, W + 2 margin, C)
   (margin: see create_eval_iterator) and the task's labels, int32 (n,) or
-  (n, H, W), n = min(count, split size). Read in this process: grain workers
-  would interleave records."""
-  if count < 1:
-    raise ValueError(f'count={count} examples must be >= 1')
-  in_order = data_config.copy_and_resolve_references()
-  in_order.num_workers = 0
-  images, labels = [], []
-  for batch in create_eval_iterator(in_order, batch_size=min(count, 500), split=split,
-                                    task=task, margin=margin):
-    images.append(batch['image'][batch['mask']])
-    labels.append(batch['label'][batch['mask']])
-    if sum(len(i) for i in images) >= count:
-      break
-  return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+  (n, H, W), n = min(count, split size)."""
+  chunks = list(iter_eval_examples(data_config, split, count, margin, task))
+  return (np.concatenate([images for images, _ in chunks]),
+          np.concatenate([labels for _, labels in chunks]))
 
 
 def _loader(source, sampler, operations, num_workers: int) -> grain.DataLoader:
