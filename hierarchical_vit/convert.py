@@ -39,11 +39,11 @@ from hierarchical_vit.training import trainer
 
 # Overrides of the preset's config.model fields (flags of the same names); None
 # keeps the preset's value.
-_OVERRIDE_FIELDS = ('num_classes', 'img_size', 'window_size', 'patch_size', 'embed_dim',
-                    'depths', 'num_heads')
+_OVERRIDE_FIELDS = ('num_classes', 'img_size', 'in_chans', 'window_size', 'patch_size',
+                    'embed_dim', 'depths', 'num_heads', 'mlp_ratio', 'qkv_bias')
 
 
-def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+def model_config(preset: str, **overrides: object) -> ml_collections.ConfigDict:
   """config.model for a preset with overridden fields (None = keep the preset's)."""
   config = apply_preset(base.get_model_config(), preset)
   config.update({k: v for k, v in overrides.items() if v is not None})
@@ -94,6 +94,9 @@ def define_flags() -> None:
   flags.DEFINE_enum('preset', 'swin_t', sorted(PRESETS), 'Architecture (--input).')
   flags.DEFINE_integer('num_classes', None, 'Classes of the head.')
   flags.DEFINE_integer('img_size', None, 'Input height = width.')
+  flags.DEFINE_integer('in_chans', None, 'Input channels (e.g. 1 for Fashion-MNIST models).')
+  flags.DEFINE_float('mlp_ratio', None, 'MLP width / model width.')
+  flags.DEFINE_boolean('qkv_bias', None, 'Whether q, k, v have biases.')
   flags.DEFINE_integer('window_size', None, 'Attention window.')
   flags.DEFINE_integer('patch_size', None, 'Stem stride.')
   flags.DEFINE_integer('embed_dim', None, 'Width of stage 0.')

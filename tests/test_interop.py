@@ -277,6 +277,13 @@ def test_convert_cli_writes_what_timm_loads_and_refuses_bad_flags(tmp_path):
   assert typo.returncode != 0 and '--depths must be comma-separated ints' in typo.stderr
   both = _convert(f'--input={ours}', f'--workdir={tmp_path}', f'--output={theirs}')
   assert both.returncode != 0 and 'Give exactly one of --input' in both.stderr
+  gray = our_swin('cifar_small', img_size=32, num_classes=10, in_chans=1)
+  interop.save_weights(gray, ours)
+  proc = _convert(f'--input={ours}', f'--output={theirs}', '--preset=cifar_small',
+                  '--img_size=32', '--num_classes=10', '--in_chans=1')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  timm_swin(img_size=32, num_classes=10, in_chans=1, **SMALL).load_state_dict(
+      safetensors_torch.load_file(theirs), strict=True)
 
 
 @pytest.mark.parametrize('in_chans', [1, 2, 4, 7])
