@@ -191,8 +191,9 @@ if __name__ == '__main__':
   _CORES = flags.DEFINE_multi_enum(
       'cores', ['einsum', 'pallas'], list(ATTENTION_CORES),
       'Cores to time (repeat the flag); einsum is always timed, as the reference.')
-  _REPS = flags.DEFINE_integer('reps', 20, 'Calls per timed round.')
-  _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; times are medians.')
+  _REPS = flags.DEFINE_integer('reps', 20, 'Calls per timed round.', lower_bound=1)
+  _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; times are medians.',
+                                 lower_bound=1)
   _INTERPRET = flags.DEFINE_bool('interpret', False,
                                  "Run the pallas core in Pallas' interpreter (CPU; slow).")
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')

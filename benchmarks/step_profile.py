@@ -306,7 +306,7 @@ if __name__ == '__main__':
   _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'], 'Which step to profile.')
   _GELU = flags.DEFINE_enum('gelu', 'tanh', ['tanh', 'erf'], 'Our GELU form.')
   _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
-  _STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps (times are per step).')
+  _STEPS = flags.DEFINE_integer('steps', 3, 'Traced steps (times are per step).', lower_bound=1)
   _ROWS = flags.DEFINE_integer('rows', 25, 'Rows per printed table.')
   _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'model.dtype.')
   _ATTENTION = flags.DEFINE_enum('attention', 'einsum', list(ATTENTION_CORES),

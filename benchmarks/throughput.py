@@ -348,9 +348,21 @@ def main(argv):
   backend = jax.default_backend()
   names = _CONFIGS.value or (['small', 'swin_t_32'] if backend == 'cpu' else list(CONFIGS))
   with_timm = _TIMM.value and _timm_available()
+  timm_info = {}
   if with_timm:
+    import timm  # pylint: disable=import-outside-toplevel
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(_THREADS.value or os.cpu_count())
+    timm_device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if (timm_device == 'cuda') != (backend == 'gpu'):
+      # A ratio of a GPU against a CPU would mean nothing.
+      raise RuntimeError(f'JAX runs on {backend!r} but torch on {timm_device!r}: install the '
+                         'matching torch (or jax) build, or pass --notimm.')
+    timm_info = {'timm_device': timm_device, 'torch': torch.__version__,
+                 'timm': timm.__version__,
+                 # timm's Swin uses F.scaled_dot_product_attention only with
+                 # TIMM_FUSED_ATTN=2 (experimental); else explicit matmuls and softmax.
+                 'timm_fused_attn_env': os.environ.get('TIMM_FUSED_ATTN', '')}
   peak_size = _PEAK_SIZE.value or (2048 if backend == 'cpu' else 8192)
   peak = MatmulPeak(peak_size, dtype=_DTYPE.value)
   gelus = ['tanh', 'erf'] if _GELU.value == 'both' else [_GELU.value]
@@ -359,7 +371,7 @@ def main(argv):
       'devices': [str(d) for d in jax.devices()], 'machine': cpu_model(),
       'cpu_count': os.cpu_count(), 'jax': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'ld_preload': os.environ.get('LD_PRELOAD', ''),
-      'results': [],
+      **timm_info, 'results': [],
   }
   results = summary['results']
   for name in names:
@@ -384,9 +396,13 @@ if __name__ == '__main__':
   # to other modules' flags.
   _CONFIGS = flags.DEFINE_list(
       'configs', None, 'Names in CONFIGS; default: small,swin_t_32 on CPU, all three elsewhere.')
-  _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.')
-  _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed round and contestant.')
-  _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timed rounds; figures are medians.')
+  flags.register_validator('configs', lambda names: names is None or set(names) <= set(CONFIGS),
+                           message=f'--configs: names in {sorted(CONFIGS)}')
+  _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step.', lower_bound=1)
+  _STEPS = flags.DEFINE_integer('steps', 5, 'Steps per timed round and contestant.',
+                                lower_bound=1)
+  _ROUNDS = flags.DEFINE_integer('rounds', 5, 'Interleaved timed rounds; figures are medians.',
+                                 lower_bound=1)
   _GELU = flags.DEFINE_enum('gelu', 'both', ['tanh', 'erf', 'both'],
                             'Our GELU form (timm always uses exact erf).')
   _DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],

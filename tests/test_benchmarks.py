@@ -131,3 +131,57 @@ def test_timm_for_builds_one_reference_for_every_variant_of_ours():
   assert not reference.compiled and reference.images.shape == (2, 3, 32, 32)
   with reference.autocast():
     assert reference.model(reference.images).dtype == reference.torch.bfloat16
+
+
+class _Timed:
+  """A contestant whose step takes `seconds` per round, recorded per call."""
+
+  def __init__(self, seconds):
+    self.seconds = iter(seconds)
+
+  def __call__(self, steps):
+    return 0.0 if steps == 1 else next(self.seconds)  # The warm-up step is not timed.
+
+
+def test_benchmark_pairs_each_of_ours_with_its_timm_counterpart(monkeypatch):
+  """Stubbed contestants with known times: the ratios are timm / ours per
+  round (train with train, eval with eval), img/s and MFU follow from them."""
+  class StubOurs:
+    num_params, model_flops_per_image = 1000, 2e9
+    train_compile_s = eval_compile_s = 1.0
+
+    def __init__(self, config, batch):
+      self.train = _Timed([1.0, 1.0, 1.2])
+      self.eval = _Timed([0.5, 0.4, 0.5])
+
+    def memory(self):
+      return {}
+
+  class StubTimm:
+    compiled, num_params = False, 1000
+    train = _Timed([2.0, 3.0, 2.4])
+    eval = _Timed([0.25, 0.4, 1.0])
+
+  class StubPeak:
+    dtype, n = 'float32', 2048
+
+    def __call__(self):
+      return 100.0
+
+  monkeypatch.setattr(throughput, 'Ours', StubOurs)
+  result = throughput.benchmark('small', 'tanh', StubPeak(), batch=8, steps=4, rounds=3,
+                                timm_model=StubTimm())
+  assert result['train_ratio'] == 2.0 and result['train_ratio_range'] == [2.0, 3.0]
+  assert result['eval_ratio'] == 1.0 and result['eval_ratio_range'] == [0.5, 2.0]
+  assert result['ours_train_img_s'] == 32 / 1.0 and result['timm_eval_img_s'] == 32 / 0.4
+  assert result['ours_train_mfu'] == pytest.approx(32 * 6.0 / 100.0)
+  assert result['timm_train_mfu'] == pytest.approx(32 / 2.4 * 6.0 / 100.0)
+
+
+def test_timms_train_step_updates_its_weights():
+  reference = throughput.timm_for('small', 'float32', batch=2, compile_model=False)
+  before = [p.detach().clone() for p in reference.model.parameters()]
+  assert reference.train(1) > 0
+  changed = [not reference.torch.equal(a, b) for a, b in zip(before,
+                                                             reference.model.parameters())]
+  assert sum(changed) > len(changed) // 2  # AdamW moved (nearly) every tensor.
