@@ -82,10 +82,16 @@ def matmul_flops(model: nnx.Module, input_shape: tuple[int, ...]) -> float:
   return _jaxpr_matmul_flops(jax.make_jaxpr(forward)(state, x).jaxpr)
 
 
-def _jaxpr_matmul_flops(jaxpr) -> float:
+def _jaxpr_matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
-    out = eqn.outvars[0].aval.shape
+    if eqn.primitive.name in ('while', 'cond'):
+      # A while body runs an unknown number of times and a cond one branch:
+      # counting each body once would be wrong, silently.
+      raise ValueError(f'matmul_flops cannot count a {eqn.primitive.name!r} in the '
+                                'forward; use forward_flops')
+    if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
+      out = eqn.outvars[0].aval.shape
     if eqn.primitive.name == 'dot_general':
       (contracting, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape

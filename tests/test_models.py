@@ -456,3 +456,18 @@ def test_unet_decoder_output_depends_on_each_skip():
     assert np.abs(change).max() > 1e-2, level
     changes.append(change)
   assert not np.allclose(changes[0], changes[1], atol=1e-3)
+
+
+def test_matmul_flops_skip_equations_without_outputs_and_refuse_loops():
+  """A debug print has no output; a while loop runs its body an unknown number
+  of times, which a count would get wrong silently."""
+  from hierarchical_vit import report
+  w = jnp.ones((4, 3))
+  def printed(x):
+    jax.debug.print('{}', x.sum())
+    return x @ w
+  assert report._jaxpr_matmul_flops(jax.make_jaxpr(printed)(jnp.ones((2, 4))).jaxpr) == 2 * 2 * 3 * 4
+  looped = lambda x: jax.lax.while_loop(lambda c: c[1] < 3, lambda c: (c[0] @ jnp.eye(4), c[1] + 1),
+                                        (x, 0))[0]
+  with pytest.raises(ValueError, match="cannot count a 'while'"):
+    report._jaxpr_matmul_flops(jax.make_jaxpr(looped)(jnp.ones((2, 4))).jaxpr)
