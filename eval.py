@@ -12,7 +12,8 @@ config.task:
 The config is the workdir's config.json (written by train.py) unless --config
 is given; --config=configs/saved.py:WORKDIR loads that same config.json and
 takes --config.* overrides (e.g. --config.train.eval_batch_size=64). Uses the
-EMA weights when the run kept them.
+EMA weights when the run kept them. A --config of another model or EMA setting
+than the run's is refused (trainer.check_evaluable).
 """
 
 # pylint: disable=wrong-import-position

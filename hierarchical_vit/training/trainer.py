@@ -176,6 +176,36 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
         'in a new workdir.')
 
 
+# Model fields that may differ between a run and the config it is evaluated
+# with: how the same weights are computed (attention core, precision,
+# recomputation), and dropouts, which evaluation does not apply.
+EVAL_FREE_MODEL_FIELDS = ('model.remat', 'model.attention', 'model.dtype', 'model.drop_rate',
+                          'model.attn_drop_rate', 'model.drop_path_rate')
+
+
+def check_evaluable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ValueError if config describes another model than workdir's run
+  (its config.json), or other weights (train.ema_decay picks EMA or raw).
+
+  Two architectures can share every parameter shape (avg_pool and max_pool),
+  so a restore alone would not notice; where the run has no config.json
+  there is nothing to compare.
+  """
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    return
+  saved, given = _flat(load_config(workdir)), _flat(config)
+  compared = lambda k: (k == 'task' or k == 'train.ema_decay'
+                        or (k.startswith('model.') and not k.startswith(EVAL_FREE_MODEL_FIELDS)))
+  changed = sorted(k for k in saved.keys() | given.keys()
+                   if compared(k) and saved.get(k) != given.get(k))
+  if changed:
+    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {given.get(k)!r}' for k in changed)
+    raise ValueError(f'{workdir} holds a run of another model or weights ({diffs}): evaluate '
+                     f'it with its own config (--config=configs/saved.py:{workdir}, or no '
+                     f'--config), changing only data.*, mesh.*, train.eval_batch_size or '
+                     f'{", ".join(EVAL_FREE_MODEL_FIELDS)}.')
+
+
 # Config fields (prefixes of flattened keys) that say where the data is read
 # from and how a run executes, not what it trains: they may change on resume,
 # and a sweep's results do not depend on them (ablate.config_fingerprint). Not
@@ -369,7 +399,9 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int |
                     mesh: jax.sharding.Mesh | None = None) -> Trained:
   """Checkpoint `step` of the run in workdir, replicated over mesh (default:
   `eval_mesh`, whatever mesh the run trained on). step: a saved step, -1 = the
-  latest, or 'best' = the kept best by the task's metric on data.eval_split."""
+  latest, or 'best' = the kept best by the task's metric on data.eval_split.
+  Refuses a config of another model or weights than the run's (check_evaluable)."""
+  check_evaluable(config, workdir)
   manager = checkpointing.create_checkpoint_manager(
       workdir, config.train.keep_checkpoints, read_only=True,
       best_metric=tasks.get_task(config.task).best_metric)

@@ -170,13 +170,18 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
     trainer.restore_trained(config, workdir, step=-7)  # Only -1 means the latest.
   no_ema = config.copy_and_resolve_references()
   no_ema.train.ema_decay = 0.999  # This run kept no EMA weights.
-  with pytest.raises(ValueError, match=r"holds no \['ema_params'\].*train.ema_decay > 0"):
+  with pytest.raises(ValueError, match=r'holds a run of another model or weights '
+                                       r'\(train.ema_decay: 0.0 -> 0.999\)'):
     trainer.restore_trained(no_ema, workdir)
-  wider = config.copy_and_resolve_references()
-  wider.model.embed_dim *= 2
-  with pytest.raises(ValueError, match=r'does not fit the model of this config .*'
-                                       r'configs/saved.py:WORKDIR'):
-    trainer.restore_trained(wider, workdir)
+  # Same parameter shapes, another model: a restore alone would not notice.
+  other = config.copy_and_resolve_references()
+  other.model.downsample = 'avg_pool'
+  with pytest.raises(ValueError, match=r"model.downsample: 'patch_merge' -> 'avg_pool'\): "
+                                       r'evaluate it with its own config'):
+    trainer.restore_trained(other, workdir)
+  bf16 = config.copy_and_resolve_references()
+  bf16.model.update(dtype='bfloat16', drop_path_rate=0.0)  # How, not what: allowed.
+  assert trainer.restore_trained(bf16, workdir).step == 6
 
 
 def test_a_run_exports_to_timm_as_the_weights_eval_uses(trained, tmp_path):
