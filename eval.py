@@ -73,7 +73,7 @@ def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...],
   ax.set_ylabel('true')
   ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  files.save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 
@@ -124,7 +124,7 @@ def plot_overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
   fig.legend(handles=handles, loc='lower center', ncol=min(len(handles), 6),
              fontsize='small')
   fig.tight_layout(rect=(0, 0.1, 1, 1))
-  fig.savefig(path, dpi=100, bbox_inches='tight')
+  files.save_figure(fig, path, dpi=100, bbox_inches='tight')
   plt.close(fig)
 
 

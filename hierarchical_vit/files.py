@@ -34,6 +34,19 @@ def write_text(path: str, text: str) -> None:
     os.close(dir_fd)
 
 
+def save_figure(figure: Any, path: str, **savefig_kwargs: Any) -> None:
+  """figure.savefig(path) through a temporary file beside it and an atomic rename."""
+  root, suffix = os.path.splitext(path)
+  tmp = f'{root}.{os.getpid()}.tmp{suffix}'  # The suffix tells matplotlib the format.
+  try:
+    figure.savefig(tmp, **savefig_kwargs)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def write_json(path: str, value: Any, indent: int = 1) -> None:
   """write_text of json.dumps(value, indent=indent)."""
   write_text(path, json.dumps(value, indent=indent))

@@ -40,3 +40,15 @@ def test_the_data_and_the_rename_reach_the_disk_before_returning(tmp_path, monke
   path = str(tmp_path / 'run' / 'config.json')
   files.write_text(path, 'x')
   assert synced == [f'{path}.{os.getpid()}.tmp', str(tmp_path / 'run')]
+
+
+def test_figures_are_written_whole_through_a_temporary_file(tmp_path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots()
+  ax.plot([0, 1], [1, 0])
+  path = tmp_path / 'curve.png'
+  files.save_figure(fig, str(path), dpi=50)
+  plt.close(fig)
+  assert path.read_bytes().startswith(b'\x89PNG') and os.listdir(tmp_path) == ['curve.png']

@@ -238,7 +238,7 @@ def plot_grid(results: Sequence[Result], metric: str, grid: ml_collections.Confi
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3, axis='y')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  files.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -256,7 +256,7 @@ def plot_cost(results: Sequence[Result], metric: str, cost: str, path: str) -> N
   ax.set_ylabel(f'{metric}{unit}')
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  files.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -282,7 +282,7 @@ def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> N
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  files.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
