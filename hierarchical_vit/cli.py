@@ -23,9 +23,12 @@ def override_error(argv: list[str], error: Exception) -> str | None:
   the config file's own code, and keeps its traceback."""
   # ml_collections' messages arrive repr-quoted, with escaped newlines.
   message = ' '.join(str(error).strip('\'"').replace('\\n', '\n').replace("\\'", "'").split())
+  # The missing key is the message's first quoted word; the hint after it
+  # ('Did you mean "name"') names real fields, which must not blame others.
+  quoted = re.search(r"'([^']+)'", message)
+  keys = [quoted.group(1)] if quoted else re.findall(r'\w+', message)
   named = [arg for arg in argv[1:] if _OVERRIDE.match(arg)
-           and any(re.search(rf'\b{re.escape(field)}\b', message)
-                   for field in _OVERRIDE.sub('', arg).split('=', 1)[0].split('.'))]
+           and set(keys) & set(_OVERRIDE.sub('', arg).split('=', 1)[0].split('.'))]
   if not named:
     return None
   return f'FATAL Flags parsing error: {", ".join(named)}: no such config field: {message}'

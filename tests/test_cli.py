@@ -14,8 +14,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_override_error_names_the_override_and_keeps_the_hint():
+  # A valid override of the field the hint names is not blamed with it.
   argv = ['train.py', '--config=configs/quickstart.py', '--config.train.num_epochs=2',
-          '--config.model.downsampel=avg_pool']
+          '--config.model.downsample=conv', '--config.model.downsampel=avg_pool']
   with pytest.raises(AttributeError) as error:  # ml_collections' own error.
     ml_collections.ConfigDict({'downsample': 'patch_merge'}).downsampel
   error = error.value
