@@ -17,6 +17,14 @@ the step's wall time when XLA:CPU runs independent ops side by side.
 
 import collections
 import glob
+# pylint: disable=wrong-import-position
+from hierarchical_vit import tcmalloc
+
+if __name__ == '__main__':
+  # Before the heavy imports, which the re-executed process repeats: timed
+  # under the allocator that train.py and eval.py run with.
+  tcmalloc.reexec_with_tcmalloc()
+
 import gzip
 import json
 import math
@@ -33,7 +41,7 @@ import jax
 from absl import app, flags, logging
 
 from benchmarks import throughput
-from hierarchical_vit import files, tcmalloc
+from hierarchical_vit import files
 from hierarchical_vit.layers.attention import ATTENTION_CORES
 
 _DEF = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]')
@@ -316,5 +324,4 @@ if __name__ == '__main__':
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the summary here as JSON.')
   _TRACE_OUT = flags.DEFINE_string(
       'trace_out', '', 'Keep the perfetto trace and compiled HLO (gzipped) in this folder.')
-  tcmalloc.reexec_with_tcmalloc()
   app.run(main)

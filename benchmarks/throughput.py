@@ -25,6 +25,15 @@ than a tanh one. Results before 2026-11-26 22:00 UTC used XLA's count
       --attention=einsum --attention=cudnn --timm_compile   # two variants, one timm
 """
 
+# pylint: disable=wrong-import-position
+from hierarchical_vit import tcmalloc
+
+if __name__ == '__main__':
+  # Before the heavy imports, which the re-executed process repeats. Both
+  # contestants share this process, hence the allocator (set
+  # HIERARCHICAL_VIT_TCMALLOC=0 to time both under glibc malloc).
+  tcmalloc.reexec_with_tcmalloc()
+
 import dataclasses
 import functools
 import itertools
@@ -45,7 +54,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import base
-from hierarchical_vit import files, report, tcmalloc
+from hierarchical_vit import files, report
 from hierarchical_vit.layers.attention import ATTENTION_CORES
 from hierarchical_vit.layers.swin import REMAT_POLICIES
 from hierarchical_vit.presets import apply_preset
@@ -422,7 +431,4 @@ if __name__ == '__main__':
   _PEAK_SIZE = flags.DEFINE_integer(
       'peak_size', None, 'Side of the peak matmul (in --dtype); default: 2048 on CPU, 8192 elsewhere.')
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')
-  # Both contestants share this process, hence the allocator (set
-  # HIERARCHICAL_VIT_TCMALLOC=0 to time both under glibc malloc).
-  tcmalloc.reexec_with_tcmalloc()
   app.run(main)
