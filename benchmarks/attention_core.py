@@ -15,6 +15,14 @@ magnitude.
       --cores=einsum_lowp --cores=pallas --cores=cudnn --output=attention_core.json   # a GPU
 """
 
+# pylint: disable=wrong-import-position
+from hierarchical_vit import tcmalloc
+
+if __name__ == '__main__':
+  # Before the heavy imports, which the re-executed process repeats: timed
+  # under the allocator that train.py and eval.py run with.
+  tcmalloc.reexec_with_tcmalloc()
+
 import functools
 import json
 import statistics
