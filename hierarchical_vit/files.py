@@ -2,26 +2,21 @@
 or the new one, never half of either (results, reports and configs are read
 back by resumed runs and sweeps)."""
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes text to path (creating its directory) via a temporary file of this
-  process beside it and an atomic rename; a failed write removes the temporary.
-
-  The data and then the rename are flushed to disk (fsync): without it, a
-  machine that crashes soon after can leave the renamed file empty.
-  """
+@contextlib.contextmanager
+def _replacing(path: str, tmp: str) -> Iterator[None]:
+  """Renames `tmp` over `path` once the block has written it, and flushes the
+  rename to disk; removes `tmp` if the block fails."""
   directory = os.path.dirname(path) or '.'
   os.makedirs(directory, exist_ok=True)
-  tmp = f'{path}.{os.getpid()}.tmp'
   try:
-    with open(tmp, 'w', encoding='utf-8', newline='') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    yield
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -34,17 +29,27 @@ def write_text(path: str, text: str) -> None:
     os.close(dir_fd)
 
 
+def write_text(path: str, text: str) -> None:
+  """Writes text to path (creating its directory) via a temporary file of this
+  process beside it and an atomic rename; a failed write removes the temporary.
+
+  The data and then the rename are flushed to disk (fsync): without it, a
+  machine that crashes soon after can leave the renamed file empty.
+  """
+  tmp = f'{path}.{os.getpid()}.tmp'
+  with _replacing(path, tmp):
+    with open(tmp, 'w', encoding='utf-8', newline='') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+
+
 def save_figure(figure: Any, path: str, **savefig_kwargs: Any) -> None:
   """figure.savefig(path) through a temporary file beside it and an atomic rename."""
   root, suffix = os.path.splitext(path)
   tmp = f'{root}.{os.getpid()}.tmp{suffix}'  # The suffix tells matplotlib the format.
-  try:
+  with _replacing(path, tmp):
     figure.savefig(tmp, **savefig_kwargs)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def write_json(path: str, value: Any, indent: int = 1) -> None:

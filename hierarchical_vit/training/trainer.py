@@ -163,13 +163,8 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
   state; only where the data is read from and how the run is executed
   (EXECUTION_FIELDS) may differ.
   """
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    return
-  saved, new = _flat(load_config(workdir)), _flat(config)
-  changed = sorted(k for k in saved.keys() | new.keys()
-                   if saved.get(k) != new.get(k) and not k.startswith(EXECUTION_FIELDS))
-  if changed:
-    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {new.get(k)!r}' for k in changed)
+  diffs = _changes_from_run(config, workdir, lambda k: not k.startswith(EXECUTION_FIELDS))
+  if diffs:
     raise ValueError(
         f'{workdir} holds a run trained with another config ({diffs}). Resume it '
         f'with its own config (--config=configs/saved.py:{workdir}) or start this one '
@@ -191,15 +186,10 @@ def check_evaluable(config: ml_collections.ConfigDict, workdir: str) -> None:
   so a restore alone would not notice; where the run has no config.json
   there is nothing to compare.
   """
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    return
-  saved, given = _flat(load_config(workdir)), _flat(config)
   compared = lambda k: (k == 'task' or k == 'train.ema_decay'
                         or (k.startswith('model.') and not k.startswith(EVAL_FREE_MODEL_FIELDS)))
-  changed = sorted(k for k in saved.keys() | given.keys()
-                   if compared(k) and saved.get(k) != given.get(k))
-  if changed:
-    diffs = ', '.join(f'{k}: {saved.get(k)!r} -> {given.get(k)!r}' for k in changed)
+  diffs = _changes_from_run(config, workdir, compared)
+  if diffs:
     raise ValueError(f'{workdir} holds a run of another model or weights ({diffs}): evaluate '
                      f'it with its own config (--config=configs/saved.py:{workdir}, or no '
                      f'--config), changing only data.*, mesh.*, train.eval_batch_size or '
@@ -214,6 +204,18 @@ def check_evaluable(config: ml_collections.ConfigDict, workdir: str) -> None:
 EXECUTION_FIELDS = ('data.data_dir', 'mesh.', 'sweep.', 'train.log_every_steps',
                     'train.checkpoint_every_steps', 'train.keep_checkpoints',
                     'train.eval_batch_size', 'model.remat')
+
+
+def _changes_from_run(config: ml_collections.ConfigDict, workdir: str,
+                      compared: Callable[[str], bool]) -> str:
+  """'field: saved -> given, ...' over the compared flattened fields where
+  config differs from workdir's config.json; '' if none or it has none."""
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    return ''
+  saved, given = _flat(load_config(workdir)), _flat(config)
+  changed = sorted(k for k in saved.keys() | given.keys()
+                   if compared(k) and saved.get(k) != given.get(k))
+  return ', '.join(f'{k}: {saved.get(k)!r} -> {given.get(k)!r}' for k in changed)
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
