@@ -207,16 +207,18 @@ def test_depthwise_conv_pool_is_the_grouped_conv(h, w, c, out, k):
   module.conv.bias[...] = jax.random.normal(jax.random.key(1), (out,))
   x = jax.random.normal(jax.random.key(2), (2, h, w, c))
   kernel = module.conv.kernel[...][:, :, 0]
-  taps = resampling.downsample.depthwise_conv_stride_2(x, kernel, module.conv.bias[...])
+  # Jitted: eagerly, each of the k * k strided slices compiles on its own (~5 s).
+  taps = jax.jit(resampling.downsample.depthwise_conv_stride_2)(x, kernel, module.conv.bias[...])
   expected = _numpy_depthwise_conv_stride_2(np.asarray(x, np.float64), np.asarray(kernel),
                                             np.asarray(module.conv.bias[...]))
   np.testing.assert_allclose(taps, expected, atol=1e-5)
   np.testing.assert_allclose(taps, module.conv(x), atol=1e-5)
-  np.testing.assert_allclose(module(x), module.norm(module.conv(x)), atol=1e-3)
+  call = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_allclose(call(module, x), module.norm(module.conv(x)), atol=1e-3)
   # norm=False: PiT's pooling exactly, the conv alone.
   pit = DOWNSAMPLERS['depthwise_conv_pool'](c, out, kernel_size=k, norm=False, rngs=nnx.Rngs(0))
   assert pit.norm is None
-  np.testing.assert_allclose(pit(x), pit.conv(x), atol=1e-5)
+  np.testing.assert_allclose(call(pit, x), pit.conv(x), atol=1e-5)
 
 
 @pytest.mark.parametrize('factor', [2, 3, 8])
