@@ -168,7 +168,10 @@ def select_runs(runs: Sequence[Run], only: Sequence[str]) -> list[Run]:
 def flag_value(value: Any) -> str:
   """A config value as config_flags parses it back from --config.x=VALUE."""
   if isinstance(value, (tuple, list)):
-    return '(' + ''.join(f'{flag_value(v)},' for v in value) + ')'
+    # A tuple is parsed as a Python literal: its strings need quotes (a bare
+    # string field is taken as it is).
+    return '(' + ''.join(f'{repr(v) if isinstance(v, str) else flag_value(v)},'
+                         for v in value) + ')'
   return str(value)
 
 

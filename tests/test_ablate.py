@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from tests.conftest import import_optional, prepare_slice
 
 from configs import base
@@ -190,6 +192,20 @@ def test_train_command():
       '--config.model.downsample=avg_pool', '--config.model.depths=(1,1,)',
       '--config.train.learning_rate=0.0003', '--config.seed=0',
       '--workdir=w/runs/avg_pool-seed0']
+
+
+def test_flag_values_parse_back_to_the_config_values():
+  """What train.py's config_flags reads from each --config.x=VALUE is the
+  value itself: strings bare or inside tuples, numbers, bools, nested tuples."""
+  values = {'name': 'avg pool', 'axes': ('data', 'fsdp'), 'depths': (1, 2), 'rate': 3e-4,
+            'flag': True, 'nested': ((1, 'a'), (2.5,)), 'empty': ()}
+  argv = ['train.py', *(f'--config.{k}={ablate.flag_value(v)}' for k, v in values.items())]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_dict(
+      'config', ml_collections.ConfigDict({k: type(v)() for k, v in values.items()}),
+      flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  assert flag_values.config.to_dict() == values
 
 
 def test_skips_local_and_committed_results(tmp_path):
