@@ -206,7 +206,8 @@ def markdown_table(summary: dict[str, dict]) -> str:
   lines = ['| variant | runs | consistency (%) | accuracy (%) | shifted accuracy (%) |',
            '|---|---|---|---|---|']
   for variant, s in summary.items():
-    cells = [f"{100 * s[m]:.2f} ± {100 * s[f'{m}_std']:.2f}" for m in METRICS]
+    cells = [stats.mean_std_text(s[m], s[f'{m}_std'], s['num_runs'], lambda x: f'{100 * x:.2f}')
+             for m in METRICS]
     lines.append(f"| {variant} | {s['num_runs']} | " + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 

@@ -148,6 +148,7 @@ def test_by_variant_means_and_sample_std_over_seeds():
   assert summary['max-blur']['shifted_accuracy_std'] == 0.0
   table = sc.markdown_table(summary)
   assert '| blur_pool | 3 | 80.00 ± 10.00 | 70.00 ± 10.00 | 60.00 ± 10.00 |' in table
+  assert '| max-blur | 1 | 50.00 | 40.00 | 30.00 |' in table  # One run: no spread to show.
 
 
 def test_expand_run_dirs_globs_dedupes_and_checks(tmp_path):

@@ -152,7 +152,7 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
       ' shift consistency (%) |' if shift else '')
   lines = [f'# Sweep `{sweep.name}`', '',
            f'Metric: final `{metric}`{" (in %)" if unit else ""}, mean ± sample std over seeds '
-           f'{tuple(sweep.seeds)}; n = finished runs.', '',
+           f'{tuple(sweep.seeds)} (the value alone for n = 1); n = finished runs.', '',
            f'| variant | n | {metric}{unit} | params | GFLOPs/img | train img/s |{extra_header}',
            '|---|---|---|---|---|---|' + '---|' * (bool(information) + bool(shift))]
   overrides = {v['name']: v['overrides'] for v in sweep.variants}
@@ -164,11 +164,12 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
       extra += ' – |' if error is None else f' {error:.3f} |'
     if shift:
       measured = shift['variants'].get(row['variant'])
-      extra += ' – |' if measured is None else (
-          f" {_percent(measured['consistency'])} ± {_percent(measured['consistency_std'])} |")
-    lines.append(f'| {row["variant"]} | {row["n"]} | {show(row["mean"])} ± '
-                 f'{show(row["std"])} | {row["params"]:,} | {row["gflops"]:.4f} | '
-                 f'{speed} |{extra}')
+      extra += ' – |' if measured is None else ' ' + stats.mean_std_text(
+          measured['consistency'], measured['consistency_std'], measured['num_runs'],
+          _percent) + ' |'
+    lines.append(f'| {row["variant"]} | {row["n"]} | '
+                 f'{stats.mean_std_text(row["mean"], row["std"], row["n"], show)} | '
+                 f'{row["params"]:,} | {row["gflops"]:.4f} | {speed} |{extra}')
   if information:
     lines += ['', 'recon. error: ‖x − x̂‖ / ‖x − mean(x)‖ of the best affine inverse (least '
               'squares) from each output token to its 2x2 input block, on held-out images, '
@@ -215,7 +216,7 @@ def _grid_markdown(results: Sequence[Result], metric: str, grid: ml_collections.
     for column in grid.columns:
       row = table.get(cells[row_name, column])
       entries.append('–' if row is None else
-                     f'{show(row["mean"])} ± {show(row["std"])} ({row["n"]})')
+                     f'{stats.mean_std_text(row["mean"], row["std"], row["n"], show)} ({row["n"]})')
     lines.append(f'| {row_name} | ' + ' | '.join(entries) + ' |')
   return lines
 

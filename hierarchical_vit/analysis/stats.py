@@ -8,7 +8,7 @@ a Student t quantile computed here.
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -18,6 +18,12 @@ def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
   values = np.asarray(values, np.float64)
   std = float(values.std(ddof=1)) if values.size > 1 else 0.0
   return float(values.mean()), std
+
+
+def mean_std_text(mean: float, std: float, n: int, show: Callable[[float], str] = str) -> str:
+  """'mean ± std' as tables print it; the mean alone for one run, whose std
+  (0.0 from mean_std) would read as a measured spread."""
+  return f'{show(mean)} ± {show(std)}' if n > 1 else show(mean)
 
 
 def t_cdf(x: float, df: float) -> float:
