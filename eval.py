@@ -14,6 +14,12 @@ is given; --config=configs/saved.py:WORKDIR loads that same config.json and
 takes --config.* overrides (e.g. --config.train.eval_batch_size=64). Uses the
 EMA weights when the run kept them. A --config of another model or EMA setting
 than the run's is refused (trainer.check_evaluable).
+
+Multi-process, as train.py (every process runs the same command; each reads
+its share of the split, process 0 writes the files; docs/scaling.md):
+
+  python eval.py --workdir=... --coordinator_address=host0:1234 \
+      --num_processes=2 --process_id=$i
 """
 
 # pylint: disable=wrong-import-position
@@ -56,6 +62,7 @@ _STEP = flags.DEFINE_string(
 _SPLIT = flags.DEFINE_string('split', '', "Split; '' = config.data.eval_split.")
 _NUM_OVERLAYS = flags.DEFINE_integer(
     'num_overlays', 4, 'Segmentation: eval images to write overlay PNGs for.')
+_INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
 
 
 def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...],
@@ -130,7 +137,10 @@ def plot_overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
 
 def write_overlays(config: ml_collections.ConfigDict, trained: trainer.Trained, split: str,
                    class_names: tuple[str, ...], path_prefix: str, num_images: int) -> None:
-  """Predicts the first `num_images` of `split`: path_prefix_<i>.png each."""
+  """Predicts the first `num_images` of `split`: path_prefix_<i>.png each.
+
+  On process 0 alone: the weights are replicated (eval_mesh), so predicting
+  needs no other process."""
   images, labels = data.load_eval_examples(config.data, split, num_images, task=config.task)
   predicted = np.asarray(trained.predict(images))
   for i, (image, label) in enumerate(zip(images, labels)):
@@ -224,13 +234,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                    os.path.join(workdir, f'confusion_{split}_{step}.png'))
     if task_report.overlays and num_overlays > 0:
       write_overlays(config, trained, split, info.class_names,
-                     os.path.join(workdir, f'overlay_{split}_{step}'),
-                     num_overlays)
+                     os.path.join(workdir, f'overlay_{split}_{step}'), num_overlays)
   return report
 
 
 def main(argv):
   del argv
+  _INITIALIZE_DISTRIBUTED()
   config = _CONFIG.value or trainer.load_config(_WORKDIR.value)
   step = cli.checkpoint_step('--step', _STEP.value)
   report = evaluate_checkpoint(config, _WORKDIR.value, step, _SPLIT.value,

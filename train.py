@@ -30,7 +30,6 @@ from absl import logging
 from ml_collections import config_flags
 
 from hierarchical_vit import cli
-from hierarchical_vit import parallel
 from hierarchical_vit.training import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/base.py',
@@ -38,22 +37,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/base.py',
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, logs, config.json.',
                                required=True)
 # Multi-process runs (docs/scaling.md); see parallel.distributed_args.
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', '', "host:port of process 0; 'auto' = detected by "
-    "JAX (Cloud TPU, SLURM, Open MPI); '' = $JAX_COORDINATOR_ADDRESS, else "
-    'auto on a TPU VM or in a multi-task srun step, else single process.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', 0, 'With a host:port coordinator; 0 = $JAX_NUM_PROCESSES.')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', -1, 'With a host:port coordinator; -1 = $JAX_PROCESS_ID.')
-_INIT_TIMEOUT = flags.DEFINE_integer(
-    'distributed_timeout', 300, 'Seconds to wait for all processes to join.')
+_INITIALIZE_DISTRIBUTED = cli.define_distributed_flags()
 
 
 def main(argv):
   del argv
-  parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                  _PROCESS_ID.value, _INIT_TIMEOUT.value)
+  _INITIALIZE_DISTRIBUTED()
   results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('Final metrics: %s', results)
 

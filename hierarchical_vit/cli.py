@@ -6,12 +6,18 @@ KeyError). `parse_flags` reports those like any bad flag: the override and
 ml_collections' own hint ('Did you mean ...').
 
   app.run(main, flags_parser=cli.parse_flags)
+
+and the multi-process flags of train.py and eval.py (`define_distributed_flags`).
 """
 
 import re
 import sys
+from collections.abc import Callable
 
 from absl import app
+from absl import flags
+
+from hierarchical_vit import parallel
 
 # How ml_collections' config flags accept an override: -config.x=1, --noconfig.flag.
 _OVERRIDE = re.compile(r'^--?(?:no)?config\.')
@@ -59,3 +65,21 @@ def checkpoint_step(flag: str, text: str) -> int | str:
     raise app.UsageError(f"{flag}={text!r} is not valid: a saved step, -1 (the latest) or "
                          "'best'.")
   return step
+
+
+def define_distributed_flags() -> Callable[[], None]:
+  """Defines --coordinator_address, --num_processes, --process_id and
+  --distributed_timeout (docs/scaling.md); returns the call that connects the
+  processes with their values, before anything touches a device."""
+  coordinator = flags.DEFINE_string(
+      'coordinator_address', '', "host:port of process 0; 'auto' = detected by "
+      "JAX (Cloud TPU, SLURM, Open MPI); '' = $JAX_COORDINATOR_ADDRESS, else "
+      'auto on a TPU VM or in a multi-task srun step, else single process.')
+  num_processes = flags.DEFINE_integer(
+      'num_processes', 0, 'With a host:port coordinator; 0 = $JAX_NUM_PROCESSES.')
+  process_id = flags.DEFINE_integer(
+      'process_id', -1, 'With a host:port coordinator; -1 = $JAX_PROCESS_ID.')
+  timeout = flags.DEFINE_integer(
+      'distributed_timeout', 300, 'Seconds to wait for all processes to join.')
+  return lambda: parallel.initialize_distributed(coordinator.value, num_processes.value,
+                                                 process_id.value, timeout.value)

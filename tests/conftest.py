@@ -1,12 +1,20 @@
 """Helpers shared by the test packages."""
 
+import contextlib
 import importlib
 import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
 
 from hierarchical_vit.data import prepare
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def import_optional(name: str) -> ModuleType:
@@ -28,3 +36,39 @@ def prepare_slice(tmp_path_factory, dataset: str, limit: int) -> str:
   directory = tmp_path_factory.mktemp(f'tfds_{dataset}')
   prepare.prepare(dataset, directory, limit=limit)
   return str(directory)
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now: for a jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def spawn(cmd: list[str], devices: int, log_path: str) -> Iterator[subprocess.Popen]:
+  """Runs cmd in the repo with `devices` CPU devices, in its own process group,
+  output to log_path; kills it (and anything it started) on exit."""
+  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  with open(log_path, 'w') as log:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_all(procs: list[subprocess.Popen], logs: list[str], timeout_s: float = 240) -> None:
+  """Waits for every process; fails (with its log) if one fails or outlasts
+  timeout_s (all together; a 2-core CI box compiles slowly)."""
+  deadline = time.time() + timeout_s
+  for proc, log in zip(procs, logs):
+    try:
+      proc.wait(timeout=max(deadline - time.time(), 1))
+    except subprocess.TimeoutExpired:
+      pytest.fail(f'{log} timed out:\n{open(log).read()[-3000:]}')
+    assert proc.returncode == 0, open(log).read()[-5000:]

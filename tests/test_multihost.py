@@ -14,17 +14,13 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
-from tests.conftest import prepare_slice
+from tests.conftest import REPO, free_port, prepare_slice, spawn, wait_all
 from jax.sharding import PartitionSpec as P
 
 from hierarchical_vit import parallel
@@ -32,13 +28,15 @@ from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import optimizer as optimizer_lib
 from hierarchical_vit.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One worker runs this module (pyproject: --dist loadgroup): its `runs` fixture
+# is three train.py processes, which each worker would otherwise start again.
+pytestmark = pytest.mark.xdist_group('multihost')
+
 sys.path.insert(0, REPO)  # configs/ is not an installed package.
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NUM_EXAMPLES = 32  # = batch size: every step sees the whole split.
 NUM_STEPS = 4
-TIMEOUT_S = 240  # Per spawned process; a 2-core CI box compiles slowly.
 OVERRIDES = {
     'model.embed_dim': 16, 'model.depths': (1, 1), 'model.num_heads': (1, 2),
     'model.img_size': 32, 'model.patch_size': 4, 'model.window_size': 4,
@@ -62,44 +60,10 @@ def _config(data_dir: str, overrides: dict) -> ml_collections.ConfigDict:
   return config
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _train_cmd(workdir: str, data_dir: str, overrides: dict) -> list[str]:
   flags = [f'--config.{k}={v}' for k, v in {**OVERRIDES, **overrides}.items()]
   return [sys.executable, 'train.py', '--config=configs/base.py',
           f'--workdir={workdir}', f'--config.data.data_dir={data_dir}', *flags]
-
-
-@contextlib.contextmanager
-def _spawn(cmd: list[str], devices: int, log_path: str):
-  """Runs cmd with `devices` CPU devices in its own process group; kills it
-  (and anything it started) on exit."""
-  env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
-  with open(log_path, 'w') as log:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-  try:
-    yield proc
-  finally:
-    if proc.poll() is None:
-      os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _wait_all(procs: list[subprocess.Popen], logs: list[str]) -> None:
-  """Waits for every process; fails (with its log) if one fails or hangs."""
-  deadline = time.time() + TIMEOUT_S
-  for proc, log in zip(procs, logs):
-    try:
-      proc.wait(timeout=max(deadline - time.time(), 1))
-    except subprocess.TimeoutExpired:
-      pytest.fail(f'{log} timed out:\n{open(log).read()[-3000:]}')
-    assert proc.returncode == 0, open(log).read()[-5000:]
 
 
 @pytest.fixture(scope='module')
@@ -113,7 +77,7 @@ def runs(data_dir, tmp_path_factory) -> dict:
   all three processes running at once."""
   root = tmp_path_factory.mktemp('multihost')
   workdirs = {'two': str(root / 'two'), 'one': str(root / 'one')}
-  coordinator = f'--coordinator_address=127.0.0.1:{_free_port()}'
+  coordinator = f'--coordinator_address=127.0.0.1:{free_port()}'
   commands = [
       (_train_cmd(workdirs['two'], data_dir, FSDP) +
        [coordinator, '--num_processes=2', f'--process_id={i}'], 4)
@@ -121,9 +85,9 @@ def runs(data_dir, tmp_path_factory) -> dict:
   commands.append((_train_cmd(workdirs['one'], data_dir, {}), 8))
   logs = [str(root / f'log{i}.txt') for i in range(len(commands))]
   with contextlib.ExitStack() as stack:
-    procs = [stack.enter_context(_spawn(cmd, devices, log))
+    procs = [stack.enter_context(spawn(cmd, devices, log))
              for (cmd, devices), log in zip(commands, logs)]
-    _wait_all(procs, logs)
+    wait_all(procs, logs)
   workdirs['logs'] = logs
   return workdirs
 
@@ -212,14 +176,35 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, data_dir, tmp_pat
   shutil.copytree(runs['two'], workdir)
   shutil.rmtree(os.path.join(workdir, 'checkpoints', str(NUM_STEPS)))
   log = str(tmp_path / 'log.txt')
-  with _spawn(_train_cmd(workdir, data_dir, {}), 1, log) as proc:
-    _wait_all([proc], [log])
+  with spawn(_train_cmd(workdir, data_dir, {}), 1, log) as proc:
+    wait_all([proc], [log])
   out = open(log).read()
   assert 'Resuming from checkpoint at step 2.' in out
   assert 'was written by 2 processes, this run has 1' in out
   resumed, original = _losses(workdir), _losses(runs['two'])
   np.testing.assert_allclose([resumed[s] for s in (3, 4)], [original[s] for s in (3, 4)],
                              rtol=1e-5)
+
+
+def test_eval_py_across_two_processes_reports_what_training_logged(runs, tmp_path):
+  """eval.py on 2 processes x 4 devices: each process reads its half of the
+  eval split, and the metrics of the whole split equal those the 2-process run
+  logged when it evaluated the same final weights; process 0 alone writes."""
+  coordinator = f'--coordinator_address=127.0.0.1:{free_port()}'
+  logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
+  with contextlib.ExitStack() as stack:
+    procs = [stack.enter_context(spawn(
+        [sys.executable, 'eval.py', f'--workdir={runs["two"]}', coordinator,
+         '--num_processes=2', f'--process_id={i}'], 4, logs[i])) for i in range(2)]
+    wait_all(procs, logs)
+  assert 'Process 1 of 2; 4 local / 8 global devices.' in open(logs[1]).read()
+  with open(os.path.join(runs['two'], f'eval_test_{NUM_STEPS}.json')) as f:
+    report = json.load(f)
+  logged = next(m for m in _metrics(runs['two']) if m['step'] == NUM_STEPS and 'eval/loss' in m)
+  assert report['num_examples'] == logged['eval/num_examples'] == NUM_EXAMPLES
+  assert report['accuracy'] == pytest.approx(logged['eval/accuracy'])
+  assert report['loss'] == pytest.approx(logged['eval/loss'], rel=1e-5)
+  assert np.sum(report['confusion_matrix']) == NUM_EXAMPLES
 
 
 def test_distributed_args(monkeypatch):
@@ -309,13 +294,13 @@ def test_hybrid_mesh_across_two_processes(tmp_path):
   """mesh.dcn_shape=(2, 1) on 2 processes (as on 2 GPU nodes): each process's
   devices are one row, so FSDP's gathers stay inside a process, and a sharded
   product over the process-local batches is exact."""
-  coordinator = f'127.0.0.1:{_free_port()}'
+  coordinator = f'127.0.0.1:{free_port()}'
   logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
   with contextlib.ExitStack() as stack:
-    procs = [stack.enter_context(_spawn(
+    procs = [stack.enter_context(spawn(
         [sys.executable, '-c', _HYBRID_MESH, coordinator, str(i)], 4, logs[i]))
              for i in range(2)]
-    _wait_all(procs, logs)
+    wait_all(procs, logs)
   x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
   w = np.arange(16 * 8, dtype=np.float32).reshape(16, 8) / 100
   for log in logs:

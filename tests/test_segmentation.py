@@ -1,9 +1,9 @@
 """Segmentation: metrics by hand, canvas labels, data loaders, train + eval.py."""
 
+import contextlib
 import io
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from tests.conftest import prepare_slice
+from tests.conftest import free_port, prepare_slice, spawn, wait_all
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -23,7 +23,6 @@ from hierarchical_vit.data import transforms
 from hierarchical_vit.training import tasks
 from hierarchical_vit.training import trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IGNORE = data.IGNORE_INDEX
 SEG = tasks.TASKS['segmentation']
 
@@ -256,14 +255,20 @@ def test_train_and_evaluate_reports_miou(trained):
   assert metrics == {'eval/miou': final['eval/miou']}
 
 
-def test_eval_script_writes_miou_json_and_overlays(trained):
+def test_eval_script_writes_miou_json_and_overlays(trained, tmp_path):
+  """On 2 processes (1 device each): each evaluates half of the split, and
+  process 0 predicts and writes the overlays on the weights replicated over
+  both processes' devices."""
   workdir, final = trained
-  # --step=best: the best by eval/miou, the task's metric (step 4 has the only one).
-  proc = subprocess.run(
-      [sys.executable, 'eval.py', f'--workdir={workdir}', '--num_overlays=3', '--step=best'],
-      cwd=REPO, env={**os.environ, 'PYTHONPATH': REPO}, capture_output=True,
-      text=True, timeout=180)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
+  coordinator = f'--coordinator_address=127.0.0.1:{free_port()}'
+  logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
+  with contextlib.ExitStack() as stack:
+    # --step=best: the best by eval/miou, the task's metric (step 4 has the only one).
+    procs = [stack.enter_context(spawn(
+        [sys.executable, 'eval.py', f'--workdir={workdir}', '--num_overlays=3', '--step=best',
+         coordinator, '--num_processes=2', f'--process_id={i}'], 1, logs[i]))
+             for i in range(2)]
+    wait_all(procs, logs)
   report = json.load(open(os.path.join(workdir, 'eval_test_4.json')))
   np.testing.assert_allclose(report['miou'], final['eval/miou'], rtol=1e-6)
   assert report['num_examples'] == 64
@@ -272,7 +277,7 @@ def test_eval_script_writes_miou_json_and_overlays(trained):
   for name in ('confusion_test_4.png', 'overlay_test_4_0.png',
                'overlay_test_4_2.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-  assert 'test mIoU (step 4)' in proc.stdout + proc.stderr
+  assert 'test mIoU (step 4)' in open(logs[0]).read()
 
 
 # ---------------------------------------------------------------------------
