@@ -156,7 +156,10 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.eval_batch_size = 256    # Global, like batch_size; must divide by the device and process counts.
   # Pretrained weights that start the run (not a resumed one; see hierarchical_vit.interop):
-  # '' = none; None (a placeholder) = required, for configs that fine-tune.
+  # '' = none; None (a placeholder) = required, for configs that fine-tune. Shapes that
+  # fine-tuning changes are adapted (interop.adapt_for_finetuning): bias tables resized
+  # to the windows, the patch stem to model.in_chans and, as FlexiViT and timm do, to
+  # model.patch_size; a fresh head where the classes differ.
   t.init_from = ''
   return t
 

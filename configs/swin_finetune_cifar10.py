@@ -8,7 +8,9 @@ then:
   python train.py --config=configs/swin_finetune_cifar10.py \
       --config.train.init_from=swin_t.npz --workdir=workdirs/swin_finetune_cifar10
 The 1000-class head is replaced by a fresh 10-class one; with
---config.model.window_size=W != 7 the bias tables are resized bicubically.
+--config.model.window_size=W != 7 the bias tables are resized bicubically, and
+with --config.model.patch_size=P != 4 the patch stem is resampled (FlexiViT's
+pseudo-inverse resize, as timm's resample_patch_embed).
 """
 
 import ml_collections

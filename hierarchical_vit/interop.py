@@ -33,6 +33,7 @@ import math
 import os
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -254,12 +255,36 @@ def adapt_input_channels(kernel: np.ndarray, in_chans: int) -> np.ndarray:
   return np.tile(kernel, (1, 1, repeats, 1))[:, :, :in_chans] * (channels / in_chans)
 
 
+def _antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out_size, in_size) weights of a 1-D antialiased bicubic resize: Keys'
+  cubic with a = -0.5, widened when shrinking, as jax.image.resize and torch's
+  F.interpolate(mode='bicubic', antialias=True) (which timm's patch resampling
+  uses) both compute it."""
+  eye = jnp.eye(in_size, dtype=jnp.float32)
+  return np.asarray(jax.image.resize(eye, (in_size, out_size), 'bicubic', antialias=True),
+                    np.float64).T
+
+
+def resample_patch_kernel(kernel: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """A patch-embedding kernel (kh, kw, C, E) for patches of `size`, by
+  FlexiViT's pseudo-inverse resize (Beyer et al. 2023), as timm's
+  resample_patch_embed: with R the bicubic resize of a (kh, kw) patch to
+  `size`, the new kernel is pinv(R)^T w, so that a patch x resized up embeds
+  as x did, <R x, w'> = <x, w> (the least-squares best when shrinking)."""
+  kh, kw = kernel.shape[:2]
+  resize = np.kron(_antialiased_bicubic_matrix(kh, size[0]),
+                   _antialiased_bicubic_matrix(kw, size[1]))  # (ph * pw, kh * kw)
+  flat = kernel.reshape(kh * kw, -1).astype(np.float64)
+  return (np.linalg.pinv(resize).T @ flat).reshape(*size, *kernel.shape[2:]).astype(kernel.dtype)
+
+
 def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
   """Fits pretrained weights to model where fine-tuning changes shapes.
 
   Relative position bias tables are resized to the model's windows (window
-  size or resolution changed); a stem for another number of input channels is
-  adapted (adapt_input_channels); the parts fine-tuning trains from scratch
+  size or resolution changed); a patch stem for another number of input
+  channels is adapted (adapt_input_channels), one for another patch size
+  resampled (resample_patch_kernel); the parts fine-tuning trains from scratch
   keep the model's fresh initialization where the checkpoint has none or one
   of another shape: a classifier's head, a UNet's decoder and per-pixel head
   (a UNet takes a classifier's encoder, as Swin-Unet starts from ImageNet
@@ -278,11 +303,16 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
       weights[key] = resize_bias_table(table, module.window)
       logging.info('Resized %s from %s to %s.', key, table.shape, target)
   stem = 'encoder.stem.proj.kernel'
-  if stem in weights and stem in own:
+  if stem in weights and stem in own and weights[stem].shape[3] == own[stem].shape[3]:
     kernel, target = weights[stem], own[stem].shape
-    if kernel.shape != target and (kernel.shape[:2], kernel.shape[3]) == (target[:2], target[3]):
-      weights[stem] = adapt_input_channels(kernel, target[2])
-      logging.info('Adapted %s from %d to %d input channels.', stem, kernel.shape[2], target[2])
+    if kernel.shape[2] != target[2]:
+      kernel = adapt_input_channels(kernel, target[2])
+      logging.info('Adapted %s from %d to %d input channels.', stem, weights[stem].shape[2],
+                   target[2])
+    if kernel.shape[:2] != target[:2]:
+      logging.info('Resampled %s from %s to %s patches.', stem, kernel.shape[:2], target[:2])
+      kernel = resample_patch_kernel(kernel, target[:2])
+    weights[stem] = kernel
   unet = hasattr(model, 'decoder')
   fresh = ('head.', 'decoder.') if unet else ('head.',)
   renewed = [k for k in own if k.startswith(fresh)

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -290,6 +291,28 @@ def test_stem_adapts_to_other_input_channels_as_timm(in_chans):
                              expected.transpose(2, 3, 1, 0), rtol=1e-6)
 
 
+@pytest.mark.parametrize('old, new', [((4, 4), (2, 2)), ((2, 2), (4, 4)), ((16, 16), (14, 14)),
+                                      ((4, 4), (3, 5))])
+def test_patch_kernel_resamples_as_timm(old, new):
+  """timm's resample_patch_embed (OIHW) on the same kernel, ours in (kh, kw, C, E)."""
+  from timm.layers import resample_patch_embed
+  kernel = np.random.default_rng(0).normal(size=(*old, 3, 8)).astype(np.float32)
+  expected = resample_patch_embed(torch.from_numpy(kernel.transpose(3, 2, 0, 1)), list(new))
+  np.testing.assert_allclose(interop.resample_patch_kernel(kernel, new),
+                             expected.numpy().transpose(2, 3, 1, 0), atol=2e-5)
+
+
+def test_a_resampled_patch_kernel_embeds_an_upsized_patch_as_the_original():
+  """FlexiViT's defining property: <resize(x), w'> = <x, w> when the patch grows."""
+  rng = np.random.default_rng(1)
+  kernel = rng.normal(size=(2, 3, 3, 8))
+  patches = rng.normal(size=(5, 2, 3, 3))
+  upsized = np.asarray(jax.image.resize(patches, (5, 4, 6, 3), 'bicubic', antialias=True))
+  np.testing.assert_allclose(
+      np.einsum('bhwc,hwce->be', upsized, interop.resample_patch_kernel(kernel, (4, 6))),
+      np.einsum('bhwc,hwce->be', patches, kernel), rtol=1e-4, atol=1e-4)
+
+
 def _finetune_config(**model):
   config = base.get_config()
   config.model = convert.model_config('cifar_small', img_size=32, **model)
@@ -317,6 +340,26 @@ def test_finetuning_from_rgb_to_gray_and_from_a_headless_checkpoint(tmp_path):
   for key in converted:
     if key != stem:
       np.testing.assert_array_equal(loaded[key], converted[key], err_msg=key)
+
+
+def test_finetuning_to_another_patch_size_and_channel_count_resamples_the_stem(tmp_path):
+  """An RGB patch-2 checkpoint fine-tunes a 1-channel patch-4 classifier: the
+  stem is summed over channels, then resampled to 4x4 patches; the rest loads
+  as converted (bias tables resized where the coarser grid shrinks a window)."""
+  source = timm_swin(img_size=32, num_classes=10, **SMALL)
+  path = str(tmp_path / 'patch2.pth')
+  torch.save(source.state_dict(), path)
+  config = _finetune_config(in_chans=1, patch_size=4, num_classes=10)
+  loaded = flat(trainer.init_model(config, init_from=path)[2])
+  converted = interop.from_timm(numpy_state_dict(source))
+  stem = 'encoder.stem.proj.kernel'
+  np.testing.assert_allclose(loaded[stem], interop.resample_patch_kernel(
+      converted[stem].sum(axis=2, keepdims=True), (4, 4)), rtol=1e-6)
+  assert loaded[stem].shape == (4, 4, 1, 48)
+  same = [k for k in converted if k != stem and loaded[k].shape == converted[k].shape]
+  assert len(same) > len(converted) - 6  # Only the stem and a few bias tables change.
+  for key in same:
+    np.testing.assert_array_equal(loaded[key], converted[key], err_msg=key)
 
 
 def test_a_unet_fine_tunes_from_a_classifiers_encoder(tmp_path):
