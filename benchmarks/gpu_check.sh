@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements docs/performance.md still lacks, in one command on a
+# The GPU measurements of docs/performance.md, in one command on a
 # lent device machine (an image with jax[cuda], flax, torch and timm, but not
 # this project's other dependencies, and no network):
 #
@@ -33,7 +33,7 @@ swin_t="--configs=swin_t_224 --gelu=erf --dtype=bfloat16 --batch=128"
 # Each step is bounded, so that the steps after a stuck one still run.
 failed=0
 step() { local limit=$1; shift; timeout "$limit" "$@" || { echo "FAILED ($?): $*"; failed=1; }; }
-# 1. The attention cores alone on Swin-T's stage shapes: the pallas kernel's first run on a GPU
+# 1. The attention cores alone on Swin-T's stage shapes: the pallas kernel
 #    (its error against the float32 einsum core) and its time against einsum's and cuDNN's.
 if [[ $steps == *" kernels "* ]]; then
   step 120 python3 -m benchmarks.attention_core --config=swin_t_224 --dtype=bfloat16 \
