@@ -69,7 +69,8 @@ def plot_confusion(confusion: np.ndarray, class_names: tuple[str, ...],
                    title: str, path: str) -> None:
   """Row-normalized confusion matrix (rows: true class) as a PNG."""
   rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-  size = max(6, 0.4 * len(class_names))
+  # At most 30 inches (3000 pixels): 0.4 per class would make ImageNet's 40000.
+  size = min(max(6, 0.4 * len(class_names)), 30)
   fig, ax = plt.subplots(figsize=(size, size))
   ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
   if len(class_names) <= 30:  # Beyond that, tick labels are unreadable.
@@ -137,12 +138,15 @@ def plot_overlay(image: np.ndarray, truth: np.ndarray, predicted: np.ndarray,
 
 def write_overlays(config: ml_collections.ConfigDict, trained: trainer.Trained, split: str,
                    class_names: tuple[str, ...], path_prefix: str, num_images: int) -> None:
-  """Predicts the first `num_images` of `split`: path_prefix_<i>.png each.
-
-  On process 0 alone: the weights are replicated (eval_mesh), so predicting
-  needs no other process."""
+  """Predicts the first `num_images` of `split`: path_prefix_<i>.png each,
+  written by process 0. Every process calls it: the weights span all
+  processes' devices, and on GPUs XLA shares compilation work (autotuning)
+  between the processes of a program, so a program compiled by process 0
+  alone can wait for the others forever."""
   images, labels = data.load_eval_examples(config.data, split, num_images, task=config.task)
   predicted = np.asarray(trained.predict(images))
+  if jax.process_index() != 0:
+    return
   for i, (image, label) in enumerate(zip(images, labels)):
     plot_overlay(image, label, predicted[i], class_names, f'{path_prefix}_{i}.png')
 
@@ -232,9 +236,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                    f'{info.name} {split} @ step {step}: '
                    f'{task_report.short(report)}',
                    os.path.join(workdir, f'confusion_{split}_{step}.png'))
-    if task_report.overlays and num_overlays > 0:
-      write_overlays(config, trained, split, info.class_names,
-                     os.path.join(workdir, f'overlay_{split}_{step}'), num_overlays)
+  if task_report.overlays and num_overlays > 0:
+    write_overlays(config, trained, split, info.class_names,
+                   os.path.join(workdir, f'overlay_{split}_{step}'), num_overlays)
   return report
 
 
@@ -245,7 +249,8 @@ def main(argv):
   step = cli.checkpoint_step('--step', _STEP.value)
   report = evaluate_checkpoint(config, _WORKDIR.value, step, _SPLIT.value,
                                _NUM_OVERLAYS.value)
-  print(_REPORTS[config.task].headline(report))
+  if jax.process_index() == 0:
+    print(_REPORTS[config.task].headline(report))
 
 
 if __name__ == '__main__':

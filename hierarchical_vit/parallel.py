@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 STRATEGIES = ('data_parallel', 'fsdp')
@@ -131,6 +132,15 @@ def initialize_distributed(coordinator_address: str = '',
   logging.info('Process %d of %d; %d local / %d global devices.',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def process_zero_value(value: int) -> int:
+  """Process 0's `value`, on every process: for a choice that each process
+  makes from files it reads on its own (the latest checkpoint, while a run is
+  still saving), so that all act on one."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
 def create_mesh(mesh_config: ml_collections.ConfigDict,

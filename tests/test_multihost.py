@@ -197,7 +197,9 @@ def test_eval_py_across_two_processes_reports_what_training_logged(runs, tmp_pat
         [sys.executable, 'eval.py', f'--workdir={runs["two"]}', coordinator,
          '--num_processes=2', f'--process_id={i}'], 4, logs[i])) for i in range(2)]
     wait_all(procs, logs)
-  assert 'Process 1 of 2; 4 local / 8 global devices.' in open(logs[1]).read()
+  out1 = open(logs[1]).read()
+  assert 'Process 1 of 2; 4 local / 8 global devices.' in out1
+  assert 'test accuracy' in open(logs[0]).read() and 'test accuracy' not in out1
   with open(os.path.join(runs['two'], f'eval_test_{NUM_STEPS}.json')) as f:
     report = json.load(f)
   logged = next(m for m in _metrics(runs['two']) if m['step'] == NUM_STEPS and 'eval/loss' in m)
@@ -284,7 +286,8 @@ x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
 i = jax.process_index()
 batch = parallel.shard_batch({'x': x[4 * i:4 * i + 4]}, parallel.batch_sharding(mesh))
 y = jax.jit(lambda p, b: b['x'] @ p['w'], out_shardings=parallel.replicated(mesh))(params, batch)
-print(json.dumps({'shape': dict(mesh.shape),
+print(json.dumps({'process_zero_value': parallel.process_zero_value(10 + i),
+                  'shape': dict(mesh.shape),
                   'processes': [[d.process_index for d in row] for row in mesh.devices],
                   'w_spec': str(params['w'].sharding.spec), 'y': np.asarray(y).tolist()}))
 """
@@ -293,7 +296,8 @@ print(json.dumps({'shape': dict(mesh.shape),
 def test_hybrid_mesh_across_two_processes(tmp_path):
   """mesh.dcn_shape=(2, 1) on 2 processes (as on 2 GPU nodes): each process's
   devices are one row, so FSDP's gathers stay inside a process, and a sharded
-  product over the process-local batches is exact."""
+  product over the process-local batches is exact. Also: process_zero_value
+  gives both processes process 0's value (restore_trained's step)."""
   coordinator = f'127.0.0.1:{free_port()}'
   logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
   with contextlib.ExitStack() as stack:
@@ -304,7 +308,10 @@ def test_hybrid_mesh_across_two_processes(tmp_path):
   x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
   w = np.arange(16 * 8, dtype=np.float32).reshape(16, 8) / 100
   for log in logs:
-    out = json.loads(open(log).read().strip().splitlines()[-1])
+    # Gloo's C++ lines can follow the script's own.
+    out = json.loads(next(line for line in reversed(open(log).read().splitlines())
+                          if line.startswith('{')))
+    assert out['process_zero_value'] == 10  # Process 1 passed 11.
     assert out['shape'] == {'data': 2, 'fsdp': 4}
     assert out['processes'] == [[0] * 4, [1] * 4]
     assert out['w_spec'] == str(P('fsdp', None))

@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import sys
 
 import jax
@@ -255,11 +256,13 @@ def test_train_and_evaluate_reports_miou(trained):
   assert metrics == {'eval/miou': final['eval/miou']}
 
 
-def test_eval_script_writes_miou_json_and_overlays(trained, tmp_path):
-  """On 2 processes (1 device each): each evaluates half of the split, and
-  process 0 predicts and writes the overlays on the weights replicated over
-  both processes' devices."""
+def test_eval_script_writes_miou_json_and_overlays(trained, tmp_path, monkeypatch):
+  """On 2 processes (1 device each): each evaluates half of the split, both
+  compile and run the same programs (overlay predictions included: on GPUs a
+  program compiled by one process alone can hang in shared autotuning), and
+  process 0 alone writes and prints."""
   workdir, final = trained
+  monkeypatch.setenv('JAX_LOG_COMPILES', '1')
   coordinator = f'--coordinator_address=127.0.0.1:{free_port()}'
   logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
   with contextlib.ExitStack() as stack:
@@ -277,7 +280,10 @@ def test_eval_script_writes_miou_json_and_overlays(trained, tmp_path):
   for name in ('confusion_test_4.png', 'overlay_test_4_0.png',
                'overlay_test_4_2.png'):
     assert os.path.getsize(os.path.join(workdir, name)) > 0, name
-  assert 'test mIoU (step 4)' in open(logs[0]).read()
+  outputs = [open(log).read() for log in logs]
+  assert 'test mIoU (step 4)' in outputs[0] and 'test mIoU' not in outputs[1]
+  compiled = [sorted(re.findall(r'Finished XLA compilation of (\S+)', out)) for out in outputs]
+  assert compiled[0] == compiled[1] and compiled[0], compiled
 
 
 # ---------------------------------------------------------------------------

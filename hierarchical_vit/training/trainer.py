@@ -327,6 +327,8 @@ def evaluate(eval_step: Callable, params: nnx.State | dict, rest: nnx.State,
   for batch in batches:
     sums = eval_step(params, parallel.shard_batch(batch, sharding), rest)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  if totals is None:
+    raise ValueError('the eval split has no examples: pick another --split or data.eval_split')
   return tasks.get_task(task).summarize(jax.device_get(totals))
 
 
@@ -388,10 +390,10 @@ class Trained:
 
 
 def eval_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """Data parallel over this machine's devices.
+  """Data parallel over every process's devices (jax.devices()).
 
-  Trained weights are restored replicated, so the training run's mesh (which
-  may name devices or hosts this machine lacks) does not matter.
+  Trained weights are restored replicated, so the training run's mesh (its
+  strategy, shape and DCN layout) does not matter.
   """
   return parallel.create_mesh(ml_collections.ConfigDict(
       {**mesh_config.to_dict(), 'strategy': 'data_parallel', 'shape': (), 'dcn_shape': ()}))
@@ -415,7 +417,9 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int |
   elif not isinstance(step, int):
     raise ValueError(f"step={step!r} is not valid: a saved step, -1 (the latest) or 'best'.")
   step = manager.latest_step() if step == -1 else step
-  if step is None:
+  # Every process restores the step process 0 found (-2: none).
+  step = parallel.process_zero_value(-2 if step is None else step)
+  if step == -2:
     raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
   if step not in manager.all_steps():
     raise ValueError(f'step={step} has no checkpoint in {workdir}/checkpoints; saved steps: '

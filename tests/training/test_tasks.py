@@ -8,6 +8,7 @@ import importlib
 
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 from hierarchical_vit.data import pipeline
@@ -203,3 +204,12 @@ def test_every_task_has_its_data_and_eval_report():
   to TASKS alone would fail in the pipeline or in eval.py with a bare KeyError."""
   eval_script = importlib.import_module('eval')
   assert set(pipeline._TASKS) == set(tasks.TASKS) == set(eval_script._REPORTS)
+
+
+def test_confusion_figure_of_many_classes_stays_a_readable_size(tmp_path):
+  """ImageNet's 1000 classes at 0.4 inch each would be a 40000-pixel canvas."""
+  eval_script = importlib.import_module('eval')
+  path = str(tmp_path / 'confusion.png')
+  eval_script.plot_confusion(np.eye(1000), tuple(map(str, range(1000))), 'ImageNet', path)
+  with Image.open(path) as image:
+    assert max(image.size) <= 3000 and min(image.size) >= 600

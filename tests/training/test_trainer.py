@@ -673,3 +673,8 @@ def test_a_missing_init_from_fails_before_the_workdir_is_written(data_dir, tmp_p
   with pytest.raises(FileNotFoundError, match=r"train.init_from='nope.npz': no such file"):
     trainer.train_and_evaluate(tiny_config(data_dir, init_from='nope.npz'), workdir)
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+def test_evaluating_an_empty_split_is_refused_by_name():
+  with pytest.raises(ValueError, match='the eval split has no examples'):
+    trainer.evaluate(lambda *args: None, {}, {}, iter([]), sharding=None)
