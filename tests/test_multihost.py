@@ -189,13 +189,17 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs, data_dir, tmp_pat
 def test_eval_py_across_two_processes_reports_what_training_logged(runs, tmp_path):
   """eval.py on 2 processes x 4 devices: each process reads its half of the
   eval split, and the metrics of the whole split equal those the 2-process run
-  logged when it evaluated the same final weights; process 0 alone writes."""
+  logged when it evaluated the same final weights; process 0 alone prints.
+  A global eval batch of 24 gives each process 12 rows a step over its 16
+  examples: its second batch is 4 examples and 8 rows of padding."""
   coordinator = f'--coordinator_address=127.0.0.1:{free_port()}'
   logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
   with contextlib.ExitStack() as stack:
     procs = [stack.enter_context(spawn(
-        [sys.executable, 'eval.py', f'--workdir={runs["two"]}', coordinator,
-         '--num_processes=2', f'--process_id={i}'], 4, logs[i])) for i in range(2)]
+        [sys.executable, 'eval.py', f'--workdir={runs["two"]}',
+         f'--config=configs/saved.py:{runs["two"]}', '--config.train.eval_batch_size=24',
+         coordinator, '--num_processes=2', f'--process_id={i}'], 4, logs[i]))
+             for i in range(2)]
     wait_all(procs, logs)
   out1 = open(logs[1]).read()
   assert 'Process 1 of 2; 4 local / 8 global devices.' in out1
