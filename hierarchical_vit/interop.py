@@ -32,6 +32,7 @@ import argparse
 import math
 import os
 import re
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -227,19 +228,60 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   return matrix
 
 
-def resize_bias_table(table: np.ndarray, window: tuple[int, int]) -> np.ndarray:
-  """Bicubically resizes a square-window table (L, heads) to `window`.
+def _geometric_positions(side: int, out_size: int) -> np.ndarray:
+  """Where BEiT places a table's `side` offsets among the new table's: spaced
+  by a geometric progression from the centre, so the near offsets keep their
+  spacing and the far ones stretch to reach +-(out_size // 2)."""
+  half, target = side // 2, out_size // 2
+  low, high = 1.01, 1.5  # BEiT's bisection for the progression's ratio.
+  while high - low > 1e-6:
+    ratio = (low + high) / 2
+    if (1 - ratio ** half) / (1 - ratio) > target:
+      high = ratio
+    else:
+      low = ratio
+  steps = np.cumsum([1.0] + [ratio ** (i + 1) for i in range(half - 1)])
+  return np.concatenate([-steps[::-1], [0.0], steps])
+
+
+def _geometric_table_matrix(side: int, out_size: int) -> np.ndarray:
+  """(out_size, side) weights of linear interpolation from BEiT's geometric
+  positions to the integer offsets -out_size // 2 .. out_size // 2 (timm's
+  resize_rel_pos_bias_table without scipy); beyond the ends, the end values."""
+  targets = np.arange(-(out_size // 2), out_size // 2 + 1, dtype=np.float64)
+  positions = _geometric_positions(side, out_size)
+  return np.stack([np.interp(targets, positions, column) for column in np.eye(side)], axis=1)
+
+
+# How a relative position bias table is resized to other windows when
+# fine-tuning (config.train.init_bias_table_resize): (side, out_size) -> the
+# (out_size, side) matrix applied along each axis of the table.
+BIAS_TABLE_RESIZES: dict[str, Callable[[int, int], np.ndarray]] = {
+    # The Swin authors' (and Swin V1 fine-tuning's) bicubic F.interpolate.
+    'bicubic': _bicubic_matrix,
+    # timm >= 0.9's load-time resize (BEiT's geometric spacing, linear).
+    'geometric': _geometric_table_matrix,
+}
+
+
+def resize_bias_table(table: np.ndarray, window: tuple[int, int],
+                      method: str = 'bicubic') -> np.ndarray:
+  """Resizes a square-window table (L, heads) to `window` by one of
+  BIAS_TABLE_RESIZES.
 
   table: ((2s - 1)^2, heads) -> ((2wh - 1) * (2ww - 1), heads).
   """
+  if method not in BIAS_TABLE_RESIZES:
+    raise ValueError(f'train.init_bias_table_resize={method!r} is not one of '
+                     f'{sorted(BIAS_TABLE_RESIZES)}')
   side = math.isqrt(table.shape[0])
   if side * side != table.shape[0]:
     raise ValueError(f'relative position bias table of shape {table.shape} is not from a '
                      'square window; cannot resize it')
   out_h, out_w = 2 * window[0] - 1, 2 * window[1] - 1
   grid = table.reshape(side, side, -1).astype(np.float64)
-  resized = np.einsum('ij,jkh,lk->ilh', _bicubic_matrix(side, out_h), grid,
-                      _bicubic_matrix(side, out_w))
+  matrix = BIAS_TABLE_RESIZES[method]
+  resized = np.einsum('ij,jkh,lk->ilh', matrix(side, out_h), grid, matrix(side, out_w))
   return resized.reshape(out_h * out_w, -1).astype(table.dtype)
 
 
@@ -278,11 +320,12 @@ def resample_patch_kernel(kernel: np.ndarray, size: tuple[int, int]) -> np.ndarr
   return (np.linalg.pinv(resize).T @ flat).reshape(*size, *kernel.shape[2:]).astype(kernel.dtype)
 
 
-def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
+def adapt_for_finetuning(model: nnx.Module, weights: Weights,
+                         bias_table_resize: str = 'bicubic') -> Weights:
   """Fits pretrained weights to model where fine-tuning changes shapes.
 
   Relative position bias tables are resized to the model's windows (window
-  size or resolution changed); a patch stem for another number of input
+  size or resolution changed) by BIAS_TABLE_RESIZES[bias_table_resize]; a patch stem for another number of input
   channels is adapted (adapt_input_channels), one for another patch size
   resampled (resample_patch_kernel); the parts fine-tuning trains from scratch
   keep the model's fresh initialization where the checkpoint has none or one
@@ -300,7 +343,7 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights) -> Weights:
     table = weights[key]
     target = module.relative_position_bias_table.get_value().shape
     if table.shape != target and table.shape[1] == target[1]:
-      weights[key] = resize_bias_table(table, module.window)
+      weights[key] = resize_bias_table(table, module.window, bias_table_resize)
       logging.info('Resized %s from %s to %s.', key, table.shape, target)
   stem = 'encoder.stem.proj.kernel'
   if stem in weights and stem in own and weights[stem].shape[3] == own[stem].shape[3]:
@@ -364,17 +407,18 @@ def read_weights(path: str) -> Weights:
                    f'.safetensors / {" / ".join(_TORCH_SUFFIXES)} (timm or official Swin)')
 
 
-def load_weights(model: nnx.Module, path: str, *, finetune: bool = False) -> None:
+def load_weights(model: nnx.Module, path: str, *, finetune: bool = False,
+                 bias_table_resize: str = 'bicubic') -> None:
   """Loads weights from path (.npz ours; timm/official .pth/.safetensors) into model.
 
   Strict: every parameter must be present with its shape, or one ValueError
   lists all that differ. With finetune=True, bias tables are first resized
-  to the model's windows and a head of another class count is re-initialized
-  (see adapt_for_finetuning).
+  to the model's windows (by `bias_table_resize`), the stem adapted and a head
+  of another class count re-initialized (see adapt_for_finetuning).
   """
   weights = read_weights(path)
   if finetune:
-    weights = adapt_for_finetuning(model, weights)
+    weights = adapt_for_finetuning(model, weights, bias_table_resize)
   try:
     assign(model, weights)
   except ValueError as error:

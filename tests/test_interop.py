@@ -227,6 +227,51 @@ def test_resize_bias_table_matches_torch_bicubic(window):
                              expected.reshape(3, out_h * out_w).T.numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('side, window', [(7, (12, 12)), (7, (4, 4)), (4, (7, 7)), (7, (8, 6)),
+                                          (12, (7, 7))])
+def test_geometric_bias_table_resize_matches_timm(side, window):
+  """timm's resize_rel_pos_bias_table (BEiT's geometric offsets, linear, as
+  timm >= 0.9 loads Swin checkpoints) on the same table: growing, shrinking,
+  non-square."""
+  from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
+  table = np.random.default_rng(0).normal(size=((2 * side - 1) ** 2, 3)).astype(np.float32)
+  shape = ((2 * window[0] - 1) * (2 * window[1] - 1), 3)
+  expected = resize_rel_pos_bias_table(torch.from_numpy(table), new_window_size=window,
+                                       new_bias_shape=shape).numpy()
+  np.testing.assert_allclose(interop.resize_bias_table(table, window, 'geometric'), expected,
+                             atol=2e-6)
+
+
+def test_geometric_positions_keep_the_near_offsets_and_reach_the_new_edge():
+  """BEiT's placement of a 13-offset table (window 7) among 23 (window 12): unit
+  steps near the centre growing by one ratio, symmetric, ending at +-11."""
+  positions = interop._geometric_positions(13, 23)  # pylint: disable=protected-access
+  steps = np.diff(positions[6:])
+  np.testing.assert_allclose(positions, -positions[::-1])
+  assert positions[6] == 0 and steps[0] == 1 and np.allclose(steps[1:] / steps[:-1], steps[1])
+  assert positions[-1] == pytest.approx(11, abs=1e-4)
+
+
+def test_init_from_resizes_bias_tables_as_timm_loads_them(tmp_path):
+  """train.init_bias_table_resize='geometric': the tables timm's own
+  checkpoint filter gives a window-4 model from a window-7 checkpoint."""
+  from timm.models.swin_transformer import checkpoint_filter_fn
+  source = timm_swin(img_size=56, num_classes=10, **{**SMALL, 'window_size': 7})
+  path = str(tmp_path / 'swin_w7.pth')
+  torch.save(source.state_dict(), path)
+  target = timm_swin(img_size=56, num_classes=10, **SMALL)
+  filtered = checkpoint_filter_fn(source.state_dict(), target)
+  expected = interop.from_timm({k: v.numpy() for k, v in filtered.items()})
+  config = base.get_config()
+  config.model = convert.model_config('cifar_small', img_size=56, num_classes=10)
+  config.train.init_bias_table_resize = 'geometric'
+  loaded = flat(trainer.init_model(config, init_from=path)[2])
+  tables = [k for k in loaded if k.endswith('relative_position_bias_table')]
+  assert len(tables) == 6 and loaded[tables[0]].shape[0] == 7 * 7
+  for key in tables:
+    np.testing.assert_allclose(loaded[key], expected[key], atol=2e-6, err_msg=key)
+
+
 def test_init_from_resizes_bias_tables_and_reinitializes_head(tmp_path):
   # timm at 56 px, patch 2: 28 -> 14 -> 7 tokens, all in windows of 7, 7
   # classes; ours: window 4, so (2 * 4 - 1)^2 = 49-entry tables instead of

@@ -30,6 +30,7 @@ ADDED_FIELDS: dict[Path, Any] = {
     ('train', 'ema_warmup'): False,
     ('data', 'randaugment_prob'): 1.0,
     ('data', 'randaugment_magnitude_std'): 0.0,
+    ('train', 'init_bias_table_resize'): 'bicubic',
 }
 # Fields removed since runs were saved, none of which changed what a run
 # trained, with the one value they ever had.

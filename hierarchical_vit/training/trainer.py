@@ -149,6 +149,8 @@ _TRAIN_RANGES: dict[str, _Range] = {
     'data.mix_prob': ('in [0, 1]', lambda v: 0 <= v <= 1),
     'data.random_erasing': ('in [0, 1]', lambda v: 0 <= v <= 1),
     'mesh.fsdp_min_size': ('>= 0', lambda v: v >= 0),
+    'train.init_bias_table_resize': (f'one of {sorted(interop.BIAS_TABLE_RESIZES)}',
+                                     lambda v: v in interop.BIAS_TABLE_RESIZES),
     # grain's samplers take an unsigned 32-bit seed and say so without the field.
     'seed': ('in [0, 2**32)', lambda v: 0 <= v < 2**32),
 }
@@ -345,7 +347,8 @@ def init_model(config: ml_collections.ConfigDict, init_from: str = ''
   model = build_model(config.model, rngs=nnx.Rngs(params=config.seed,
                                                   dropout=config.seed + 1))
   if init_from:
-    interop.load_weights(model, init_from, finetune=True)
+    interop.load_weights(model, init_from, finetune=True,
+                         bias_table_resize=config.train.init_bias_table_resize)
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   model.train()

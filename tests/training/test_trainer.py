@@ -371,6 +371,8 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.weight_decay', -0.1, r'train.weight_decay=-0.1 must be >= 0'),
     ('train.b2', 1.0, r'train.b2=1.0 must be in \[0, 1\)'),
     ('mesh.fsdp_min_size', -1, r'mesh.fsdp_min_size=-1 must be >= 0'),
+    ('train.init_bias_table_resize', 'cubic',
+     r"train.init_bias_table_resize='cubic' must be one of \['bicubic', 'geometric'\]"),
     ('seed', -1, r'seed=-1 must be in \[0, 2\*\*32\)'),
     ('train.num_epochs', float('nan'), r'train.num_epochs=nan must be finite'),
     ('train.warmup_epochs', float('inf'), r'train.warmup_epochs=inf must be finite and >= 0'),
