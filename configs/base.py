@@ -162,8 +162,8 @@ def get_train_config() -> ml_collections.ConfigDict:
   # model.patch_size; a fresh head where the classes differ.
   t.init_from = ''
   # How init_from's bias tables are resized to other windows (interop.BIAS_TABLE_RESIZES):
-  # 'bicubic' (the Swin authors') | 'geometric' (timm >= 0.9's, from BEiT: stretched
-  # offsets, linear), to start from the same weights as a timm fine-tune.
+  # 'bicubic' (the Swin authors') | 'geometric' (timm >= 0.9's, from BEiT: offsets placed
+  # geometrically, linear), to start from the same weights as a timm fine-tune.
   t.init_bias_table_resize = 'bicubic'
   return t
 

@@ -230,17 +230,19 @@ def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 def _geometric_positions(side: int, out_size: int) -> np.ndarray:
   """Where BEiT places a table's `side` offsets among the new table's: spaced
-  by a geometric progression from the centre, so the near offsets keep their
-  spacing and the far ones stretch to reach +-(out_size // 2)."""
+  by a geometric progression from the centre, whose ratio (bisected within
+  [1.01, 1.5]) makes a growing table's far offsets stretch to about
+  +-(out_size // 2). A shrinking one keeps the ratio 1.01, so its far offsets
+  fall outside the new table, which takes the central ones (as timm)."""
   half, target = side // 2, out_size // 2
-  low, high = 1.01, 1.5  # BEiT's bisection for the progression's ratio.
+  low, high = 1.01, 1.5
   while high - low > 1e-6:
     ratio = (low + high) / 2
     if (1 - ratio ** half) / (1 - ratio) > target:
       high = ratio
     else:
       low = ratio
-  steps = np.cumsum([1.0] + [ratio ** (i + 1) for i in range(half - 1)])
+  steps = np.cumsum([ratio ** i for i in range(half)])  # 1, 1 + q, 1 + q + q^2, ...
   return np.concatenate([-steps[::-1], [0.0], steps])
 
 
@@ -317,7 +319,8 @@ def resample_patch_kernel(kernel: np.ndarray, size: tuple[int, int]) -> np.ndarr
   resize = np.kron(_antialiased_bicubic_matrix(kh, size[0]),
                    _antialiased_bicubic_matrix(kw, size[1]))  # (ph * pw, kh * kw)
   flat = kernel.reshape(kh * kw, -1).astype(np.float64)
-  return (np.linalg.pinv(resize).T @ flat).reshape(*size, *kernel.shape[2:]).astype(kernel.dtype)
+  resampled = np.linalg.pinv(resize).T @ flat
+  return resampled.reshape(*size, *kernel.shape[2:]).astype(kernel.dtype)
 
 
 def adapt_for_finetuning(model: nnx.Module, weights: Weights,

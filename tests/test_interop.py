@@ -228,11 +228,12 @@ def test_resize_bias_table_matches_torch_bicubic(window):
 
 
 @pytest.mark.parametrize('side, window', [(7, (12, 12)), (7, (4, 4)), (4, (7, 7)), (7, (8, 6)),
-                                          (12, (7, 7))])
+                                          (12, (7, 7)), (1, (3, 3)), (1, (2, 2)), (7, (7, 14))])
 def test_geometric_bias_table_resize_matches_timm(side, window):
   """timm's resize_rel_pos_bias_table (BEiT's geometric offsets, linear, as
   timm >= 0.9 loads Swin checkpoints) on the same table: growing, shrinking,
-  non-square."""
+  non-square (its unchanged axis is not left as it was, in timm either), and
+  from a one-token window (a 1x1 last stage's table)."""
   from timm.layers.pos_embed_rel import resize_rel_pos_bias_table
   table = np.random.default_rng(0).normal(size=((2 * side - 1) ** 2, 3)).astype(np.float32)
   shape = ((2 * window[0] - 1) * (2 * window[1] - 1), 3)

@@ -122,7 +122,7 @@ def test_cli_profiles_a_real_step_and_keeps_it_when_timms_profile_fails(tmp_path
        '--batch=8', '--steps=1', '--timm', f'--output={output}', f'--trace_out={trace}'],
       env={**os.environ, 'HIERARCHICAL_VIT_TCMALLOC': '0',
            'PYTHONPATH': os.pathsep.join([str(tmp_path), REPO])},
-      cwd=REPO, capture_output=True, text=True, check=False)
+      cwd=REPO, capture_output=True, text=True, check=False, timeout=300)
   assert result.returncode != 0 and 'this timm is broken' in result.stderr
   assert 'GFLOP/s' in result.stdout  # The printed tables.
   written = json.loads(output.read_text())

@@ -330,7 +330,8 @@ def evaluate(eval_step: Callable, params: nnx.State | dict, rest: nnx.State,
     sums = eval_step(params, parallel.shard_batch(batch, sharding), rest)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
-    raise ValueError('the eval split has no examples: pick another --split or data.eval_split')
+    raise ValueError('no eval batches: the split (data.eval_split, or eval.py --split) has no '
+                     'examples')
   return tasks.get_task(task).summarize(jax.device_get(totals))
 
 
@@ -413,17 +414,20 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int |
       workdir, config.train.keep_checkpoints, read_only=True,
       best_metric=tasks.get_task(config.task).best_metric)
   if step == 'best':
-    step = manager.best_step()
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints was saved with eval '
-                              'metrics to pick the best by.')
-  elif not isinstance(step, int):
+    found = manager.best_step()
+  elif isinstance(step, int):
+    found = manager.latest_step() if step == -1 else step
+  else:
     raise ValueError(f"step={step!r} is not valid: a saved step, -1 (the latest) or 'best'.")
-  step = manager.latest_step() if step == -1 else step
-  # Every process restores the step process 0 found (-2: none).
-  step = parallel.process_zero_value(-2 if step is None else step)
-  if step == -2:
-    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints.')
+  # Every process restores the step process 0 found (-2: none), and each
+  # checks it against a fresh listing: another's may have been newer.
+  found = parallel.process_zero_value(-2 if found is None else found)
+  if found == -2:
+    raise FileNotFoundError(f'No checkpoint in {workdir}/checkpoints' + (
+        ' was saved with eval metrics to pick the best by.' if step == 'best' else '.'))
+  step = found
+  if step not in manager.all_steps():
+    manager.reload()
   if step not in manager.all_steps():
     raise ValueError(f'step={step} has no checkpoint in {workdir}/checkpoints; saved steps: '
                      f"{sorted(manager.all_steps())} (-1 = the latest, 'best' = the best).")

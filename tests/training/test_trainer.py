@@ -184,6 +184,32 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
   assert trainer.restore_trained(bf16, workdir).step == 6
 
 
+def test_a_step_missing_from_a_stale_checkpoint_listing_is_looked_up_again(trained, monkeypatch):
+  """On several processes each lists the checkpoints itself, and one may have
+  listed before process 0's step was saved: it reads the listing again rather
+  than refusing a step the others restore (and leaving them waiting)."""
+  config, workdir, _ = trained
+  create = checkpointing.create_checkpoint_manager
+
+  class ListedBeforeStep6:
+    def __init__(self, manager):
+      self.manager, self.reloaded = manager, False
+
+    def __getattr__(self, name):
+      return getattr(self.manager, name)
+
+    def all_steps(self):
+      return self.manager.all_steps() if self.reloaded else [3]
+
+    def reload(self):
+      self.reloaded = True
+      self.manager.reload()
+
+  monkeypatch.setattr(checkpointing, 'create_checkpoint_manager',
+                      lambda *args, **kwargs: ListedBeforeStep6(create(*args, **kwargs)))
+  assert trainer.restore_trained(config, workdir, step=6).step == 6
+
+
 def test_a_run_exports_to_timm_as_the_weights_eval_uses(trained, tmp_path):
   """convert --workdir: timm loads the export strictly and computes our model's
   logits (with timm's exact GELU on both sides; the run trained with tanh)."""
@@ -678,5 +704,5 @@ def test_a_missing_init_from_fails_before_the_workdir_is_written(data_dir, tmp_p
 
 
 def test_evaluating_an_empty_split_is_refused_by_name():
-  with pytest.raises(ValueError, match='the eval split has no examples'):
+  with pytest.raises(ValueError, match=r'the split \(data.eval_split, or eval.py --split\) has no'):
     trainer.evaluate(lambda *args: None, {}, {}, iter([]), sharding=None)
