@@ -328,9 +328,10 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights,
   """Fits pretrained weights to model where fine-tuning changes shapes.
 
   Relative position bias tables are resized to the model's windows (window
-  size or resolution changed) by BIAS_TABLE_RESIZES[bias_table_resize]; a patch stem for another number of input
-  channels is adapted (adapt_input_channels), one for another patch size
-  resampled (resample_patch_kernel); the parts fine-tuning trains from scratch
+  size or resolution changed) by BIAS_TABLE_RESIZES[bias_table_resize]; a stem
+  for another number of input channels is adapted (adapt_input_channels), a
+  patch stem for another patch size resampled (resample_patch_kernel); the
+  parts fine-tuning trains from scratch
   keep the model's fresh initialization where the checkpoint has none or one
   of another shape: a classifier's head, a UNet's decoder and per-pixel head
   (a UNet takes a classifier's encoder, as Swin-Unet starts from ImageNet
@@ -348,14 +349,17 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights,
     if table.shape != target and table.shape[1] == target[1]:
       weights[key] = resize_bias_table(table, module.window, bias_table_resize)
       logging.info('Resized %s from %s to %s.', key, table.shape, target)
-  stem = 'encoder.stem.proj.kernel'
-  if stem in weights and stem in own and weights[stem].shape[3] == own[stem].shape[3]:
+  # The first kernel of each stem in layers/embedding.STEMS: the patch stem's
+  # (its size is the patch size) and the conv stem's first 3x3 conv.
+  for stem in ('encoder.stem.proj.kernel', 'encoder.stem.convs.0.kernel'):
+    if stem not in weights or stem not in own or weights[stem].shape[3] != own[stem].shape[3]:
+      continue
     kernel, target = weights[stem], own[stem].shape
     if kernel.shape[2] != target[2]:
       kernel = adapt_input_channels(kernel, target[2])
       logging.info('Adapted %s from %d to %d input channels.', stem, weights[stem].shape[2],
                    target[2])
-    if kernel.shape[:2] != target[:2]:
+    if kernel.shape[:2] != target[:2] and stem == 'encoder.stem.proj.kernel':
       logging.info('Resampled %s from %s to %s patches.', stem, kernel.shape[:2], target[:2])
       kernel = resample_patch_kernel(kernel, target[:2])
     weights[stem] = kernel

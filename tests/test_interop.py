@@ -408,6 +408,23 @@ def test_finetuning_to_another_patch_size_and_channel_count_resamples_the_stem(t
     np.testing.assert_array_equal(loaded[key], converted[key], err_msg=key)
 
 
+def test_a_conv_stem_fine_tunes_from_gray_to_rgb(tmp_path):
+  """model.stem='conv': its first conv takes the channel adaptation (RGB
+  repeats the gray filters, scaled by 1/3), the rest loads as saved."""
+  gray = trainer.init_model(_finetune_config(stem='conv', in_chans=1, num_classes=10))
+  model = nnx.merge(gray[0], gray[2], gray[3])
+  path = str(tmp_path / 'gray_conv_stem.npz')
+  interop.save_weights(model, path)
+  saved = flat(gray[2])
+  loaded = flat(trainer.init_model(_finetune_config(stem='conv', in_chans=3, num_classes=10),
+                                   init_from=path)[2])
+  first = 'encoder.stem.convs.0.kernel'
+  np.testing.assert_allclose(loaded[first], np.tile(saved[first], (1, 1, 3, 1)) / 3, rtol=1e-6)
+  for key in saved:
+    if key != first:
+      np.testing.assert_array_equal(loaded[key], saved[key], err_msg=key)
+
+
 def test_a_unet_fine_tunes_from_a_classifiers_encoder(tmp_path):
   """As Swin-Unet starts from ImageNet Swin: the encoder from the checkpoint,
   the decoder and per-pixel head fresh, the classifier's norm and head unused."""
