@@ -52,6 +52,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
+from flax import nnx
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -196,13 +197,18 @@ def downsampler_errors(train: Array, test: Array) -> dict[str, float]:
   }
 
 
+def stage0_features(encoder: nnx.Module) -> Callable[[Array], jax.Array]:
+  """Jitted images (N, H, W, C) -> stage 0's output, the first downsampler's input."""
+  return jax.jit(lambda x: encoder.stages[0](encoder.stem(x)))
+
+
 def trained_errors(run_dir: str, train: Array, test: Array) -> dict[str, float]:
   """The measure on a trained model's stage-0 features (the first downsampler's
   real input) instead of pixels: every parameter-free downsampler, plus
   'trained' = the run's own first downsampler module with its learned weights."""
   model = trainer.restore_trained(trainer.load_config(run_dir), run_dir).model()
   encoder = model.encoder
-  features = jax.jit(lambda x: encoder.stages[0](encoder.stem(x)))
+  features = stage0_features(encoder)
   down = jax.jit(lambda x: encoder.downsamplers[0](x))
   f_train, f_test = np.asarray(features(train)), np.asarray(features(test))
   errors = downsampler_errors(f_train, f_test)

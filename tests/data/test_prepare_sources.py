@@ -19,19 +19,25 @@ def _rows(images: np.ndarray, labels: np.ndarray) -> list[bytes]:
                 for image, label in zip(images, labels))
 
 
-@pytest.mark.parametrize('split,prefix,count', [('train', 'train', 60000),
-                                                ('test', 't10k', 10000)])
-def test_prepared_fashion_mnist_equals_idx(fashion_mnist_dir, split, prefix,
-                                           count):
+@pytest.mark.parametrize('split,prefix,count,stride', [('train', 'train', 60000, 10),
+                                                       ('test', 't10k', 10000, 1)])
+def test_prepared_fashion_mnist_equals_idx(fashion_mnist_dir, split, prefix, count, stride):
+  """The test split record for record; of the train split (the same code, 6x
+  the PNGs to decode: ~20 s), the count and every 10th record."""
   source = tfds.data_source('fashion_mnist', split=split,
                             data_dir=fashion_mnist_dir, download=False)
-  records = source.__getitems__(range(len(source)))
+  assert len(source) == count
+  records = source.__getitems__(range(0, count, stride))
   images = np.stack([r['image'] for r in records])
   labels = np.array([r['label'] for r in records])
-  assert images.shape == (count, 28, 28, 1) and images.dtype == np.uint8
+  assert images.shape == (count // stride, 28, 28, 1) and images.dtype == np.uint8
   idx_images = prepare.read_idx(f'{FASHION_MNIST_SOURCE}/{prefix}-images-idx3-ubyte.gz')
   idx_labels = prepare.read_idx(f'{FASHION_MNIST_SOURCE}/{prefix}-labels-idx1-ubyte.gz')
-  assert _rows(images[..., 0], labels) == _rows(idx_images, idx_labels)
+  expected = _rows(idx_images, idx_labels)
+  if stride == 1:
+    assert _rows(images[..., 0], labels) == expected
+  else:
+    assert set(_rows(images[..., 0], labels)) <= set(expected)
 
 
 def test_prepared_layout_matches_upstream(fashion_mnist_dir):
