@@ -52,9 +52,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import ml_collections
-from flax import nnx
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from hierarchical_vit import cli, data, files, resampling, shift_consistency

@@ -331,12 +331,11 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights,
   size or resolution changed) by BIAS_TABLE_RESIZES[bias_table_resize]; a stem
   for another number of input channels is adapted (adapt_input_channels), a
   patch stem for another patch size resampled (resample_patch_kernel); the
-  parts fine-tuning trains from scratch
-  keep the model's fresh initialization where the checkpoint has none or one
-  of another shape: a classifier's head, a UNet's decoder and per-pixel head
-  (a UNet takes a classifier's encoder, as Swin-Unet starts from ImageNet
-  Swin; the classifier's final norm is dropped). Anything else that does not
-  fit is left for `assign` to report.
+  parts fine-tuning trains from scratch keep the model's fresh initialization
+  where the checkpoint has none or one of another shape: a classifier's head,
+  a UNet's decoder and per-pixel head (a UNet takes a classifier's encoder, as
+  Swin-Unet starts from ImageNet Swin; the classifier's final norm is
+  dropped). Anything else that does not fit is left for `assign` to report.
   """
   weights = dict(weights)
   own = get_weights(model)
