@@ -168,8 +168,10 @@ def op_times(trace_events: list[dict[str, Any]], steps: int) -> dict[str, float]
 
 
 # XLA ops that are whole attention cores: our Pallas kernel (its dots are
-# inside the custom call, so hlo_dots cannot count them) and fused attention.
-_XLA_ATTENTION = re.compile(r'pallas_call|fmha|flash', re.IGNORECASE)
+# inside the custom call, so hlo_dots cannot count them) and fused attention
+# (cuDNN's, as `model.attention='cudnn'` runs it, is dot_product_attention_fwd/bwd
+# in an H100 trace of 2026-11-27).
+_XLA_ATTENTION = re.compile(r'pallas_call|dot_product_attention|fmha|flash', re.IGNORECASE)
 
 
 def summarize(times: dict[str, float], dots: dict[str, tuple[float, str]]) -> dict[str, Any]:

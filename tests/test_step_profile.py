@@ -40,17 +40,19 @@ def test_op_times_averages_ops_per_step_and_skips_bookkeeping():
 def test_summarize_groups_matmuls_by_shape_and_the_rest_by_kind():
   times = {'ynn_fusion.1': 0.010, 'ynn_fusion.2': 0.030, 'transpose_copy_fusion.7': 0.002,
            'transpose_copy_fusion.9': 0.003, 'wrapped_reduce': 0.001,
-           # The pallas core's kernels (forward, backward), as the H100 trace names them.
-           'pallas_call': 0.004, 'pallas_call.1': 0.0005}
+           # The pallas core's kernels (forward, backward) and cuDNN's, as H100 traces
+           # name them.
+           'pallas_call': 0.004, 'pallas_call.1': 0.0005,
+           'dot_product_attention_fwd': 0.002, 'dot_product_attention_bwd.3': 0.001}
   dots = {'ynn_fusion.1': (1e9, 'A'), 'ynn_fusion.2': (3e9, 'A')}
   summary = step_profile.summarize(times, dots)
   assert summary['matmuls'] == [{'shapes': 'A', 's': pytest.approx(0.04), 'gflop': 4.0,
                                  'count': 2, 'gflop_s': pytest.approx(100.0)}]
   assert summary['others'][0] == {'kind': 'transpose_copy_fusion', 's': pytest.approx(0.005)}
-  assert summary['attention_s'] == pytest.approx(0.0045)
+  assert summary['attention_s'] == pytest.approx(0.0075)
   assert summary['other_s'] == pytest.approx(0.006)  # Without the attention kernels.
   assert summary['matmul_gflop_s'] == pytest.approx(100.0)
-  assert 'fused attention 4.5 ms + other 6 ms' in step_profile.format_summary(
+  assert 'fused attention 7.5 ms + other 6 ms' in step_profile.format_summary(
       {'config': 'c', 'mode': 'train', 'batch': 1, 'step_s': 0.05, **summary}, rows=3)
 
 
