@@ -291,7 +291,7 @@ class SubprocessTrainer:
 
 def model_cost(model_config: ml_collections.ConfigDict) -> dict[str, float]:
   """Parameters and forward GFLOPs per image (hierarchical_vit.report)."""
-  model = build_model(model_config, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
   cost = report.model_report(model, input_shape(model_config))
   return {'params': cost['params'], 'gflops': cost['gflops_per_image']}
 

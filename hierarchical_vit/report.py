@@ -130,7 +130,7 @@ def model_report(model: nnx.Module, input_shape: tuple[int, ...]) -> dict:
 def main(argv):
   del argv
   m = flags.FLAGS.config.model
-  model = build_model(m, rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
   report = model_report(model, input_shape(m, flags.FLAGS.batch))
   print(f'params: {report["params"]:,}')
   for name, n in report['params_by_module'].items():

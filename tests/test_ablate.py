@@ -594,8 +594,9 @@ def test_child_env_adds_a_compilation_cache_unless_set():
       'JAX_COMPILATION_CACHE_DIR': '/mine'}
 
 
-def test_real_run_through_train_py(tmp_path, data_dir):
+def test_real_run_through_train_py(tmp_path, data_dir, monkeypatch):
   """Wiring: config file -> train.py child process -> result -> aggregates."""
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')  # The test suite's own (conftest.py).
   config_path = tmp_path / 'tiny_sweep.py'
   config_path.write_text(TINY_SWEEP.format(repo=REPO, data_dir=data_dir))
   namespace = {}
