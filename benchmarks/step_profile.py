@@ -211,7 +211,7 @@ def profile(name: str, mode: str, gelu: str, batch: int, steps: int, dtype: str 
   """
   config = throughput.model_config(throughput.CONFIGS[name], gelu_approximate=gelu == 'tanh',
                                    dtype=dtype, attention=attention)
-  ours = throughput.Ours(config, batch)
+  ours = throughput.Ours(config, batch, modes=(mode,))
   run = ours.train if mode == 'train' else ours.eval
   compiled = ours.train_step if mode == 'train' else ours.eval_step
   run(2)  # Warm-up.
