@@ -230,15 +230,17 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       **task_report.fields(results, confusion, info.class_names),
       'confusion_matrix': confusion.astype(int).tolist(),
   }
+  # Overlays first: they run programs on every process, which must not wait
+  # on a process 0 that failed writing the report.
+  if task_report.overlays and num_overlays > 0:
+    write_overlays(config, trained, split, info.class_names,
+                   os.path.join(workdir, f'overlay_{split}_{step}'), num_overlays)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, f'eval_{split}_{step}.json'), report, indent=2)
     plot_confusion(confusion, info.class_names,
                    f'{info.name} {split} @ step {step}: '
                    f'{task_report.short(report)}',
                    os.path.join(workdir, f'confusion_{split}_{step}.png'))
-  if task_report.overlays and num_overlays > 0:
-    write_overlays(config, trained, split, info.class_names,
-                   os.path.join(workdir, f'overlay_{split}_{step}'), num_overlays)
   return report
 
 

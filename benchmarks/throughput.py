@@ -132,6 +132,8 @@ class Ours:
 
   def __init__(self, config: ml_collections.ConfigDict, batch: int,
                modes: tuple[str, ...] = ('train', 'eval')):
+    if not modes or set(modes) - {'train', 'eval'}:
+      raise ValueError(f"modes={modes!r} must be a non-empty subset of ('train', 'eval')")
     graphdef, eval_graphdef, params, self.rest = trainer.init_model(config)
     steps = 1000
     schedule = optimizer_lib.create_learning_rate_schedule(config.train, steps, steps)

@@ -158,8 +158,9 @@ def get_train_config() -> ml_collections.ConfigDict:
   # Pretrained weights that start the run (not a resumed one; see hierarchical_vit.interop):
   # '' = none; None (a placeholder) = required, for configs that fine-tune. Shapes that
   # fine-tuning changes are adapted (interop.adapt_for_finetuning): bias tables resized
-  # to the windows, the patch stem to model.in_chans and, as FlexiViT and timm do, to
-  # model.patch_size; a fresh head where the classes differ.
+  # to the windows, the stem's first kernel (patch or conv stem) to model.in_chans, the
+  # patch stem, as FlexiViT and timm do, to model.patch_size; a fresh head where the
+  # classes differ.
   t.init_from = ''
   # How init_from's bias tables are resized to other windows (interop.BIAS_TABLE_RESIZES):
   # 'bicubic' (the Swin authors') | 'geometric' (timm >= 0.9's, from BEiT: offsets placed

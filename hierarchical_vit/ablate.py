@@ -59,12 +59,12 @@ from typing import Any
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx, traverse_util
+from flax import traverse_util
 from ml_collections import config_flags
 
 from hierarchical_vit import cli, data, files, report
 from hierarchical_vit.analysis import aggregate
-from hierarchical_vit.models import build_model, input_shape
+from hierarchical_vit.models import abstract_model, input_shape
 from hierarchical_vit.training import config_history, tasks, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,7 +291,7 @@ class SubprocessTrainer:
 
 def model_cost(model_config: ml_collections.ConfigDict) -> dict[str, float]:
   """Parameters and forward GFLOPs per image (hierarchical_vit.report)."""
-  model = nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
+  model = abstract_model(model_config)
   cost = report.model_report(model, input_shape(model_config))
   return {'params': cost['params'], 'gflops': cost['gflops_per_image']}
 

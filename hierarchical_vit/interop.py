@@ -198,7 +198,7 @@ def assign(model: nnx.Module, weights: Weights) -> None:
 
 
 # ----------------------------------------------------------------------------
-# Fine-tuning: new window size, new head.
+# Fine-tuning: new windows, patch size, input channels; a new head.
 # ----------------------------------------------------------------------------
 
 
@@ -266,6 +266,12 @@ BIAS_TABLE_RESIZES: dict[str, Callable[[int, int], np.ndarray]] = {
 }
 
 
+def _check_bias_table_resize(method: str) -> None:
+  if method not in BIAS_TABLE_RESIZES:
+    raise ValueError(f'train.init_bias_table_resize={method!r} is not one of '
+                     f'{sorted(BIAS_TABLE_RESIZES)}')
+
+
 def resize_bias_table(table: np.ndarray, window: tuple[int, int],
                       method: str = 'bicubic') -> np.ndarray:
   """Resizes a square-window table (L, heads) to `window` by one of
@@ -273,9 +279,7 @@ def resize_bias_table(table: np.ndarray, window: tuple[int, int],
 
   table: ((2s - 1)^2, heads) -> ((2wh - 1) * (2ww - 1), heads).
   """
-  if method not in BIAS_TABLE_RESIZES:
-    raise ValueError(f'train.init_bias_table_resize={method!r} is not one of '
-                     f'{sorted(BIAS_TABLE_RESIZES)}')
+  _check_bias_table_resize(method)
   side = math.isqrt(table.shape[0])
   if side * side != table.shape[0]:
     raise ValueError(f'relative position bias table of shape {table.shape} is not from a '
@@ -337,6 +341,7 @@ def adapt_for_finetuning(model: nnx.Module, weights: Weights,
   Swin-Unet starts from ImageNet Swin; the classifier's final norm is
   dropped). Anything else that does not fit is left for `assign` to report.
   """
+  _check_bias_table_resize(bias_table_resize)  # Even where no table needs it.
   weights = dict(weights)
   own = get_weights(model)
   for path, module in nnx.iter_graph(model):

@@ -320,3 +320,9 @@ def build_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> n
                      f'valid choices: {sorted(MODELS)}')
   _check_positive_int(model_config.num_classes, 'model.num_classes')
   return MODELS[model_config.name](model_config, rngs, resolve_dtype(model_config.dtype))
+
+
+def abstract_model(model_config: ml_collections.ConfigDict) -> nnx.Module:
+  """The model with shapes for values (nnx.eval_shape): checks the config and
+  counts parameters and FLOPs without initializing anything."""
+  return nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))

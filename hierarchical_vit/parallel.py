@@ -143,6 +143,14 @@ def process_zero_value(value: int) -> int:
   return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
 
 
+def on_all_processes(flag: bool) -> bool:
+  """Whether `flag` holds on every process (each passes its own), so that
+  all take the same branch before a collective."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).all())
+
+
 def create_mesh(mesh_config: ml_collections.ConfigDict,
                 devices: list[jax.Device] | None = None) -> Mesh:
   """Builds the mesh from config.mesh over `devices` (default: all of them);

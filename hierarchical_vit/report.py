@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from hierarchical_vit import cli
 from hierarchical_vit.layers.attention import WindowAttention, einsum_attention
-from hierarchical_vit.models import build_model, input_shape
+from hierarchical_vit.models import abstract_model, input_shape
 
 
 def count_params(model: nnx.Module) -> int:
@@ -130,7 +130,7 @@ def model_report(model: nnx.Module, input_shape: tuple[int, ...]) -> dict:
 def main(argv):
   del argv
   m = flags.FLAGS.config.model
-  model = nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
+  model = abstract_model(m)
   report = model_report(model, input_shape(m, flags.FLAGS.batch))
   print(f'params: {report["params"]:,}')
   for name, n in report['params_by_module'].items():

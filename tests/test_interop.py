@@ -23,7 +23,7 @@ safetensors_torch = import_optional('safetensors.torch')
 
 from configs import base  # noqa: E402
 from hierarchical_vit import convert, interop  # noqa: E402
-from hierarchical_vit.models import build_model  # noqa: E402
+from hierarchical_vit.models import abstract_model, build_model  # noqa: E402
 from hierarchical_vit.resampling import DOWNSAMPLERS  # noqa: E402
 from hierarchical_vit.training import trainer  # noqa: E402
 
@@ -386,6 +386,9 @@ def test_finetuning_from_rgb_to_gray_and_from_a_headless_checkpoint(tmp_path):
   for key in converted:
     if key != stem:
       np.testing.assert_array_equal(loaded[key], converted[key], err_msg=key)
+  # A misspelt resize is refused even where no bias table needs resizing.
+  with pytest.raises(ValueError, match=r"init_bias_table_resize='cubic' is not one of"):
+    interop.adapt_for_finetuning(abstract_model(config.model), converted, 'cubic')
 
 
 def test_finetuning_to_another_patch_size_and_channel_count_resamples_the_stem(tmp_path):

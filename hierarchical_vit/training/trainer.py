@@ -36,7 +36,7 @@ from hierarchical_vit import data
 from hierarchical_vit import files
 from hierarchical_vit import interop
 from hierarchical_vit import parallel
-from hierarchical_vit.models import build_model, input_shape
+from hierarchical_vit.models import abstract_model, build_model, input_shape
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import config_history
 from hierarchical_vit.training import metrics as metrics_lib
@@ -113,7 +113,7 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
   # The model checks its own fields (depths, heads, windows) as it is built:
   # built abstractly here, a bad one fails before a workdir is written.
-  nnx.eval_shape(lambda: build_model(m, rngs=nnx.Rngs(0)))
+  abstract_model(m)
 
 
 # field: (the rule, as the error states it; whether a value keeps it). Outside
@@ -415,7 +415,7 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int |
       best_metric=tasks.get_task(config.task).best_metric)
   if step == 'best':
     found = manager.best_step()
-  elif isinstance(step, int):
+  elif isinstance(step, int) and step >= -1:
     found = manager.latest_step() if step == -1 else step
   else:
     raise ValueError(f"step={step!r} is not valid: a saved step, -1 (the latest) or 'best'.")
@@ -428,7 +428,9 @@ def restore_trained(config: ml_collections.ConfigDict, workdir: str, step: int |
   step = found
   if step not in manager.all_steps():
     manager.reload()
-  if step not in manager.all_steps():
+  # All refuse together: one process raising alone leaves the others waiting
+  # in the restore's collectives.
+  if not parallel.on_all_processes(step in manager.all_steps()):
     raise ValueError(f'step={step} has no checkpoint in {workdir}/checkpoints; saved steps: '
                      f"{sorted(manager.all_steps())} (-1 = the latest, 'best' = the best).")
   _, eval_graphdef, params, rest = init_model(config)

@@ -166,8 +166,9 @@ def test_a_run_saved_before_config_changes_still_loads(trained, tmp_path):
     trainer.restore_trained(config, workdir, step='last')
   with pytest.raises(ValueError, match=r'step=4 has no checkpoint in .*; saved steps: \[3, 6\]'):
     trainer.restore_trained(config, workdir, step=4)
-  with pytest.raises(ValueError, match=r'step=-7 has no checkpoint'):
-    trainer.restore_trained(config, workdir, step=-7)  # Only -1 means the latest.
+  for step in (-7, -2):  # Only -1 means the latest; -2 is not 'none found' either.
+    with pytest.raises(ValueError, match=rf"step={step} is not valid: a saved step, -1"):
+      trainer.restore_trained(config, workdir, step=step)
   no_ema = config.copy_and_resolve_references()
   no_ema.train.ema_decay = 0.999  # This run kept no EMA weights.
   with pytest.raises(ValueError, match=r'holds a run of another model or weights '
