@@ -1,5 +1,8 @@
 r"""Trains a hierarchical ViT; re-running with the same workdir resumes.
 
+On SIGTERM it saves a checkpoint and exits with status 75 (EX_TEMPFAIL):
+unfinished, to be resumed.
+
 A resume must use the config the run started with (the workdir's config.json):
 only where the data is read from and how the run is executed (data_dir, mesh,
 sweep, logging and checkpoint intervals, keep_checkpoints, eval_batch_size,
@@ -24,6 +27,8 @@ if __name__ == '__main__':
   # and jax, tfds, orbax and tensorboardX (torch, where installed) take ~4 s.
   tcmalloc.reexec_with_tcmalloc()
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -44,6 +49,8 @@ def main(argv):
   del argv
   _INITIALIZE_DISTRIBUTED()
   results = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if results['preempted']:
+    sys.exit(trainer.EXIT_PREEMPTED)
   logging.info('Final metrics: %s', results)
 
 

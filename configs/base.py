@@ -76,7 +76,8 @@ def get_model_config() -> ml_collections.ConfigDict:
   })
   # Upsampler between decoder stages (UNet only): a name in
   # hierarchical_vit.resampling.UPSAMPLERS: patch_expand | interpolate |
-  # transposed_conv | pixel_shuffle. Width halves per stage.
+  # transposed_conv | pixel_shuffle. Each returns to the encoder's width at
+  # its level: halves after the 2x-widening downsamplers, quarters after space_to_depth.
   m.upsample = 'patch_expand'
   # Options per upsampler name, as for downsample_options; never 'factor',
   # which the decoder sets (2 between levels, patch_size for the last).

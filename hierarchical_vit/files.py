@@ -45,11 +45,14 @@ def write_text(path: str, text: str) -> None:
 
 
 def save_figure(figure: Any, path: str, **savefig_kwargs: Any) -> None:
-  """figure.savefig(path) through a temporary file beside it and an atomic rename."""
-  root, suffix = os.path.splitext(path)
-  tmp = f'{root}.{os.getpid()}.tmp{suffix}'  # The suffix tells matplotlib the format.
+  """figure.savefig(path) as write_text writes: a temporary file beside it,
+  flushed to disk, and an atomic rename. The format is path's suffix."""
+  tmp = f'{path}.{os.getpid()}.tmp'
   with _replacing(path, tmp):
-    figure.savefig(tmp, **savefig_kwargs)
+    with open(tmp, 'wb') as f:
+      figure.savefig(f, format=os.path.splitext(path)[1][1:], **savefig_kwargs)
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def write_json(path: str, value: Any, indent: int = 1) -> None:

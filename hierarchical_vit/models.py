@@ -7,7 +7,6 @@ be built and tested alone.
 
 import functools
 import math
-import numbers
 from typing import Sequence
 
 import jax
@@ -20,7 +19,8 @@ from jax.typing import DTypeLike
 from hierarchical_vit import resampling
 from hierarchical_vit.layers import STEMS, SwinStage, dense, layer_norm, on_tokens
 from hierarchical_vit.layers import attention_kernel
-from hierarchical_vit.layers.common import norm_dense, resolve_dtype
+from hierarchical_vit.layers.attention import FUSED_CORES
+from hierarchical_vit.layers.common import is_int, norm_dense, resolve_dtype
 from hierarchical_vit.layers.windows import stage_window
 
 Resolution = tuple[int, int]
@@ -192,9 +192,16 @@ class UNet(nnx.Module):
     return on_tokens(head, y).astype(jnp.float32)
 
 
-def _options(options: ml_collections.ConfigDict | dict, name: str) -> dict:
-  """The selected resampler's options from a per-name options dict."""
-  selected = dict(options or {}).get(name, {})
+def _options(kind: str, options: ml_collections.ConfigDict | dict, name: str) -> dict:
+  """The selected resampler's options from config.model.<kind>_options, which
+  may hold options for other registered names too (an ablation switches
+  between them); a name no registry holds is a typo, refused."""
+  options = dict(options or {})
+  registered = resampling.registry(kind)
+  unknown = sorted(set(options) - set(registered))
+  _check(not unknown, f'model.{kind}_options has options for {unknown}, not registered '
+         f'{kind}rs; valid choices: {sorted(registered)}')
+  selected = options.get(name, {})
   return selected.to_dict() if isinstance(selected, ml_collections.ConfigDict) else dict(selected)
 
 
@@ -208,8 +215,8 @@ def _check(condition: bool, message: str) -> None:
     raise ValueError(message)
 
 
-def _check_positive_int(value, field: str) -> None:
-  _check(isinstance(value, numbers.Integral) and value >= 1,
+def _check_positive_int(value: object, field: str) -> None:
+  _check(is_int(value) and value >= 1,
          f'{field}={value!r} must be a positive int')
 
 
@@ -217,7 +224,7 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   """Validates config.model's encoder fields and returns Encoder's arguments."""
   depths, heads = tuple(cfg.depths), tuple(cfg.num_heads)
   n = len(depths)
-  _check(n >= 1 and all(isinstance(d, numbers.Integral) and d >= 1 for d in depths),
+  _check(n >= 1 and all(is_int(d) and d >= 1 for d in depths),
          f'model.depths={depths} must be a non-empty tuple of positive ints')
   _check(len(heads) == n, f'model.num_heads={heads} has {len(heads)} entries but '
          f'model.depths={depths} has {n}')
@@ -229,7 +236,7 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   img_size = _pair(cfg.img_size)
   _check(min(img_size) >= 1, f'model.img_size={cfg.img_size} must be positive')
   global_attention = tuple(cfg.global_attention)
-  _check(all(isinstance(i, numbers.Integral) and 0 <= i < n for i in global_attention),
+  _check(all(is_int(i) and 0 <= i < n for i in global_attention),
          f'model.global_attention={global_attention} must name stages by int in 0..{n - 1}')
   for field in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
     _check(0.0 <= cfg[field] < 1.0, f'model.{field}={cfg[field]} must be in [0, 1)')
@@ -239,8 +246,8 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   _check(hidden >= 1, f'model.mlp_ratio={cfg.mlp_ratio} gives stage 0 an MLP hidden width of '
          f'int({cfg.embed_dim} * {cfg.mlp_ratio}) = {hidden}; it must be >= 1')
   _check_attention(cfg, stage_resolutions(img_size, cfg.patch_size, n), global_attention)
-  downsample_options = _options(cfg.downsample_options, cfg.downsample)
-  # Checked even if no stage downsamples.
+  downsample_options = _options('downsample', cfg.downsample_options, cfg.downsample)
+  # Also for one stage, which never downsamples: the typo would resurface with more stages.
   resampling.check_options('downsample', cfg.downsample, downsample_options)
   return dict(
       img_size=img_size, in_chans=cfg.in_chans, stem=cfg.stem, patch_size=cfg.patch_size,
@@ -252,24 +259,21 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
       gelu_approximate=cfg.gelu_approximate, attention=cfg.attention, remat=cfg.remat)
 
 
-# Cores that call a fused NVIDIA kernel: no attention dropout, no CPU or TPU lowering.
-_GPU_ATTENTION_CORES = ('cudnn', 'pallas')
-
-
 def _check_attention(cfg: ml_collections.ConfigDict, resolutions: Sequence[Resolution],
                      global_attention: Sequence[int]) -> None:
-  """A GPU attention core can run this config here (WindowAttention checks the name)."""
-  if cfg.attention not in _GPU_ATTENTION_CORES:
-    return
-  field = f'model.attention={cfg.attention!r}'
+  """A fused attention core can run this config (WindowAttention checks the
+  name, dropout and head width; build_model the backend)."""
   if cfg.attention == 'pallas':
     _check_pallas_windows(cfg.window_size, resolutions, global_attention)
   if cfg.attention == 'cudnn':
-    _check(cfg.dtype == 'bfloat16', f"{field} needs model.dtype='bfloat16', got {cfg.dtype!r}")
-  _check(cfg.attn_drop_rate == 0.0,
-         f'{field} has no attention dropout: model.attn_drop_rate={cfg.attn_drop_rate} must be 0')
-  _check(jax.default_backend() == 'gpu',
-         f"{field} needs an NVIDIA GPU; this backend is {jax.default_backend()!r}: use 'einsum'")
+    _check(cfg.dtype == 'bfloat16',
+           f"model.attention='cudnn' needs model.dtype='bfloat16', got {cfg.dtype!r}")
+
+
+def _check_backend(cfg: ml_collections.ConfigDict) -> None:
+  _check(cfg.attention not in FUSED_CORES or jax.default_backend() == 'gpu',
+         f'model.attention={cfg.attention!r} needs an NVIDIA GPU; this backend is '
+         f"{jax.default_backend()!r}: use 'einsum'")
 
 
 def _check_pallas_windows(window_size: int, resolutions: Sequence[Resolution],
@@ -278,30 +282,30 @@ def _check_pallas_windows(window_size: int, resolutions: Sequence[Resolution],
   first traced step, after the workdir is written."""
   limit = attention_kernel.MAX_TOKENS
   for i, res in enumerate(resolutions):
-    if i in global_attention:
-      window, fix = res, f'drop {i} from model.global_attention'
-    else:
-      window, fix = stage_window(res, window_size, 0)[0], 'use a smaller model.window_size'
+    window = stage_window(res, window_size, 0, i in global_attention)[0]
+    fix = (f'drop {i} from model.global_attention' if i in global_attention
+           else 'use a smaller model.window_size')
     _check(window[0] * window[1] <= limit,
            f"model.attention='pallas' takes windows of up to {limit} tokens, but stage {i}'s "
            f'{window[0]}x{window[1]} window has {window[0] * window[1]}: {fix}, or use '
            "model.attention='einsum'")
 
 
-def _build_classifier(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> Classifier:
+def _build_classifier(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs,
+                      dtype: DTypeLike | None) -> Classifier:
   return Classifier(num_classes=cfg.num_classes, rngs=rngs, dtype=dtype, **encoder_kwargs(cfg))
 
 
-def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> UNet:
+def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype: DTypeLike | None) -> UNet:
   kwargs = encoder_kwargs(cfg)
   levels = len(kwargs['depths']) - 1
   decoder_depths = tuple(cfg.decoder_depths) or tuple(reversed(kwargs['depths'][:-1]))
   _check(levels >= 1, f'model.depths={kwargs["depths"]}: a UNet needs at least 2 stages')
   _check(len(decoder_depths) == levels
-         and all(isinstance(d, numbers.Integral) and d >= 1 for d in decoder_depths),
+         and all(is_int(d) and d >= 1 for d in decoder_depths),
          f'model.decoder_depths={tuple(cfg.decoder_depths)} must hold {levels} positive ints '
          '(deepest level first)')
-  upsample_options = _options(cfg.upsample_options, cfg.upsample)
+  upsample_options = _options('upsample', cfg.upsample_options, cfg.upsample)
   resampling.check_options('upsample', cfg.upsample, upsample_options, reserved={
       'factor': 'the decoder sets it (2 between levels, model.patch_size for the last)'})
   return UNet(num_classes=cfg.num_classes, decoder_depths=decoder_depths,
@@ -313,8 +317,15 @@ def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype) -> UNet:
 MODELS = {'classifier': _build_classifier, 'unet': _build_unet}
 
 
-def build_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Builds the model `model_config.name` names; bad fields raise ValueError naming them."""
+def build_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
+                check_backend: bool = True) -> nnx.Module:
+  """Builds the model `model_config.name` names; bad fields raise ValueError naming them.
+
+  check_backend=False builds a GPU attention core's model on any backend: its
+  parameters are the einsum core's (counting, converting, an abstract model).
+  """
+  if check_backend:
+    _check_backend(model_config)
   if model_config.name not in MODELS:
     raise ValueError(f'model.name={model_config.name!r} is not a registered model; '
                      f'valid choices: {sorted(MODELS)}')
@@ -322,7 +333,10 @@ def build_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> n
   return MODELS[model_config.name](model_config, rngs, resolve_dtype(model_config.dtype))
 
 
-def abstract_model(model_config: ml_collections.ConfigDict) -> nnx.Module:
+def abstract_model(model_config: ml_collections.ConfigDict,
+                   check_backend: bool = True) -> nnx.Module:
   """The model with shapes for values (nnx.eval_shape): checks the config and
-  counts parameters and FLOPs without initializing anything."""
-  return nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0)))
+  counts parameters and FLOPs without initializing anything (check_backend as
+  in build_model)."""
+  return nnx.eval_shape(lambda: build_model(model_config, rngs=nnx.Rngs(0),
+                                            check_backend=check_backend))

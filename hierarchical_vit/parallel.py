@@ -107,7 +107,7 @@ def _in_cluster() -> bool:
   A TPU VM has libtpu and TPU chips: an image built with jax[tpu] running on a
   CPU or GPU host has libtpu alone, and JAX's detection would fail there.
   """
-  srun_tasks = int(os.environ.get('SLURM_STEP_NUM_TASKS', 1))
+  srun_tasks = _env_int('SLURM_STEP_NUM_TASKS', 1)
   return srun_tasks > 1 or (importlib.util.find_spec('libtpu') is not None
                             and _tpu_chips_present())
 

@@ -387,6 +387,19 @@ def test_sigterm_reaches_running_children_and_stops_new_ones(tmp_path):
       trainer._run_child('later', [sys.executable, '-c', 'pass'], None)
 
 
+@pytest.mark.parametrize('status, message', [
+    (75, 'run patch_merge-seed0 was preempted \\(SIGTERM\\) after saving its checkpoint; '
+         're-run the sweep to resume it'),
+    (3, 'run patch_merge-seed0 failed with exit status 3: '),
+])
+def test_a_childs_exit_status_names_preemption_or_failure(tmp_path, status, message):
+  trainer = ablate.SubprocessTrainer('unused.py', {}, str(tmp_path / 'cache'))
+  trainer._command = lambda run, workdir: [sys.executable, '-c', f'raise SystemExit({status})']
+  run = ablate.Sweep(sweep_config(seeds=(0,)), str(tmp_path)).runs[0]
+  with pytest.raises(RuntimeError, match=message):
+    trainer(run, str(tmp_path / 'run'))
+
+
 def test_t_quantile_matches_tables():
   for p, df, expected in [(0.975, 1, 12.706205), (0.975, 2, 4.302653), (0.975, 4, 2.776445),
                           (0.975, 10, 2.228139), (0.95, 5, 2.015048)]:
@@ -587,11 +600,12 @@ def get_config():
 '''
 
 
-def test_child_env_adds_a_compilation_cache_unless_set():
+def test_child_env_adds_a_compilation_cache_of_every_program_unless_set():
   env = ablate.child_env({'PATH': '/bin'}, '/cache')
-  assert env == {'PATH': '/bin', 'JAX_COMPILATION_CACHE_DIR': '/cache'}
-  assert ablate.child_env({'JAX_COMPILATION_CACHE_DIR': '/mine'}, '/cache') == {
-      'JAX_COMPILATION_CACHE_DIR': '/mine'}
+  assert env == {'PATH': '/bin', 'JAX_COMPILATION_CACHE_DIR': '/cache',
+                 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  mine = {'JAX_COMPILATION_CACHE_DIR': '/mine', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '2'}
+  assert ablate.child_env(mine, '/cache') == mine
 
 
 def test_real_run_through_train_py(tmp_path, data_dir, monkeypatch):

@@ -42,13 +42,20 @@ def test_the_data_and_the_rename_reach_the_disk_before_returning(tmp_path, monke
   assert synced == [f'{path}.{os.getpid()}.tmp', str(tmp_path / 'run')]
 
 
-def test_figures_are_written_whole_through_a_temporary_file(tmp_path):
+@pytest.mark.parametrize('suffix, magic', [('png', b'\x89PNG'), ('pdf', b'%PDF')])
+def test_figures_are_written_whole_through_a_synced_temporary_file(tmp_path, monkeypatch,
+                                                                   suffix, magic):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  synced = []
+  real_fsync = os.fsync
+  monkeypatch.setattr(os, 'fsync', lambda fd: synced.append(os.path.realpath(
+      f'/proc/self/fd/{fd}')) or real_fsync(fd))
   fig, ax = plt.subplots()
   ax.plot([0, 1], [1, 0])
-  path = tmp_path / 'curve.png'
+  path = tmp_path / f'curve.{suffix}'
   files.save_figure(fig, str(path), dpi=50)
   plt.close(fig)
-  assert path.read_bytes().startswith(b'\x89PNG') and os.listdir(tmp_path) == ['curve.png']
+  assert path.read_bytes().startswith(magic) and os.listdir(tmp_path) == [path.name]
+  assert synced == [f'{path}.{os.getpid()}.tmp', str(tmp_path)]

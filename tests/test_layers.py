@@ -32,18 +32,26 @@ def test_relative_position_index_brute_force():
   assert index.max() == (2 * wh - 1) * (2 * ww - 1) - 1
 
 
-def test_shift_mask_matches_swin_slice_construction():
-  """Swin's published construction: label 3x3 slices, partition, compare labels."""
-  h, w, ws, s = 12, 8, 4, 2
+@pytest.mark.parametrize('h, w, window, shift', [
+    (12, 8, (4, 4), (2, 2)),
+    (8, 14, (4, 7), (0, 3)),  # stage_window((4, 14), 7, 3)'s: one axis shifts.
+    (12, 6, (6, 3), (3, 1)),
+    (9, 8, (3, 4), (1, 0)),
+])
+def test_shift_mask_matches_swin_slice_construction(h, w, window, shift):
+  """Swin's published construction, per axis as timm writes it: label 3x3
+  slices, partition, compare labels. A 0 shift makes slice(-0, None) the whole
+  axis, so the last labels overwrite the others along it."""
+  (wh, ww), (sh, sw) = window, shift
   img = np.zeros((h, w))
   cnt = 0
-  for hs in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
-    for wsl in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+  for hs in (slice(0, -wh), slice(-wh, -sh), slice(-sh, None)):
+    for wsl in (slice(0, -ww), slice(-ww, -sw), slice(-sw, None)):
       img[hs, wsl] = cnt
       cnt += 1
-  labels = img.reshape(h // ws, ws, w // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
+  labels = img.reshape(h // wh, wh, w // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
   ref = np.where(labels[:, None, :] - labels[:, :, None] != 0, -100.0, 0.0)
-  np.testing.assert_array_equal(win.shifted_window_mask(h, w, (ws, ws), (s, s)), ref)
+  np.testing.assert_array_equal(win.shifted_window_mask(h, w, window, shift), ref)
 
 
 def test_window_partition_roundtrip():
@@ -58,6 +66,7 @@ def test_stage_window_shrinks_and_stops_shifting():
   assert win.stage_window((8, 8), 7, 3) == ((7, 7), (3, 3))
   assert win.stage_window((7, 7), 7, 3) == ((7, 7), (0, 0))
   assert win.stage_window((4, 14), 7, 3) == ((4, 7), (0, 3))
+  assert win.stage_window((4, 14), 7, 3, global_attention=True) == ((4, 14), (0, 0))
 
 
 def _numpy_window_attention(module: WindowAttention, x: np.ndarray, mask) -> np.ndarray:
@@ -97,10 +106,11 @@ def test_window_attention_matches_numpy(masked):
 def test_cudnn_attention_core_matches_numpy(masked):
   """The cudnn core's padding, bias tiling and layout, through XLA's
   implementation of the same jax.nn.dot_product_attention call (cuDNN's needs a GPU)."""
-  module = WindowAttention(16, 4, (3, 3), rngs=nnx.Rngs(0), attention='cudnn')  # 9 -> 10 tokens
+  # 9 -> 10 tokens; heads 8 wide, as cuDNN needs.
+  module = WindowAttention(32, 4, (3, 3), rngs=nnx.Rngs(0), attention='cudnn')
   assert module.core is ATTENTION_CORES['cudnn'] is cudnn_attention
   module.core = functools.partial(cudnn_attention, implementation='xla')
-  x = np.random.default_rng(1).normal(size=(4, 9, 16)).astype(np.float32)
+  x = np.random.default_rng(1).normal(size=(4, 9, 32)).astype(np.float32)
   mask = win.shifted_window_mask(6, 3, (3, 3), (1, 0)) if masked else None
   np.testing.assert_allclose(module(jnp.asarray(x), mask), _numpy_window_attention(module, x, mask),
                              rtol=1e-4, atol=1e-5)
@@ -549,6 +559,25 @@ def test_conv_stem_matches_numpy_layer_by_layer(in_chans, embed_dim, patch):
     if k < len(stem.convs) - 1:
       ref = _numpy_tanh_gelu(ref)
   assert ref.shape == (2, -(-9 // patch), -(-7 // patch), embed_dim)
+  np.testing.assert_allclose(stem(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('patch', [2, 4])
+def test_patch_embed_pads_odd_sizes_at_the_bottom_right_as_numpy(patch):
+  """Zero rows/columns after the image (Swin's F.pad), never split around it as
+  'SAME' would: each patch sees the same pixels as in the unpadded image."""
+  stem = PatchEmbed(3, 8, patch, rngs=nnx.Rngs(0))
+  stem.proj.bias[...] = 0.3 * jax.random.normal(jax.random.key(1), stem.proj.bias.shape)
+  stem.norm.scale[...] = 1.0 + 0.5 * jax.random.normal(jax.random.key(2), (8,))
+  stem.norm.bias[...] = 0.5 * jax.random.normal(jax.random.key(3), (8,))
+  x = np.random.default_rng(4).normal(size=(2, 13, 11, 3)).astype(np.float32)
+  ho, wo = -(-13 // patch), -(-11 // patch)
+  padded = np.zeros((2, ho * patch, wo * patch, 3))
+  padded[:, :13, :11] = x
+  patches = padded.reshape(2, ho, patch, wo, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+  kernel = np.asarray(stem.proj.kernel[...], np.float64)  # (p, p, 3, 8)
+  ref = np.einsum('bhwyxc,yxco->bhwo', patches, kernel) + np.asarray(stem.proj.bias[...])
+  ref = _numpy_layer_norm(ref, stem.norm)
   np.testing.assert_allclose(stem(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
 
 

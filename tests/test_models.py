@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from configs import base
-from hierarchical_vit import presets, resampling
-from hierarchical_vit.layers.attention import ATTENTION_CORES
-from hierarchical_vit.models import Classifier, build_model, encoder_kwargs
+from hierarchical_vit import presets, report, resampling
+from hierarchical_vit.layers.attention import ATTENTION_CORES, WindowAttention
+from hierarchical_vit.models import Classifier, abstract_model, build_model, encoder_kwargs
 from hierarchical_vit.report import count_params, forward_flops, matmul_flops, model_report
 
 CONFIG_DIR = pathlib.Path(__file__).parent.parent / 'configs'
@@ -168,10 +168,37 @@ def test_remat_keeps_the_function_and_drops_the_residuals():
   assert {stage.remat for stage in [*unet.encoder.stages, *unet.decoder.stages]} == {'block'}
 
 
-def test_bfloat16_compute_keeps_float32_params_and_logits():
-  model = build_model(tiny_model_config(dtype='bfloat16'), rngs=nnx.Rngs(0))
-  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  assert model(jnp.ones((1, 16, 16, 1))).dtype == jnp.float32
+def _matmul_operand_dtypes(jaxpr) -> set[np.dtype]:
+  """The dtypes of the operands of every dot_general and convolution on
+  activations, sub-jaxprs included. Left out: products with a 1-D left
+  operand, norm_dense's fold of a norm's bias into the next kernel
+  ((C,) x (C, C_out)), arithmetic on the float32 parameters."""
+  dtypes = set()
+  for eqn in jaxpr.eqns:
+    if (eqn.primitive.name in ('dot_general', 'conv_general_dilated')
+        and eqn.invars[0].aval.ndim > 1):
+      dtypes.update(v.aval.dtype for v in eqn.invars[:2])
+    for sub in report._sub_jaxprs(eqn.params.values()):
+      dtypes |= _matmul_operand_dtypes(sub)
+  return dtypes
+
+
+@pytest.mark.parametrize('name, upsample', [('classifier', 'patch_expand'),
+                                            ('unet', 'patch_expand'), ('unet', 'interpolate'),
+                                            ('unet', 'transposed_conv'),
+                                            ('unet', 'pixel_shuffle')])
+def test_bfloat16_computes_every_matmul_in_bfloat16_with_float32_params_and_logits(
+    name, upsample):
+  """dtype reaches every layer (stem, stages, downsamplers, decoder, head):
+  no matmul or convolution gets a float32 operand."""
+  model = abstract_model(tiny_model_config(name=name, upsample=upsample, dtype='bfloat16',
+                                           downsample='conv'))
+  graphdef, state = nnx.split(model)
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {np.dtype(np.float32)}
+  forward = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))
+  closed = forward(state, jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32))
+  assert _matmul_operand_dtypes(closed.jaxpr) == {jnp.dtype(jnp.bfloat16)}
+  assert closed.out_avals[0].dtype == jnp.float32
 
 
 def test_global_attention_stage_uses_whole_map_as_window():
@@ -228,6 +255,11 @@ def test_num_heads_are_checked_against_their_own_stage_width():
     (dict(mlp_ratio=0.01),
      r'model.mlp_ratio=0.01 gives stage 0 an MLP hidden width of int\(16 \* 0.01\) = 0'),
     (dict(window_size=0), r'model.window_size=0'),
+    # bools are ints to Python (True == 1): typos here.
+    (dict(window_size=True), r'model.window_size=True must be a positive int'),
+    (dict(depths=(1, True, 1)), r'model.depths=\(1, True, 1\) must be a non-empty tuple'),
+    (dict(downsample='blur_pool', downsample_options={'blur_pool': {'filter_size': True}}),
+     r'model.downsample_options.blur_pool.filter_size=True must be a positive integer'),
     (dict(stem='hybrid'), r"model.stem='hybrid'.*'conv', 'patch'"),
     (dict(global_attention=(3,)), r'model.global_attention=\(3,\)'),
     (dict(global_attention=('1',)), r"model.global_attention=\('1',\) must name stages by int"),
@@ -242,6 +274,12 @@ def test_num_heads_are_checked_against_their_own_stage_width():
     (dict(downsample_options={'patch_merge': {'kernel_size': 3}}),
      r"model.downsample_options.patch_merge.kernel_size is not an option of downsampler "
      r"'patch_merge'; valid keys: \[\]"),
+    # Options of another registered downsampler are kept for an ablation to switch to.
+    (dict(downsample_options={'blurpool': {'filter_size': 5}, 'conv': {'kernel_size': 3}}),
+     r"model.downsample_options has options for \['blurpool'\], not registered downsamplers; "
+     r"valid choices: \['avg_pool', "),
+    (dict(name='unet', upsample_options={'interp': {'method': 'nearest'}}),
+     r"model.upsample_options has options for \['interp'\], not registered upsamplers"),
     (dict(downsample='blur_merge', downsample_options={'blur_merge': {'filter_size': 0}}),
      r'model.downsample_options.blur_merge.filter_size=0 must be a positive integer'),
     (dict(downsample='conv', downsample_options={'conv': {'kernel': 3}}),
@@ -257,6 +295,19 @@ def test_num_heads_are_checked_against_their_own_stage_width():
 def test_config_errors_name_the_field(overrides, message):
   with pytest.raises(ValueError, match=message):
     build_model(tiny_model_config(**overrides), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('name, options, message', [
+    # Floats compare equal to ints (2.0 == 2) but are no size; ConfigDict stops
+    # them in the base config's int fields, not in a plain dict of options.
+    ('conv', {'kernel_size': 2.0}, r'conv.kernel_size=2.0 is not one of \[2, 3\]'),
+    ('avg_pool', {'kernel_size': 3.0}, r'avg_pool.kernel_size=3.0 must be an integer >= 2'),
+    ('conv_max_pool', {'pool_size': True}, r'conv_max_pool.pool_size=True must be an integer'),
+    ('depthwise_conv_pool', {'kernel_size': 3.0}, r'kernel_size=3.0 must be an odd positive'),
+])
+def test_downsampler_size_options_refuse_floats_and_bools(name, options, message):
+  with pytest.raises(ValueError, match=message):
+    resampling.make_downsampler(name, 8, rngs=nnx.Rngs(0), **options)
 
 
 def test_unknown_preset_lists_choices():
@@ -375,10 +426,34 @@ def test_matmul_flops_count_grouped_convolutions_and_scanned_layers():
      r"has 144: use a smaller model.window_size, or use model.attention='einsum'"),
     (dict(attention='pallas', img_size=32, global_attention=(1, 0)),
      r"stage 0's 16x16 window has 256: drop 0 from model.global_attention"),
+    # embed 24 over 2 heads: 12-wide heads; stage 1's 48 over 2 would pass.
+    (dict(attention='cudnn', dtype='bfloat16', embed_dim=24),
+     r"model.attention='cudnn' needs a head width \(stage width / model.num_heads\) that is a "
+     r'multiple of 8 and at most 256, got 12'),
+    (dict(attention='cudnn', dtype='bfloat16', embed_dim=1024, num_heads=(2, 4, 8)),
+     r'multiple of 8 and at most 256, got 512'),
 ])
 def test_attention_field_is_validated(overrides, message):
+  """On any backend: the config is checked before the backend is."""
   with pytest.raises(ValueError, match=message):
-    build_model(tiny_model_config(**overrides), rngs=nnx.Rngs(0))
+    build_model(tiny_model_config(**overrides), rngs=nnx.Rngs(0), check_backend=False)
+
+
+@pytest.mark.parametrize('core', ['cudnn', 'pallas'])
+def test_a_fused_core_refuses_dropout_in_window_attention_built_alone(core):
+  with pytest.raises(ValueError, match=f"model.attention='{core}' has no attention dropout"):
+    WindowAttention(32, 4, (4, 4), attention=core, attn_drop_rate=0.1, rngs=nnx.Rngs(0))
+
+
+def test_a_gpu_cores_config_is_counted_on_any_backend():
+  """report.py and a sweep's cost count a pallas model's parameters and FLOPs
+  on a CPU host: they are the einsum core's."""
+  config = tiny_model_config(attention='pallas', img_size=32, global_attention=(1,))
+  counted = abstract_model(config, check_backend=False)
+  reference = abstract_model(tiny_model_config(img_size=32, global_attention=(1,)))
+  assert counted.encoder.stages[0].blocks[0].attn.core is ATTENTION_CORES['pallas']
+  assert count_params(counted) == count_params(reference) > 0
+  assert forward_flops(counted, (1, 32, 32, 1)) == forward_flops(reference, (1, 32, 32, 1))
 
 
 @pytest.mark.parametrize('core', ['cudnn', 'pallas'])

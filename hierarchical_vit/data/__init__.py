@@ -2,6 +2,7 @@
 
 from hierarchical_vit.data.mixing import mix_batch
 from hierarchical_vit.data.pipeline import DatasetInfo
+from hierarchical_vit.data.pipeline import check_preprocessing
 from hierarchical_vit.data.pipeline import check_split
 from hierarchical_vit.data.pipeline import create_eval_iterator
 from hierarchical_vit.data.pipeline import create_train_iterator

@@ -99,6 +99,18 @@ def get_dataset_info(data_config: ml_collections.ConfigDict,
   )
 
 
+def check_preprocessing(data_config: ml_collections.ConfigDict,
+                        task: str = 'classification') -> None:
+  """Builds `task`'s train and eval transforms, whose constructors check
+  data.resize_mode, augment, randaugment_*, crop_padding, mean and std: a
+  bad value fails before a run writes its workdir and builds its model, not
+  when its first batch is read."""
+  info = sources.get_builder(data_config.name, data_config.data_dir).info
+  task_data = _task(task)
+  task_data.train_ops(data_config, info)
+  task_data.eval_ops(data_config, info)
+
+
 def check_split(data_config: ml_collections.ConfigDict, split: str, field: str) -> None:
   """ValueError naming `field` unless `split` (a tfds split, slices such as
   'train[:90%]' included) exists in config.data's prepared data set."""

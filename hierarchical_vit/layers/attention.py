@@ -80,7 +80,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, s
   query attends to, cropped after. implementation='xla' runs the same call on
   any backend (tests).
   """
-  del dropout  # Model validation rejects attn_drop_rate > 0 with this core.
+  del dropout  # WindowAttention refuses attn_drop_rate > 0 with this core.
   b, n = q.shape[:2]
   g = bias.shape[0]
   if n % 2:
@@ -101,7 +101,7 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
   stacking the slices of WindowAttention's qkv gives its output back, which
   XLA's simplifier sees, so nothing is copied. interpret=True runs it in
   Pallas' interpreter on any backend (tests)."""
-  del dropout  # Model validation rejects attn_drop_rate > 0 with this core.
+  del dropout  # WindowAttention refuses attn_drop_rate > 0 with this core.
   b, n, h, d = q.shape
   g = bias.shape[0]
   qkv = jnp.stack([q, k, v], axis=2).reshape(b // g, g, n, 3, h, d)
@@ -114,6 +114,26 @@ ATTENTION_CORES: dict[str, AttentionCore] = {
     'cudnn': cudnn_attention,
     'pallas': pallas_attention,
 }
+
+
+# The fused kernels take no dropout; cuDNN's flash attention takes head widths
+# that are multiples of 8, up to 256 on Hopper (128 before it).
+FUSED_CORES = ('cudnn', 'pallas')
+_CUDNN_MAX_HEAD_DIM = 256
+
+
+def _check_core_fits(attention: str, head_dim: int, attn_drop_rate: float) -> None:
+  """Refused here, when the model is built, rather than inside the kernel at
+  the first traced step, after a workdir is written (or, built alone, with the
+  dropout silently skipped)."""
+  if attention in FUSED_CORES and attn_drop_rate:
+    raise ValueError(f'model.attention={attention!r} has no attention dropout: '
+                     f'model.attn_drop_rate={attn_drop_rate} must be 0')
+  if attention == 'cudnn' and (head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM):
+    raise ValueError(f"model.attention='cudnn' needs a head width (stage width / "
+                     f'model.num_heads) that is a multiple of 8 and at most '
+                     f'{_CUDNN_MAX_HEAD_DIM}, got {head_dim}: change model.embed_dim or '
+                     "model.num_heads, or use model.attention='einsum'")
 
 
 class WindowAttention(nnx.Module):
@@ -131,6 +151,7 @@ class WindowAttention(nnx.Module):
       raise ValueError(f'num_heads={num_heads} does not divide the width {dim}')
     if attention not in ATTENTION_CORES:
       raise ValueError(f'model.attention={attention!r} is not one of {sorted(ATTENTION_CORES)}')
+    _check_core_fits(attention, dim // num_heads, attn_drop_rate)
     self.core = ATTENTION_CORES[attention]
     self.num_heads = num_heads
     self.window = tuple(window)

@@ -105,7 +105,13 @@ class Mlp(nnx.Module):
     return self.drop(on_tokens(self.fc2, self.drop(h)))
 
 
-def resolve_dtype(name: str | None) -> jnp.dtype | None:
+def is_int(value: object) -> bool:
+  """An int config value, bools excluded: True == 1 and 2.0 == 2 would pass as
+  sizes, where they are typos."""
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve_dtype(name: str | None) -> type[jnp.floating] | None:
   """Maps a config string ('float32', 'bfloat16') to a jnp dtype."""
   choices = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, '': None}
   if name is None:

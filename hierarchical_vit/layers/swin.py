@@ -90,10 +90,8 @@ class SwinStage(nnx.Module):
     self.remat = remat
     self.window_size = window_size
     self.global_attention = global_attention
-    if global_attention:
-      window, shift = tuple(resolution), (0, 0)
-    else:
-      window, shift = win.stage_window(resolution, window_size, window_size // 2)
+    window, shift = win.stage_window(resolution, window_size, window_size // 2,
+                                     global_attention)
     self.blocks = nnx.List([
         SwinBlock(dim, num_heads, window, shift if i % 2 else (0, 0), rngs=rngs,
                   drop_path_rate=drop_path_rates[i], **block_kwargs)

@@ -63,12 +63,16 @@ def shifted_window_mask(height: int, width: int, window: Window, shift: Window) 
   return np.where(same, 0.0, MASK_VALUE).astype(np.float32)
 
 
-def stage_window(resolution: tuple[int, int], window_size: int, shift_size: int) -> tuple[Window, Window]:
+def stage_window(resolution: tuple[int, int], window_size: int, shift_size: int,
+                 global_attention: bool = False) -> tuple[Window, Window]:
   """Window and shift per axis for a stage of `resolution` tokens.
 
   As in Swin, an axis no longer than the window is covered by one window the
-  size of the axis, and is not shifted.
+  size of the axis, and is not shifted; a global_attention stage's one window
+  is the whole map.
   """
+  if global_attention:
+    return tuple(resolution), (0, 0)
   window, shift = [], []
   for size in resolution:
     if size <= window_size:

@@ -21,14 +21,19 @@ _REGISTRIES = {'downsample': DOWNSAMPLERS, 'upsample': UPSAMPLERS}
 _SET_BY_MODEL = frozenset({'self', 'in_features', 'out_features', 'rngs', 'dtype'})
 
 
+def registry(kind: str) -> dict[str, type[nnx.Module]]:
+  """DOWNSAMPLERS or UPSAMPLERS, by the config.model field ('downsample' or 'upsample')."""
+  return _REGISTRIES[kind]
+
+
 def lookup(kind: str, name: str) -> type[nnx.Module]:
   """The class registered as `name` for `kind` ('downsample' or 'upsample', the
   config.model field); ValueError naming the field and the valid choices."""
-  registry = _REGISTRIES[kind]
-  if name not in registry:
+  registered = registry(kind)
+  if name not in registered:
     raise ValueError(f'model.{kind}={name!r} is not a registered {kind}r; '
-                     f'valid choices: {sorted(registry)}')
-  return registry[name]
+                     f'valid choices: {sorted(registered)}')
+  return registered[name]
 
 
 def check_options(kind: str, name: str, options: dict,

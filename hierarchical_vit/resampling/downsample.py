@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.typing import DTypeLike
 
-from hierarchical_vit.layers.common import (conv_operands, dense, layer_norm, on_tokens,
-                                            pad_to_multiple)
+from hierarchical_vit.layers.common import (conv_operands, dense, is_int, layer_norm,
+                                            on_tokens, pad_to_multiple)
 from hierarchical_vit.resampling.antialias import blur
 from hierarchical_vit.resampling.rearrange import space_to_depth
 
@@ -53,7 +53,7 @@ class _Blurred(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                filter_size: int = 3, dtype: DTypeLike | None = None):
-    if not isinstance(filter_size, int) or filter_size < 1:
+    if not is_int(filter_size) or filter_size < 1:
       raise ValueError(
           f'model.downsample_options.{self.registry_name}.filter_size={filter_size!r} must be '
           'a positive integer (1: no blur, 2: box, 3: [1, 2, 1] / 4, ...)')
@@ -112,7 +112,7 @@ class _WindowPool(_Pool):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                kernel_size: int = 2, dtype: DTypeLike | None = None):
-    if not isinstance(kernel_size, int) or kernel_size < 2:
+    if not is_int(kernel_size) or kernel_size < 2:
       raise ValueError(f'model.downsample_options.{self.registry_name}.kernel_size='
                        f'{kernel_size!r} must be an integer >= 2 (2: 2x2 blocks, 3: overlapping)')
     super().__init__(in_features, out_features, rngs=rngs, dtype=dtype)
@@ -203,7 +203,7 @@ class ConvMaxPool(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                pool_size: int = 3, dtype: DTypeLike | None = None):
-    if not isinstance(pool_size, int) or pool_size < 2:
+    if not is_int(pool_size) or pool_size < 2:
       raise ValueError(f'model.downsample_options.conv_max_pool.pool_size={pool_size!r} '
                        'must be an integer >= 2 (3: NesT, 2: 2x2 blocks)')
     out_features = _out(in_features, out_features)
@@ -225,8 +225,8 @@ class ConvDownsample(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                kernel_size: int = 2, dtype: DTypeLike | None = None):
-    if kernel_size not in (2, 3):
-      raise ValueError(f'model.downsample_options.conv.kernel_size={kernel_size} '
+    if not is_int(kernel_size) or kernel_size not in (2, 3):
+      raise ValueError(f'model.downsample_options.conv.kernel_size={kernel_size!r} '
                        'is not one of [2, 3]')
     out_features = _out(in_features, out_features)
     self.out_features = out_features
@@ -256,7 +256,7 @@ class DepthwiseConvPool(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int | None = None, *, rngs: nnx.Rngs,
                kernel_size: int = 3, norm: bool = True, dtype: DTypeLike | None = None):
-    if type(kernel_size) is not int or kernel_size < 1 or kernel_size % 2 == 0:
+    if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
       # An even kernel with padding k // 2 gives H/2 + 1 rows, not ceil(H/2).
       raise ValueError(f'model.downsample_options.depthwise_conv_pool.kernel_size={kernel_size!r} '
                        'must be an odd positive integer (e.g. 3, 5)')

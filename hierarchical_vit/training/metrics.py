@@ -26,8 +26,10 @@ class MetricWriter:
     self._active = jax.process_index() == 0
     if self._active:
       os.makedirs(workdir, exist_ok=True)
+      # Also from step 1: a fresh start over a killed run's records (a workdir
+      # without checkpoints) replaces them in TensorBoard as in metrics.jsonl.
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'),
-                                            purge_step=start_step + 1 if start_step else None)
+                                            purge_step=start_step + 1)
       path = os.path.join(workdir, 'metrics.jsonl')
       keep_records_up_to(path, start_step)
       # Line buffered, appended: a resumed run continues the same file.

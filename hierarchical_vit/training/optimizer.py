@@ -3,6 +3,7 @@
 import jax
 import ml_collections
 import optax
+from absl import logging
 
 
 def create_learning_rate_schedule(train_config: ml_collections.ConfigDict,
@@ -13,8 +14,14 @@ def create_learning_rate_schedule(train_config: ml_collections.ConfigDict,
   Steps are optimizer steps (one per `grad_accum_steps` micro-batches).
   """
   warmup_steps = int(train_config.warmup_epochs * steps_per_epoch)
-  # The cosine needs at least one step after warmup.
-  warmup_steps = min(warmup_steps, total_steps - 1)
+  if warmup_steps >= total_steps:
+    # Updates use counts 0 .. total_steps - 1; optax's cosine needs a count
+    # after the warmup, which the run never reaches.
+    logging.warning(
+        'train.warmup_epochs=%s is %d steps, not fewer than the run\'s %d: the learning '
+        'rate only rises, to train.learning_rate=%g at the last update, and never decays.',
+        train_config.warmup_epochs, warmup_steps, total_steps, train_config.learning_rate)
+    warmup_steps = total_steps - 1
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=train_config.learning_rate,

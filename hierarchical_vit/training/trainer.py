@@ -470,6 +470,12 @@ def shard_train_state(config: ml_collections.ConfigDict, params: nnx.State | dic
   return jax.jit(create, out_shardings=shardings)(params)
 
 
+# train.py's exit status when SIGTERM stopped a run after its checkpoint
+# (sysexits' EX_TEMPFAIL): a scheduler that retries failed jobs (Kubernetes'
+# restartPolicy OnFailure, a shell until-loop) must not take it for finished.
+EXIT_PREEMPTED = os.EX_TEMPFAIL
+
+
 class _PreemptionFlag:
   """Set by SIGTERM; the loop saves and exits at the next step boundary.
 
@@ -545,7 +551,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, float]:
   """Trains (resuming from workdir's latest checkpoint) and evaluates.
 
-  Returns the final train and eval metrics (plus 'step').
+  Returns the final train and eval metrics, plus 'step' and 'preempted'
+  (SIGTERM stopped the run early, after saving its checkpoint).
   """
   tc = config.train
   mesh = parallel.create_mesh(config.mesh)
@@ -553,6 +560,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   task = tasks.get_task(config.task)
   info = data.get_dataset_info(config.data, task=config.task)
   check_config(config, info, jax.process_count(), jax.device_count())
+  data.check_preprocessing(config.data, config.task)
   steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
   micro_batch_size = tc.batch_size // tc.grad_accum_steps
 
@@ -608,7 +616,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   progress = metrics_lib.Progress(total_steps, start_step)
   preemption = _PreemptionFlag()
   train_scalars, eval_scalars = {}, {}
-  step = start_step
+  step, preempted = start_step, False
   logging.info('Training %d steps (%d per epoch) from step %d on %s.',
                total_steps, steps_per_epoch, start_step, mesh)
   try:
@@ -650,4 +658,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     manager.close()
     writer.close()
     preemption.restore()
-  return {'step': step, **train_scalars, **eval_scalars}
+  return {'step': step, 'preempted': preempted, **train_scalars, **eval_scalars}

@@ -37,7 +37,7 @@ def test_a_resumed_run_drops_the_records_after_its_checkpoint(tmp_path, monkeypa
       *records[:5], {'step': 5, 'train/loss': 0.3}]
   assert purge_steps == [5]
   metrics.MetricWriter(str(tmp_path)).close()  # A fresh run (no checkpoint) starts over.
-  assert path.read_text() == '' and purge_steps == [5, None]
+  assert path.read_text() == '' and purge_steps == [5, 1]
 
 
 def test_read_metrics_skips_an_unfinished_last_line_only(tmp_path):

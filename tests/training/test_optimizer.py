@@ -23,15 +23,24 @@ def test_schedule_warmup_then_cosine():
   np.testing.assert_allclose(schedule(100), 1e-5, rtol=1e-6)
 
 
-def test_warmup_longer_than_the_run_ends_one_step_before_it():
-  """warmup 5 epochs of a 3-epoch run: the peak comes at the last step but one,
-  so the cosine still takes its one step down to min_learning_rate."""
+def test_warmup_longer_than_the_run_warns_that_it_never_decays(caplog):
+  """warmup 5 epochs of a 3-epoch run: the updates (counts 0..29) only warm
+  up, the last at the peak; the log says so."""
   tc = base.get_train_config()
   tc.update(learning_rate=1e-3, min_learning_rate=1e-5, warmup_epochs=5.0)
-  schedule = optimizer.create_learning_rate_schedule(tc, steps_per_epoch=10, total_steps=30)
+  with caplog.at_level('WARNING'):
+    schedule = optimizer.create_learning_rate_schedule(tc, steps_per_epoch=10, total_steps=30)
+  assert 'train.warmup_epochs=5.0 is 50 steps, not fewer than the run\'s 30' in caplog.text
   np.testing.assert_allclose(schedule(14.5), 5e-4, rtol=1e-6)  # Half of 29 warmup steps.
-  np.testing.assert_allclose(schedule(29), 1e-3, rtol=1e-6)
-  np.testing.assert_allclose(schedule(30), 1e-5, rtol=1e-6)
+  np.testing.assert_allclose(schedule(29), 1e-3, rtol=1e-6)  # The last update.
+
+
+def test_warmup_shorter_than_the_run_does_not_warn(caplog):
+  tc = base.get_train_config()
+  tc.update(warmup_epochs=2.9)
+  with caplog.at_level('WARNING'):
+    optimizer.create_learning_rate_schedule(tc, steps_per_epoch=10, total_steps=30)
+  assert 'warmup_epochs' not in caplog.text
 
 
 class _Block(nnx.Module):

@@ -1,6 +1,7 @@
 """The training loop on a tiny Swin and a 256-example Fashion-MNIST slice."""
 
 import functools
+import glob
 import importlib
 import json
 import os
@@ -63,9 +64,10 @@ def test_train_step_decreases_loss(data_dir):
 
 @pytest.fixture(scope='module')
 def trained(data_dir, tmp_path_factory):
-  """A finished 6-step run (checkpoints at 3 and 6, eval at 6)."""
+  """A finished 6-step run (checkpoints at 3 and 6, eval at 6); its eval
+  batches of 48 end in a padded one (256 = 5 x 48 + 16)."""
   workdir = str(tmp_path_factory.mktemp('trained'))
-  config = tiny_config(data_dir)
+  config = tiny_config(data_dir, eval_batch_size=48)
   final = trainer.train_and_evaluate(config, workdir)
   return config, workdir, final
 
@@ -280,7 +282,7 @@ def test_config_history_fills_nested_fields_without_sharing_them():
   assert config_history.upgrade({'seed': 0}) == {'seed': 0}
 
 
-def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
+def test_sigterm_saves_and_exits_as_unfinished(data_dir, tmp_path):
   workdir = str(tmp_path / 'preempted')
   config_file = write_config_file(tmp_path, data_dir, num_steps=10_000,
                                   checkpoint_every_steps=10_000)
@@ -293,8 +295,8 @@ def test_sigterm_saves_and_exits_cleanly(data_dir, tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
-  assert 'Preempted' in out
+  assert proc.returncode == trainer.EXIT_PREEMPTED == 75, out  # Not 0: a retry must resume it.
+  assert 'Preempted' in out and 'Final metrics' not in out
   # Epoch-end evals also save; the preemption save is the latest.
   latest = max(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
   assert latest < 10_000 and f'Preempted: saved step {latest},' in out
@@ -471,7 +473,7 @@ def test_resuming_under_another_config_is_refused_and_changes_nothing(trained, t
   with pytest.raises(ValueError, match='model.num_classes=100'):
     trainer.train_and_evaluate(wrong, workdir)
   assert _config_json(workdir) == saved
-  assert not os.path.exists(os.path.join(workdir, 'config.json.tmp'))
+  assert not glob.glob(os.path.join(workdir, '*.tmp'))
 
 
 def test_saved_config_resumes_and_evaluates_with_overrides(trained, tmp_path):
@@ -702,6 +704,42 @@ def test_a_missing_init_from_fails_before_the_workdir_is_written(data_dir, tmp_p
   with pytest.raises(FileNotFoundError, match=r"train.init_from='nope.npz': no such file"):
     trainer.train_and_evaluate(tiny_config(data_dir, init_from='nope.npz'), workdir)
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(resize_mode='crop'), r"data.resize_mode='crop' is not valid; valid choices: "),
+    (dict(augment='randaugment2'), r"data.augment='randaugment2' is not valid"),
+    (dict(augment='randaugment', randaugment_magnitude=11),
+     r'data.randaugment_magnitude=11 is not valid'),
+    (dict(mean=(0.5, 0.5)), r'data.mean=\(0.5, 0.5\) has 2 values; expected 1'),
+])
+def test_a_bad_preprocessing_field_fails_before_the_workdir_is_written(data_dir, tmp_path,
+                                                                        overrides, message):
+  config = tiny_config(data_dir)
+  config.data.update(overrides)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(ValueError, match=message):
+    trainer.train_and_evaluate(config, workdir)
+  assert not os.path.exists(workdir)
+
+
+def test_a_resume_under_another_process_count_seeks_past_every_micro_batch(data_dir,
+                                                                          monkeypatch):
+  """Saved by 2 processes at optimizer step 3 of grad_accum_steps 2 (state
+  'step' counts the 6 micro-steps), resumed by 1: the iterator continues where
+  one that read 6 micro-batches stands, as the same point of the epoch."""
+  config = tiny_config(data_dir, grad_accum_steps=2)
+  micro = config.train.batch_size // 2
+  make = lambda: data.create_train_iterator(config.data, global_batch_size=micro,
+                                            seed=config.seed)
+  reader = make()
+  for _ in range(6):
+    next(reader)
+  monkeypatch.setattr(checkpointing, 'saved_process_count', lambda manager, step: 2)
+  monkeypatch.setattr(checkpointing, 'restore', lambda manager, step, state: {'step': 6})
+  resumed = make()
+  assert trainer._resume(None, 3, {}, resumed, micro) == {'step': 6}
+  np.testing.assert_array_equal(next(resumed)['image'], next(reader)['image'])
 
 
 def test_evaluating_an_empty_split_is_refused_by_name():
