@@ -25,6 +25,9 @@ Mixup / cutmix run on device afterwards: see `mixing.mix_batch`.
 import dataclasses
 import json
 import math
+import multiprocessing
+import signal
+import threading
 from collections.abc import Callable, Iterator
 
 from absl import flags
@@ -428,7 +431,25 @@ class _TaskData:
   eval_ops: _EvalOps
 
 
-class _ImageLabel:
+class _Records:
+  """Base of the task sources, which grain pickles into its worker processes.
+
+  Unpickled in a worker's main thread (data.num_workers > 0), it makes the
+  worker ignore SIGTERM: schedulers signal a whole process group (SLURM's
+  --signal and scancel, a VM's shutdown), and the trainer still needs batches
+  until the step at which its processes agree to save (up to
+  _PreemptionFlag.poll_every_steps later). grain stops its workers itself: a
+  stop event, then SIGKILL.
+  """
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    if (multiprocessing.parent_process() is not None
+        and threading.current_thread() is threading.main_thread()):
+      signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _ImageLabel(_Records):
   """A source's records reduced to {'image', 'label'} (drops e.g. file names)."""
 
   def __init__(self, source, name: str):
@@ -447,7 +468,7 @@ class _ImageLabel:
     return f'_ImageLabel({self._source!r})'
 
 
-class _ImageMask:
+class _ImageMask(_Records):
   """Records as {'image', 'label': uint8 (H, W, 1) class ids or IGNORE_INDEX}."""
 
   def __init__(self, source, name: str):

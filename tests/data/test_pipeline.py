@@ -2,6 +2,8 @@
 
 import itertools
 import re
+import subprocess
+import sys
 
 import grain
 import numpy as np
@@ -9,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 import tensorflow_datasets as tfds
-from tests.conftest import prepare_slice
+from tests.conftest import REPO, prepare_slice
 
 from configs import base
 from configs import segmentation
@@ -360,6 +362,39 @@ def test_load_eval_examples_are_the_first_real_examples_in_order(fake_data_dir):
   images, labels = data.load_eval_examples(config, 'test', 7)
   np.testing.assert_array_equal(labels, batch['label'][real[:7]])
   np.testing.assert_array_equal(images, batch['image'][real[:7]])
+
+
+_GROUP_SIGTERM = '''
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from configs import base
+from hierarchical_vit import data
+
+if __name__ == '__main__':
+  config = base.get_data_config()
+  config.update(name='cifar10', data_dir={data_dir!r}, num_workers=2)
+  train = data.create_train_iterator(config, global_batch_size=4, seed=0)
+  next(train)  # The workers run.
+  received = []
+  signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  os.killpg(0, signal.SIGTERM)  # As a scheduler signals the whole process group.
+  time.sleep(1)
+  for _ in range(40):  # More than the workers' buffers hold.
+    next(train)
+  print('read after SIGTERM', received)
+'''
+
+
+def test_grain_workers_outlive_a_sigterm_to_the_process_group(fake_data_dir, tmp_path):
+  """The trainer reads batches until its processes agree to save; workers that
+  died with the group's SIGTERM would fail it first ("Worker process was
+  terminated unexpectedly")."""
+  script = tmp_path / 'group_sigterm.py'
+  script.write_text(_GROUP_SIGTERM.format(repo=REPO, data_dir=str(fake_data_dir)))
+  child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120, start_new_session=True, check=False)
+  assert child.returncode == 0, child.stderr[-3000:]
+  assert 'read after SIGTERM [15]' in child.stdout
 
 
 @pytest.mark.parametrize('name, split, image_size, margin', [
