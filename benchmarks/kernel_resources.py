@@ -226,7 +226,8 @@ def main(argv):
 if __name__ == '__main__':
   _CONFIG = flags.DEFINE_enum('config', 'swin_t_224', list(throughput.CONFIGS),
                               'The model whose stages give the shapes.')
-  _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step (sets the grids only).')
+  _BATCH = flags.DEFINE_integer('batch', 128, 'Images per step (sets the grids only).',
+                               lower_bound=1)
   _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'q, k, v dtype.')
   _CAPABILITY = flags.DEFINE_integer('capability', 90,
                                      'Target compute capability: 90 is sm_90a (H100), 80 sm_80 '

@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx
 
 from configs import base
@@ -256,6 +256,37 @@ def _timm_available() -> bool:
   return True
 
 
+# The torch device whose timings can stand next to JAX's on each backend.
+_TORCH_DEVICE = {'cpu': 'cpu', 'gpu': 'cuda'}
+
+
+def setup_torch(backend: str, threads: int | None) -> dict[str, Any]:
+  """Readies torch for timm's side on the device that matches JAX's `backend`,
+  with `threads` CPU threads (None: the CPU count); returns what a result
+  records of it. A ratio of a GPU against a CPU would mean nothing.
+
+  On a GPU both sides run float32 matmuls in TF32: XLA's default precision
+  does, torch's default would not, and the peak (a JAX matmul) would then be
+  another arithmetic than timm's.
+  """
+  import timm  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  device = 'cuda' if torch.cuda.is_available() else 'cpu'
+  if _TORCH_DEVICE.get(backend) != device:
+    raise RuntimeError(f'JAX runs on {backend!r} but torch on {device!r}: install the '
+                       'matching torch (or jax) build, or pass --notimm.')
+  torch.set_num_threads(threads or os.cpu_count())
+  if device == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+  return {'timm_device': device, 'torch': torch.__version__, 'timm': timm.__version__,
+          'torch_threads': torch.get_num_threads(),
+          'float32_matmuls': 'tf32' if device == 'cuda' else 'float32',
+          # timm's Swin uses F.scaled_dot_product_attention only with
+          # TIMM_FUSED_ATTN=2 (experimental); else explicit matmuls and softmax.
+          'timm_fused_attn_env': os.environ.get('TIMM_FUSED_ATTN', '')}
+
+
 def timm_for(name: str, dtype: str, batch: int, compile_model: bool) -> Timm:
   """timm's model for a benchmark: the GELU form, attention core and remat are
   ours alone (timm's GELU is exact), so one (compiled) timm serves every
@@ -264,11 +295,13 @@ def timm_for(name: str, dtype: str, batch: int, compile_model: bool) -> Timm:
   return Timm(CONFIGS[name], config, batch, compile_model)
 
 
-def paired_ratio(ours_s: list[float], timm_s: list[float]) -> dict[str, float]:
-  """Median, min and max over rounds of timm's time / ours (a speedup)."""
-  if len(ours_s) != len(timm_s) or not ours_s:
-    raise ValueError(f'need one timm time per round of ours, got {len(timm_s)} and {len(ours_s)}')
-  ratios = [t / o for o, t in zip(ours_s, timm_s)]
+def paired_ratio(ours_s: list[float], reference_s: list[float]) -> dict[str, float]:
+  """Median, min and max over rounds of the reference's time / ours (a
+  speedup); the reference is timm's step, or attention_core's einsum core."""
+  if len(ours_s) != len(reference_s) or not ours_s:
+    raise ValueError(f'need one reference time per round of ours, got {len(reference_s)} and '
+                     f'{len(ours_s)}')
+  ratios = [t / o for o, t in zip(ours_s, reference_s)]
   return {'median': statistics.median(ratios), 'min': min(ratios), 'max': max(ratios)}
 
 
@@ -364,24 +397,15 @@ def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
 
 def main(argv):
   del argv
+  if _TIMM.value:
+    # Else JAX's client takes 75% of a GPU's memory before timm's model exists.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   backend = jax.default_backend()
   names = _CONFIGS.value or (['small', 'swin_t_32'] if backend == 'cpu' else list(CONFIGS))
   with_timm = _TIMM.value and _timm_available()
-  timm_info = {}
-  if with_timm:
-    import timm  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-    torch.set_num_threads(_THREADS.value or os.cpu_count())
-    timm_device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if (timm_device == 'cuda') != (backend == 'gpu'):
-      # A ratio of a GPU against a CPU would mean nothing.
-      raise RuntimeError(f'JAX runs on {backend!r} but torch on {timm_device!r}: install the '
-                         'matching torch (or jax) build, or pass --notimm.')
-    timm_info = {'timm_device': timm_device, 'torch': torch.__version__,
-                 'timm': timm.__version__,
-                 # timm's Swin uses F.scaled_dot_product_attention only with
-                 # TIMM_FUSED_ATTN=2 (experimental); else explicit matmuls and softmax.
-                 'timm_fused_attn_env': os.environ.get('TIMM_FUSED_ATTN', '')}
+  if _TIMM.value and not with_timm:
+    logging.warning('timm does not import: ours alone (pip install -e .[interop]).')
+  timm_info = setup_torch(backend, _THREADS.value) if with_timm else {}
   peak_size = _PEAK_SIZE.value or (2048 if backend == 'cpu' else 8192)
   peak = MatmulPeak(peak_size, dtype=_DTYPE.value)
   gelus = ['tanh', 'erf'] if _GELU.value == 'both' else [_GELU.value]
@@ -390,6 +414,7 @@ def main(argv):
       'devices': [str(d) for d in jax.devices()], 'machine': cpu_model(),
       'cpu_count': os.cpu_count(), 'jax': jax.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'ld_preload': os.environ.get('LD_PRELOAD', ''),
+      'xla_python_client_preallocate': os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE', ''),
       **timm_info, 'results': [],
   }
   results = summary['results']
@@ -437,8 +462,10 @@ if __name__ == '__main__':
   _TIMM = flags.DEFINE_bool('timm', True, 'Time timm beside ours if it imports.')
   _TIMM_COMPILE = flags.DEFINE_bool('timm_compile', False,
                                     "Run timm's model through torch.compile (compiled at warm-up).")
-  _THREADS = flags.DEFINE_integer('torch_threads', None, 'torch threads; default: CPU count.')
+  _THREADS = flags.DEFINE_integer('torch_threads', None, 'torch threads; default: CPU count.',
+                                  lower_bound=1)
   _PEAK_SIZE = flags.DEFINE_integer(
-      'peak_size', None, 'Side of the peak matmul (in --dtype); default: 2048 on CPU, 8192 elsewhere.')
+      'peak_size', None,
+      'Side of the peak matmul (in --dtype); default: 2048 on CPU, 8192 elsewhere.', lower_bound=1)
   _OUTPUT = flags.DEFINE_string('output', '', 'Write the results here as JSON.')
   app.run(main)

@@ -1,7 +1,9 @@
 """Parameter and FLOP report of a model.
 
-FLOPs come from XLA's cost analysis of the lowered forward pass, so they count
-every op of the model (attention, masks, resampling), not a hand formula.
+Two FLOP counts, neither a hand formula: forward_flops, XLA's cost analysis of
+the lowered forward pass (every op: attention, masks, resampling), which the
+report prints; matmul_flops, the matmuls and convolutions of its jaxpr alone,
+which model-FLOPs utilization divides (benchmarks/throughput.py).
 
 Usage: python -m hierarchical_vit.report --config=configs/fashion_mnist.py
 """
@@ -90,17 +92,15 @@ def _jaxpr_matmul_flops(jaxpr: jax.extend.core.Jaxpr) -> float:
       # counting each body once would be wrong, silently.
       raise ValueError(f'matmul_flops cannot count a {eqn.primitive.name!r} in the '
                                 'forward; use forward_flops')
-    if eqn.primitive.name in ('dot_general', 'conv_general_dilated'):
-      out = eqn.outvars[0].aval.shape
     if eqn.primitive.name == 'dot_general':
       (contracting, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval.shape
-      total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in contracting)
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
     elif eqn.primitive.name == 'conv_general_dilated':
       # Each output element takes one multiply-add per kernel entry feeding it.
       rhs = eqn.invars[1].aval.shape
       out_features = rhs[eqn.params['dimension_numbers'].rhs_spec[0]]
-      total += 2.0 * math.prod(out) * math.prod(rhs) / out_features
+      total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / out_features
     repeats = eqn.params['length'] if eqn.primitive.name == 'scan' else 1
     total += repeats * sum(_jaxpr_matmul_flops(sub) for sub in _sub_jaxprs(eqn.params.values()))
   return total

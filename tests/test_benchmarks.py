@@ -52,8 +52,16 @@ def test_paired_ratio_compares_the_sides_within_each_round():
   # medians would read 2.5 / 1.5 = 1.67.
   ratio = throughput.paired_ratio([1.0, 1.0, 2.0, 4.0], [2.0, 1.0, 3.0, 4.0])
   assert ratio == {'median': 1.25, 'min': 1.0, 'max': 2.0}
-  with pytest.raises(ValueError, match='one timm time per round'):
+  with pytest.raises(ValueError, match='one reference time per round'):
     throughput.paired_ratio([1.0, 1.0], [1.0])
+
+
+def test_torch_runs_where_jax_runs_and_its_setup_is_recorded():
+  with pytest.raises(RuntimeError, match=r"JAX runs on 'tpu' but torch on 'cpu'"):
+    throughput.setup_torch('tpu', None)  # timm has no TPU side: a ratio would mean nothing.
+  info = throughput.setup_torch('cpu', None)
+  assert info['timm_device'] == 'cpu' and info['torch_threads'] == os.cpu_count()
+  assert info['float32_matmuls'] == 'float32'
 
 
 def test_bfloat16_runs_both_sides_in_bfloat16():
@@ -134,38 +142,43 @@ def test_timm_for_builds_one_reference_for_every_variant_of_ours():
 
 
 class _Timed:
-  """A contestant whose step takes `seconds` per round, recorded per call."""
+  """A contestant whose step takes `seconds` per round; each call goes to `log`."""
 
-  def __init__(self, seconds):
-    self.seconds = iter(seconds)
+  def __init__(self, name, seconds, log):
+    self.name, self.seconds, self.log = name, iter(seconds), log
 
   def __call__(self, steps):
+    self.log.append((self.name, steps))
     return 0.0 if steps == 1 else next(self.seconds)  # The warm-up step is not timed.
 
 
 def test_benchmark_pairs_each_of_ours_with_its_timm_counterpart(monkeypatch):
   """Stubbed contestants with known times: the ratios are timm / ours per
-  round (train with train, eval with eval), img/s and MFU follow from them."""
+  round (train with train, eval with eval), img/s and MFU follow from them;
+  each warms up once, untimed, and the peak is timed in every round."""
+  log = []
+
   class StubOurs:
     num_params, model_flops_per_image = 1000, 2e9
     train_compile_s = eval_compile_s = 1.0
 
     def __init__(self, config, batch):
-      self.train = _Timed([1.0, 1.0, 1.2])
-      self.eval = _Timed([0.5, 0.4, 0.5])
+      self.train = _Timed('ours_train', [1.0, 1.0, 1.2], log)
+      self.eval = _Timed('ours_eval', [0.5, 0.4, 0.5], log)
 
     def memory(self):
       return {}
 
   class StubTimm:
     compiled, num_params = False, 1000
-    train = _Timed([2.0, 3.0, 2.4])
-    eval = _Timed([0.25, 0.4, 1.0])
+    train = _Timed('timm_train', [2.0, 3.0, 2.4], log)
+    eval = _Timed('timm_eval', [0.25, 0.4, 1.0], log)
 
   class StubPeak:
     dtype, n = 'float32', 2048
 
     def __call__(self):
+      log.append(('peak', None))
       return 100.0
 
   monkeypatch.setattr(throughput, 'Ours', StubOurs)
@@ -176,6 +189,9 @@ def test_benchmark_pairs_each_of_ours_with_its_timm_counterpart(monkeypatch):
   assert result['ours_train_img_s'] == 32 / 1.0 and result['timm_eval_img_s'] == 32 / 0.4
   assert result['ours_train_mfu'] == pytest.approx(32 * 6.0 / 100.0)
   assert result['timm_train_mfu'] == pytest.approx(32 / 2.4 * 6.0 / 100.0)
+  order = ['ours_train', 'timm_train', 'ours_eval', 'timm_eval']
+  assert log == [(name, 1) for name in order] + 3 * [*((name, 4) for name in order),
+                                                     ('peak', None)]
 
 
 def test_timms_train_step_updates_its_weights():
