@@ -135,10 +135,19 @@ def expand_sweep(config: ml_collections.ConfigDict) -> list[Run]:
       raise ValueError(f'sweep.variants name={name!r} must match {_NAME_PATTERN.pattern}')
   if len(set(names)) != len(names):
     raise ValueError(f'sweep.variants names={names} are not unique')
-  for a, b in sweep.comparisons:
-    if a not in names or b not in names:
-      raise ValueError(f'sweep.comparisons ({a!r}, {b!r}) names a variant not in {names}')
+  for i, pair in enumerate(sweep.comparisons):
+    # A lone pair without its outer tuple, (('a', 'b'),), would unpack here as ('a', 'b').
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+            and all(isinstance(name, str) for name in pair)):
+      raise ValueError(f'sweep.comparisons[{i}]={pair!r} must be an (a, b) pair of variant '
+                       "names, e.g. comparisons=(('patch_merge', 'avg_pool'),)")
+    if pair[0] not in names or pair[1] not in names:
+      raise ValueError(f'sweep.comparisons ({pair[0]!r}, {pair[1]!r}) names a variant not in '
+                       f'{names}')
   if 'grid' in sweep:
+    missing = {'rows', 'columns', 'cell'} - set(sweep.grid)
+    if missing:
+      raise ValueError(f'sweep.grid lacks {sorted(missing)}: it needs rows, columns and cell')
     for (row, column), cell in aggregate.grid_cells(sweep.grid).items():
       if cell not in names:
         raise ValueError(f'sweep.grid cell (row {row!r}, column {column!r}) = {cell!r} '
@@ -342,14 +351,16 @@ def read_metrics(workdir: str) -> list[dict[str, float]]:
   return [merged[k] for k in sorted(merged)]
 
 
-def eval_curve(records: Sequence[dict], metric: str) -> list[dict[str, float]]:
-  """[{'step', 'epoch', 'value' (of metric), 'loss'}] of every evaluation, by step.
+def eval_curve(records: Sequence[dict]) -> list[dict[str, float]]:
+  """[{'step', 'epoch', 'eval/...': every eval metric}] of every evaluation, by
+  step: all of them, since sweep.metric may change after the runs finished
+  (it is not part of what a run trains, config_fingerprint).
 
   The trainer logs train scalars (with train/epoch) at every eval step.
   """
   epochs = {r['step']: r['train/epoch'] for r in records if 'train/epoch' in r}
   return [{'step': r['step'], 'epoch': epochs.get(r['step']),
-           'value': r.get(metric), 'loss': r.get('eval/loss')}
+           **{k: v for k, v in r.items() if k.startswith('eval/')}}
           for r in records if 'eval/loss' in r]
 
 
@@ -399,7 +410,7 @@ def summarize(sweep: str, run: Run, records: Sequence[dict], cost: dict[str, flo
       # trained elsewhere or resumed from a late checkpoint.
       'wall_time_s': wall_time_s, 'resumed': resumed,
       'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-      'curve': eval_curve(records, run.config.sweep.metric),
+      'curve': eval_curve(records),
   }
 
 

@@ -25,6 +25,7 @@ configs/cifar.py does) gives logits that differ at ~1e-3 in timm.
 
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from absl import app, flags, logging
@@ -79,6 +80,17 @@ def main(argv: Sequence[str]) -> None:
   logging.info('Wrote %s.', args.output)
 
 
+# Each mode's flags are refused in the other, not silently ignored: a run's
+# checkpoint carries its own architecture, and a weights file has no steps.
+def workdir_takes_no_model_flags(values: dict[str, Any]) -> bool:
+  return values['workdir'] is None or (
+      values['preset'] == 'swin_t' and all(values[name] is None for name in _OVERRIDE_FIELDS))
+
+
+def input_takes_no_step(values: dict[str, Any]) -> bool:
+  return values['input'] is None or values['step'] == '-1'
+
+
 def _ints(values: list[str] | None) -> bool:
   return values is None or all(v.strip().isdigit() for v in values)
 
@@ -107,6 +119,13 @@ def define_flags() -> None:
   flags.register_multi_flags_validator(
       ['input', 'workdir'], lambda f: (f['input'] is None) != (f['workdir'] is None),
       message='Give exactly one of --input (a weights file) and --workdir (a train.py run).')
+  flags.register_multi_flags_validator(
+      ['workdir', 'preset', *_OVERRIDE_FIELDS], workdir_takes_no_model_flags,
+      message='With --workdir the architecture is the run\'s own: drop --preset and the '
+      f'model flags (--{", --".join(_OVERRIDE_FIELDS)}).')
+  flags.register_multi_flags_validator(
+      ['input', 'step'], input_takes_no_step,
+      message='--step selects a checkpoint of --workdir; a weights file (--input) has none.')
   flags.register_validator('depths', _ints, message='--depths must be comma-separated ints, '
                            'e.g. 2,2,6,2.')
   flags.register_validator('num_heads', _ints, message='--num_heads must be comma-separated '

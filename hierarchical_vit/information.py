@@ -24,8 +24,11 @@ its reduction is learned, by the best any learned map of its shape can do:
                        where it costs 2 of 4C dimensions.)
   avg_pool, max_pool   the 2x2 mean / maximum per channel (C).
   depthwise_conv_pool  PiT: per channel, 2 learned linear maps of the 3x3
-                       window around the block; bounded by reduced-rank
-                       regression (rank 2 per channel).
+                       window around the block; reduced-rank regression
+                       (rank 2) per channel, each channel's block rebuilt from
+                       its own 2 features: the bound at C = 1; above, an
+                       upper bound, as an inverse could also read the other
+                       channels' features (and a joint fit has no closed form).
   blur_merge           a 3-tap binomial blur, then merging: the best rank-2C
                        map of the blurred block (reduced-rank regression);
                        never below patch_merge's PCA bound.
@@ -138,7 +141,9 @@ def _reduced_rank_prediction(x_train: Array, y_train: Array, x_test: Array, rank
 
 def reduced_rank_error(train: Array, test: Array, rank: int = 2) -> float:
   """Per channel: the best rank-`rank` linear map of the 3x3 window, then its
-  best inverse to the channel's 2x2 block."""
+  best inverse to the channel's 2x2 block (from that channel's features only:
+  an upper bound of depthwise_conv_pool's loss at C > 1, see the module
+  docstring)."""
   squared, total = 0.0, 0.0
   for c in range(train.shape[-1]):
     x_train = _tokens(_windows3(train[..., c:c + 1])[..., 0])
@@ -269,8 +274,10 @@ if __name__ == '__main__':
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment (or sweep) config.')
   flags.mark_flag_as_required('config')
   _OUTPUT = flags.DEFINE_string('output', '', 'Where to write the JSON result (optional).')
-  _NUM_TRAIN = flags.DEFINE_integer('num_train', 2000, 'Training-split images to fit on.')
-  _NUM_TEST = flags.DEFINE_integer('num_test', 1000, 'Held-out eval-split images to measure on.')
+  _NUM_TRAIN = flags.DEFINE_integer('num_train', 2000, 'Training-split images to fit on.',
+                                    lower_bound=1)
+  _NUM_TEST = flags.DEFINE_integer('num_test', 1000, 'Held-out eval-split images to measure on.',
+                                   lower_bound=1)
   _RUN_DIRS = flags.DEFINE_list(
       'run_dirs', [], 'Finished runs or glob patterns (e.g. WORKDIR/runs/avg_pool-seed0) '
       'whose stage-0 features and trained first downsampler to measure too.')

@@ -455,13 +455,20 @@ def _check_timm_downsamplers(model: nnx.Module) -> None:
 
 
 def _check_timm_windows(model: nnx.Module) -> None:
-  """Raises ValueError where a shifted block's token map pads to its windows.
+  """Raises ValueError where an image pads to its patches, or a shifted
+  block's token map to its windows.
 
   Ours pads before the shift (as the Swin authors' backbone), timm after it,
   so on such maps timm's mask lets other tokens meet (layers/swin.py) and the
   exported weights would compute another function, without an error.
   """
   encoder = getattr(model, 'encoder', None)
+  patch = getattr(getattr(encoder, 'stem', None), 'patch_size', 1)
+  size = getattr(encoder, 'img_size', (0, 0))
+  if size[0] % patch or size[1] % patch:
+    raise ValueError(f'model.img_size={size[0]}x{size[1]} is not a multiple of model.patch_size='
+                     f"{patch}: ours pads the last patches, timm's patch embedding drops them, so "
+                     'timm would compute another function. Save as .npz.')
   for i, (stage, res) in enumerate(zip(getattr(encoder, 'stages', ()),
                                        getattr(encoder, 'resolutions', ()))):
     if stage.global_attention and max(res) > stage.window_size:

@@ -54,7 +54,7 @@ class Encoder(nnx.Module):
                window_size: int, global_attention: Sequence[int], downsample: str,
                downsample_options: dict, drop_path_rate: float, rngs: nnx.Rngs,
                dtype: DTypeLike | None = None, **block_kwargs):
-    self.in_chans = in_chans
+    self.in_chans, self.img_size = in_chans, tuple(img_size)
     self.stem = STEMS[stem](in_chans, embed_dim, patch_size, rngs=rngs, dtype=dtype)
     rates = np.linspace(0.0, drop_path_rate, sum(depths)).tolist()
     self.resolutions = stage_resolutions(img_size, patch_size, len(depths))

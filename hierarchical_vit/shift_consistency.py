@@ -231,7 +231,7 @@ def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0,
   examples = data.iter_eval_examples(config.data, config.data.eval_split, count, margin)
   trained = trainer.restore_trained(config, run_dir)
   return {**shift_metrics(classifier(trained), examples, count, max_shift, seed, shift),
-          'step': trained.step}
+          'step': trained.step, 'num_images': count}
 
 
 def main(argv):
@@ -249,7 +249,9 @@ def main(argv):
   print(markdown_table(summary))
   if _OUTPUT.value:
     files.write_json(_OUTPUT.value, {
-        'num_images': _NUM_IMAGES.value, 'max_shift': _MAX_SHIFT.value, 'seed': _SEED.value,
+        # What every run was measured on: --num_images, or a smaller split.
+        'num_images': min(run['num_images'] for run in runs.values()),
+        'max_shift': _MAX_SHIFT.value, 'seed': _SEED.value,
         'shift': _SHIFT.value, 'runs': runs, 'variants': summary})
     print(f'Wrote {_OUTPUT.value}')
 
@@ -260,10 +262,11 @@ if __name__ == '__main__':
   _RUN_DIRS = flags.DEFINE_list(
       'run_dirs', None, 'Finished classification runs (train.py workdirs), or glob '
       "patterns such as 'WORKDIR/runs/*'.", required=True)
-  _NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Eval-split images to measure on.')
+  _NUM_IMAGES = flags.DEFINE_integer('num_images', 2000, 'Eval-split images to measure on.',
+                                     lower_bound=1)
   _MAX_SHIFT = flags.DEFINE_integer(
       'max_shift', 2, 'Largest shift, in pixels, per axis (circular: within the blank '
-      'border; crop: 16 for ImageNet at 224).')
+      'border; crop: 16 for ImageNet at 224).', lower_bound=1)
   _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the random offsets.')
   _SHIFT = flags.DEFINE_enum('shift', 'circular', sorted(SHIFTS),
                              'circular (wrap around), edge (translate, fill with the edge) '

@@ -163,6 +163,11 @@ def test_bad_sweeps_raise():
   with pytest.raises(ValueError, match=r"sweep.metric='eval/acuracy' is not an eval metric of "
                                        r"task 'classification'.*'eval/top5_accuracy'"):
     ablate.expand_sweep(config)
+  config = sweep_config()
+  config.sweep.comparisons = ('patch_merge', 'avg_pool')  # The outer tuple forgotten.
+  with pytest.raises(ValueError, match=r"sweep.comparisons\[0\]='patch_merge' must be an "
+                                       r'\(a, b\) pair of variant names'):
+    ablate.expand_sweep(config)
 
 
 @pytest.mark.parametrize('task', sorted(tasks.TASKS))
@@ -221,7 +226,8 @@ def test_skips_local_and_committed_results(tmp_path):
   assert (result['params'], result['steps'], result['seed']) == (500, NUM_STEPS, 1)
   assert result['train_img_per_sec'] == 300.0  # Median of 200, 400.
   assert [p['epoch'] for p in result['curve']] == [0.5, 1.0]
-  assert [p['value'] for p in result['curve']] == pytest.approx([0.805, 0.81])
+  assert [p['eval/accuracy'] for p in result['curve']] == pytest.approx([0.805, 0.81])
+  assert all('eval/loss' in p for p in result['curve'])  # Every eval metric: any can be plotted.
   assert (tmp_path / 'committed/toy/runs/avg_pool-seed1.json').exists()
 
   sweep.execute(sweep.runs, trainer, fake_cost)  # Local results: nothing to do.
@@ -438,8 +444,26 @@ def test_paired_difference_by_hand_and_against_scipy():
   low, high = scipy_stats.ttest_rel(a, b).confidence_interval(0.9)
   diff = stats.paired_difference(a, b, confidence=0.9)
   assert (diff.ci_low, diff.ci_high) == pytest.approx((low, high), abs=1e-6)
+  assert diff.p_value == pytest.approx(scipy_stats.ttest_rel(a, b).pvalue, rel=1e-9)
   with pytest.raises(ValueError, match='two sequences of one length >= 2, got 3 and 2'):
     stats.paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+def test_p_values_in_the_far_tail_and_without_spread():
+  scipy_stats = import_optional('scipy.stats')
+  # Welch with two seeds a side can have df ~ 1, whose tail falls only as 1 / t.
+  for t, df in ((3.0, 1.0), (1e4, 1.2), (40.0, 2.5), (-2.0, 7.0)):
+    assert stats.two_sided_p(t, 1.0, df) == pytest.approx(2 * scipy_stats.t.sf(abs(t), df),
+                                                          rel=1e-9)
+  assert stats.two_sided_p(0.5, 0.0, 3) == 0.0 and stats.two_sided_p(0.0, 0.0, 3) == 1.0
+
+
+def test_holm_adjusts_step_down_by_hand():
+  # Sorted: 0.005 x 4 = 0.02, 0.01 x 3 = 0.03, 0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06
+  # (non-decreasing), each back in its place.
+  assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+  assert stats.holm([0.5, 0.9]) == [1.0, 1.0] and stats.holm([0.2]) == [0.2]
+  assert stats.holm([]) == []
 
 
 def test_comparisons_pair_only_the_seeds_both_variants_ran():
@@ -451,6 +475,9 @@ def test_comparisons_pair_only_the_seeds_both_variants_ran():
   assert ab['paired_std_error'] == pytest.approx(0.005)
   assert ab['mean'] == pytest.approx(0.93 - 0.88)  # Welch: every run of each.
   assert 'n_pairs' not in ac
+  # Two tests: Holm over both Welch p-values; the paired one is alone in its family.
+  assert [ab['p_holm'], ac['p_holm']] == stats.holm([ab['p_value'], ac['p_value']])
+  assert ab['paired_p_holm'] == ab['paired_p_value'] and 'paired_p_holm' not in ac
 
 
 def test_welch_difference_with_unequal_sizes_matches_scipy():
@@ -462,6 +489,7 @@ def test_welch_difference_with_unequal_sizes_matches_scipy():
   test = scipy_stats.ttest_ind(a, b, equal_var=False)
   assert diff.mean / diff.std_error == pytest.approx(test.statistic)
   assert 2 * scipy_stats.t.sf(abs(test.statistic), diff.df) == pytest.approx(test.pvalue)
+  assert diff.p_value == pytest.approx(test.pvalue, rel=1e-9)
   low, high = test.confidence_interval(0.9)
   assert (diff.ci_low, diff.ci_high) == pytest.approx((low, high), abs=1e-6)
   # Zero variance on both sides: the point difference; one value: refused.
@@ -477,8 +505,18 @@ def _result(variant: str, seed: int, accuracy: float) -> dict:
           'eval': {'eval/accuracy': accuracy}, 'test_loss': 0.3,
           'params': 1234567, 'gflops': 0.05, 'train_img_per_sec': 100.0 + seed,
           'wall_time_s': 1.0, 'steps': 10, 'date': '2025-01-01',
-          'curve': [{'step': 5, 'epoch': 0.5, 'value': accuracy - 0.1, 'loss': 1.0},
-                    {'step': 10, 'epoch': 1.0, 'value': accuracy, 'loss': 0.5}]}
+          'curve': [{'step': 5, 'epoch': 0.5, 'eval/accuracy': accuracy - 0.1, 'eval/loss': 1.0},
+                    {'step': 10, 'epoch': 1.0, 'eval/accuracy': accuracy, 'eval/loss': 0.5}]}
+
+
+def test_curves_give_the_metric_asked_for_and_read_committed_results():
+  point = _result('a', 0, 0.9)['curve'][1]
+  assert aggregate.curve_value(point, 'eval/accuracy') == 0.9
+  assert aggregate.curve_value(point, 'eval/loss') == 0.5
+  # Written before curves kept every metric: 'value' (the sweep's metric) and 'loss'.
+  legacy = {'step': 10, 'epoch': 1.0, 'value': 0.9, 'loss': 0.5}
+  assert aggregate.curve_value(legacy, 'eval/accuracy') == 0.9
+  assert aggregate.curve_value(legacy, 'eval/loss') == 0.5
 
 
 def test_information_column_skips_variants_with_other_downsampler_options():
@@ -573,6 +611,9 @@ def test_grid_cell_that_is_no_variant_raises():
   config.sweep.grid.cell = '{row}+{col}'
   with pytest.raises(ValueError, match=r"sweep.grid.cell='\{row\}\+\{col\}' may only use"):
     ablate.expand_sweep(config)
+  del config.sweep.grid['cell']
+  with pytest.raises(ValueError, match=r"sweep.grid lacks \['cell'\]: it needs rows, columns"):
+    ablate.expand_sweep(config)
 
 
 @pytest.fixture(scope='module')
@@ -647,20 +688,22 @@ def test_real_run_through_train_py(tmp_path, data_dir, monkeypatch):
   assert errors['trained'] == pytest.approx(information.reconstruction_error(
       lambda x: np.asarray(first(x)), f_train, f_test), rel=1e-6)
   # Shift consistency of the trained run, in-process and through its CLI.
-  measured = shift_consistency.measure_run(run_dir, num_images=20, max_shift=2)
+  # More images than the 64-image split holds: measured on the 64.
+  measured = shift_consistency.measure_run(run_dir, num_images=100, max_shift=2)
   assert measured['step'] == 2 and len(measured['diagonal']) == 2
+  assert measured['num_images'] == 64
   assert all(0 <= measured[m] <= 1 for m in shift_consistency.METRICS)
   # Crops of a 2-pixel wider view: its centre crop is the usual eval image.
-  cropped = shift_consistency.measure_run(run_dir, num_images=20, max_shift=2, shift='crop')
+  cropped = shift_consistency.measure_run(run_dir, num_images=100, max_shift=2, shift='crop')
   assert cropped['accuracy'] == measured['accuracy'] and len(cropped['diagonal']) == 2
   output = tmp_path / 'shift_consistency.json'
   cli = subprocess.run([sys.executable, '-m', 'hierarchical_vit.shift_consistency',
-                        f"--run_dirs={tmp_path / 'work/runs/*'}", '--num_images=20',
+                        f"--run_dirs={tmp_path / 'work/runs/*'}", '--num_images=100',
                         '--max_shift=2', f'--output={output}'],
                        cwd=REPO, capture_output=True, text=True, check=False)
   assert cli.returncode == 0, cli.stderr[-2000:]
   written = json.loads(output.read_text())
-  assert written['runs'] == {'avg_pool-seed0': measured}
+  assert written['runs'] == {'avg_pool-seed0': measured} and written['num_images'] == 64
   assert written['variants']['avg_pool']['num_runs'] == 1
 
 
@@ -783,3 +826,6 @@ def test_a_loss_metric_is_shown_as_it_is_not_in_percent():
   assert '| eval/loss | params' in text and '| a | 2 | 0.3600 ± 0.0141 |' in text
   assert '## Differences a − b of eval/loss (absolute)' in text
   assert '| a − b | 2, 2 | 0.0600 ± 0.0100 |' in text and '(%)' not in text.split('##')[0]
+  # t = 6 at df 1 (b has no spread); one comparison, so Holm leaves p as it is.
+  p = stats.two_sided_p(0.06, 0.01, 1.0)
+  assert f'| 1.0 | {p:.2g} | [' in text and 'Holm-adjusted over the 1 comparisons' in text

@@ -141,6 +141,16 @@ def test_export_to_timm_refuses_maps_that_pad_to_shifted_windows(tmp_path, caplo
   assert 'tanh GELU' in caplog.text
 
 
+def test_export_to_timm_refuses_an_image_that_pads_to_its_patches(tmp_path):
+  """63 pixels at patch 2: our 32 tokens a side tile every stage's windows, and
+  timm (31, flooring) would still load the tables, then compute otherwise."""
+  model = our_swin('cifar_small', img_size=63)
+  with pytest.raises(ValueError, match=r'model.img_size=63x63 is not a multiple of '
+                                       r"model.patch_size=2: ours pads the last patches"):
+    interop.save_weights(model, str(tmp_path / 'timm.safetensors'))
+  interop.save_weights(model, str(tmp_path / 'ours.npz'))
+
+
 def timm_to_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
   """microsoft/Swin-Transformer's layout: downsample at the END of stage i - 1,
   head 'head.*', and the persistent index / mask buffers it saves."""
@@ -306,6 +316,19 @@ def test_init_from_resizes_bias_tables_and_reinitializes_head(tmp_path):
 def _convert(*args: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, '-m', 'hierarchical_vit.convert', *args], cwd=REPO,
                         capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_convert_refuses_the_flags_of_the_other_mode():
+  """--workdir exports a run's own architecture: a --preset or model flag
+  would be ignored; --input is a weights file, which has no --step."""
+  run = {'workdir': 'w', 'preset': 'swin_t', **{k: None for k in convert._OVERRIDE_FIELDS}}
+  assert convert.workdir_takes_no_model_flags(run)
+  assert not convert.workdir_takes_no_model_flags({**run, 'num_classes': 10})
+  assert not convert.workdir_takes_no_model_flags({**run, 'preset': 'cifar_small'})
+  assert convert.workdir_takes_no_model_flags({**run, 'workdir': None, 'num_classes': 10})
+  assert convert.input_takes_no_step({'input': 'a.npz', 'step': '-1'})
+  assert not convert.input_takes_no_step({'input': 'a.npz', 'step': 'best'})
+  assert convert.input_takes_no_step({'input': None, 'step': 'best'})
 
 
 def test_convert_cli_writes_what_timm_loads_and_refuses_bad_flags(tmp_path):

@@ -7,12 +7,13 @@
                               if information.json / shift_consistency.json are
                               there); the sweep's grid, if it has one; its
                               comparisons a - b with Welch 95% confidence
-                              intervals, and paired-by-seed ones
-  metric_vs_params.png        metric vs parameters, ±1 std error bars
+                              intervals, and paired-by-seed ones, and
+                              Holm-adjusted t-test p-values
+  metric_vs_params.png        metric vs parameters, ±1 sample std error bars
   metric_vs_gflops.png        metric vs forward GFLOPs per image
   learning_curves.png         eval metric per epoch, mean ± std over seeds
   grid.png                    (sweeps with a grid) metric per cell, bars
-                              grouped by row, ±1 std error bars
+                              grouped by row, ±1 sample std error bars
 
 A crossed sweep (e.g. upsampler x downsampler) names its layout in
 `sweep.grid`: {'rows': (...), 'columns': (...), 'cell': '{column}+{row}'},
@@ -82,9 +83,12 @@ def variant_table(results: Sequence[Result], metric: str) -> list[dict[str, Any]
 
 def comparison_table(results: Sequence[Result], metric: str,
                      comparisons: Sequence[Sequence[str]]) -> list[dict[str, Any]]:
-  """Per (a, b) with >= 2 runs each: mean(a) - mean(b), its std error and Welch
-  95% CI; with >= 2 seeds run by both, also the paired-by-seed interval
-  (n_pairs, paired_std_error, paired_ci_low, paired_ci_high)."""
+  """Per (a, b) with >= 2 runs each: mean(a) - mean(b), its std error, Welch
+  95% CI and t-test p-value; with >= 2 seeds run by both, also the paired-by-
+  seed interval and p-value (n_pairs, paired_std_error, paired_ci_low,
+  paired_ci_high, paired_p_value). p_holm / paired_p_holm adjust the p-values
+  over the table's comparisons (stats.holm): a sweep makes many, and at 5%
+  each, one in twenty true nulls would read as a difference."""
   groups = by_variant(results)
   rows = []
   for a, b in comparisons:
@@ -99,8 +103,13 @@ def comparison_table(results: Sequence[Result], metric: str,
       paired = stats.paired_difference([by_seed_a[s] for s in seeds],
                                        [by_seed_b[s] for s in seeds])
       row.update(n_pairs=len(seeds), paired_std_error=paired.std_error,
-                 paired_ci_low=paired.ci_low, paired_ci_high=paired.ci_high)
+                 paired_ci_low=paired.ci_low, paired_ci_high=paired.ci_high,
+                 paired_p_value=paired.p_value)
     rows.append(row)
+  for p_key, holm_key in (('p_value', 'p_holm'), ('paired_p_value', 'paired_p_holm')):
+    tested = [row for row in rows if p_key in row]
+    for row, adjusted in zip(tested, stats.holm([row[p_key] for row in tested])):
+      row[holm_key] = adjusted
   return rows
 
 
@@ -189,19 +198,25 @@ def markdown(results: Sequence[Result], sweep: ml_collections.ConfigDict,
   rows = comparison_table(results, metric, sweep.comparisons)
   if rows:
     lines += ['', f'## Differences a − b of {metric} ({difference_unit})', '',
-              'Δ ± standard error, Welch t 95% confidence interval (df = Welch–Satterthwaite). '
-              'Paired: the t interval of the per-seed differences (df = n − 1) over the seeds '
-              'both ran; runs of one seed share data order and augmentation, so it can be '
-              'tighter. An interval containing 0 means the seeds cannot tell a from b.', '',
-              '| a − b | n | Δ ± s.e. | 95% CI | df | paired 95% CI (n) |',
-              '|---|---|---|---|---|---|']
+              'Δ ± standard error, Welch t 95% confidence interval (df = Welch–Satterthwaite) '
+              "and the Welch t-test's p-value. Paired: the same over the per-seed differences "
+              '(df = n − 1) of the seeds both ran; runs of one seed share data order and '
+              'augmentation, so it can be tighter. Each interval is for its comparison alone; '
+              f'the p-values are Holm-adjusted over the {len(rows)} comparisons of the table, so '
+              'read a difference as shown where its adjusted p < 0.05 (the chance that any '
+              'of them is a false one then stays under 5%).', '',
+              '| a − b | n | Δ ± s.e. | 95% CI | df | p (Holm) | paired 95% CI (n) | '
+              'paired p (Holm) |',
+              '|---|---|---|---|---|---|---|---|']
     for r in rows:
-      paired = (f'[{show(r["paired_ci_low"])}, {show(r["paired_ci_high"])}] '
-                f'({r["n_pairs"]})' if 'n_pairs' in r else '–')
+      paired, paired_p = '–', '–'
+      if 'n_pairs' in r:
+        paired = f'[{show(r["paired_ci_low"])}, {show(r["paired_ci_high"])}] ({r["n_pairs"]})'
+        paired_p = f'{r["paired_p_holm"]:.2g}'
       lines.append(f'| {r["a"]} − {r["b"]} | {r["n_a"]}, {r["n_b"]} | '
                    f'{show(r["mean"])} ± {show(r["std_error"])} | '
                    f'[{show(r["ci_low"])}, {show(r["ci_high"])}] | {r["df"]:.1f} | '
-                   f'{paired} |')
+                   f'{r["p_holm"]:.2g} | {paired} | {paired_p} |')
   return '\n'.join(lines) + '\n'
 
 
@@ -261,6 +276,15 @@ def plot_cost(results: Sequence[Result], metric: str, cost: str, path: str) -> N
   plt.close(fig)
 
 
+def curve_value(point: dict[str, float], metric: str) -> float:
+  """`metric` at a point of a result's 'curve'. Results written before curves
+  kept every eval metric (docs/results/) have 'value', the sweep.metric of
+  then (every committed sweep's current one), and 'loss'."""
+  if metric in point:
+    return point[metric]
+  return point['loss'] if metric == 'eval/loss' else point['value']
+
+
 def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> None:
   """The eval metric per epoch: mean over a variant's seeds, shaded ± std.
 
@@ -271,7 +295,8 @@ def plot_learning_curves(results: Sequence[Result], metric: str, path: str) -> N
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for variant, group in by_variant(results).items():
     length = min(len(r['curve']) for r in group)
-    values = factor * np.array([[p['value'] for p in r['curve'][:length]] for r in group])
+    values = factor * np.array([[curve_value(p, metric) for p in r['curve'][:length]]
+                                for r in group])
     curve = group[0]['curve'][:length]
     x = [p['epoch'] if p['epoch'] is not None else p['step'] for p in curve]
     mean, std = values.mean(0), values.std(0, ddof=1) if len(group) > 1 else 0

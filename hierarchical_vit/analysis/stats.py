@@ -1,4 +1,4 @@
-"""Small-sample statistics for seed sweeps, numpy only.
+"""Small-sample statistics for seed sweeps.
 
 With 3 seeds per variant a normal approximation understates the uncertainty
 badly (z = 1.96 vs t = 4.30 at 2 degrees of freedom), so differences get
@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy import special
 
 
 def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
@@ -59,14 +60,48 @@ def t_quantile(p: float, df: float) -> float:
   return (lo + hi) / 2
 
 
+def two_sided_p(mean: float, std_error: float, df: float) -> float:
+  """The two-sided p-value of the t statistic mean / std_error under `df`:
+  I_{df / (df + t^2)}(df / 2, 1 / 2), the regularized incomplete beta (exact
+  in the far tail, where t_cdf's quadrature is not: at df ~ 1, Welch's with
+  two seeds, the tail decays only as 1 / t).
+
+  A zero standard error gives 0 for a nonzero mean (no spread, yet a
+  difference) and 1 for a zero one.
+  """
+  if std_error == 0:
+    return 1.0 if mean == 0 else 0.0
+  t = mean / std_error
+  return float(special.betainc(df / 2, 0.5, df / (df + t * t)))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm's step-down adjustment of m p-values (Holm 1979), in their order.
+
+  Rejecting where the adjusted p < alpha keeps the chance of any false
+  rejection among the m at most alpha, as Bonferroni does, with more power:
+  the i-th smallest p is multiplied by m - i (i from 0), and the adjusted
+  values are made non-decreasing in that order.
+  """
+  m = len(p_values)
+  adjusted = [0.0] * m
+  running = 0.0
+  for rank, index in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+    running = max(running, min(1.0, (m - rank) * p_values[index]))
+    adjusted[index] = running
+  return adjusted
+
+
 @dataclasses.dataclass(frozen=True)
 class Difference:
-  """mean(a) - mean(b) with its standard error and Welch confidence interval."""
+  """mean(a) - mean(b) with its standard error, confidence interval and
+  two-sided t-test p-value (unadjusted)."""
   mean: float
   std_error: float
   df: float
   ci_low: float
   ci_high: float
+  p_value: float
 
 
 def welch_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
@@ -84,11 +119,11 @@ def welch_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
   diff = float(a.mean() - b.mean())
   se = math.sqrt(va + vb)
   if se == 0:
-    return Difference(diff, 0.0, math.inf, diff, diff)
+    return Difference(diff, 0.0, math.inf, diff, diff, two_sided_p(diff, 0.0, math.inf))
   # Welch-Satterthwaite degrees of freedom.
   df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
   half = t_quantile(0.5 + confidence / 2, df) * se
-  return Difference(diff, se, df, diff - half, diff + half)
+  return Difference(diff, se, df, diff - half, diff + half, two_sided_p(diff, se, df))
 
 
 def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray,
@@ -107,6 +142,6 @@ def paired_difference(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.n
   diff, df = float(d.mean()), d.size - 1
   se = float(d.std(ddof=1)) / math.sqrt(d.size)
   if se == 0:
-    return Difference(diff, 0.0, df, diff, diff)
+    return Difference(diff, 0.0, df, diff, diff, two_sided_p(diff, 0.0, df))
   half = t_quantile(0.5 + confidence / 2, df) * se
-  return Difference(diff, se, df, diff - half, diff + half)
+  return Difference(diff, se, df, diff - half, diff + half, two_sided_p(diff, se, df))
