@@ -10,9 +10,11 @@ ml_collections' own hint ('Did you mean ...').
 and the multi-process flags of train.py and eval.py (`define_distributed_flags`).
 """
 
+import glob
+import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from absl import app
 from absl import flags
@@ -83,3 +85,21 @@ def define_distributed_flags() -> Callable[[], None]:
       'distributed_timeout', 300, 'Seconds to wait for all processes to join.')
   return lambda: parallel.initialize_distributed(coordinator.value, num_processes.value,
                                                  process_id.value, timeout.value)
+
+
+def expand_run_dirs(patterns: Sequence[str]) -> list[str]:
+  """Run directories from paths or glob patterns, in order, each once; only
+  those with a config.json (a train.py workdir)."""
+  dirs = []
+  for pattern in patterns:
+    matches = sorted(glob.glob(pattern)) or [pattern]
+    dirs += [d for d in matches if d not in dirs]
+  missing = [d for d in dirs if not os.path.isfile(os.path.join(d, 'config.json'))]
+  if missing:
+    raise FileNotFoundError(f'--run_dirs: no config.json (not a train.py workdir) in {missing}')
+  names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    # Results are keyed by the directory's name: one would overwrite another.
+    raise ValueError(f'--run_dirs: several runs named {repeated}; measure them separately')
+  return dirs

@@ -60,7 +60,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from hierarchical_vit import cli, data, files, resampling, shift_consistency
+from hierarchical_vit import cli, data, files, resampling
 from hierarchical_vit.resampling import antialias, downsample
 from hierarchical_vit.training import trainer
 
@@ -250,7 +250,7 @@ def check_runs_match(config: ml_collections.ConfigDict, run_dirs: Sequence[str])
 def main(argv):
   del argv
   config = _CONFIG.value
-  run_dirs = shift_consistency.expand_run_dirs(_RUN_DIRS.value)
+  run_dirs = cli.expand_run_dirs(_RUN_DIRS.value)
   check_runs_match(config, run_dirs)  # Before the measures, which take minutes.
   train = data.load_eval_examples(config.data, config.data.train_split, _NUM_TRAIN.value)[0]
   test = data.load_eval_examples(config.data, config.data.eval_split, _NUM_TEST.value)[0]

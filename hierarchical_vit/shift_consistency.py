@@ -45,10 +45,9 @@ names them) the mean and standard deviation over seeds.
 
 import collections
 import dataclasses
-import glob
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +55,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from hierarchical_vit import data, files
+from hierarchical_vit import cli, data, files
 from hierarchical_vit.analysis import stats
 from hierarchical_vit.training import trainer
 
@@ -184,24 +183,6 @@ def by_variant(runs: dict[str, dict]) -> dict[str, dict]:
   return summary
 
 
-def expand_run_dirs(patterns: Sequence[str]) -> list[str]:
-  """Run directories from paths or glob patterns, in order, each once; only
-  those with a config.json (a train.py workdir)."""
-  dirs = []
-  for pattern in patterns:
-    matches = sorted(glob.glob(pattern)) or [pattern]
-    dirs += [d for d in matches if d not in dirs]
-  missing = [d for d in dirs if not os.path.isfile(os.path.join(d, 'config.json'))]
-  if missing:
-    raise FileNotFoundError(f'--run_dirs: no config.json (not a train.py workdir) in {missing}')
-  names = [os.path.basename(os.path.normpath(d)) for d in dirs]
-  repeated = sorted({n for n in names if names.count(n) > 1})
-  if repeated:
-    # Results are keyed by the directory's name: one would overwrite another.
-    raise ValueError(f'--run_dirs: several runs named {repeated}; measure them separately')
-  return dirs
-
-
 def markdown_table(summary: dict[str, dict]) -> str:
   lines = ['| variant | runs | consistency (%) | accuracy (%) | shifted accuracy (%) |',
            '|---|---|---|---|---|']
@@ -237,7 +218,7 @@ def measure_run(run_dir: str, num_images: int, max_shift: int, seed: int = 0,
 def main(argv):
   del argv
   runs = {}
-  run_dirs = expand_run_dirs(_RUN_DIRS.value)
+  run_dirs = cli.expand_run_dirs(_RUN_DIRS.value)
   for run_dir in run_dirs:  # All refused up front, not after minutes of measuring.
     classifier_config(run_dir)
   for run_dir in run_dirs:

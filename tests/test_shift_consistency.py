@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import base
+from hierarchical_vit import cli
 from hierarchical_vit import shift_consistency as sc
 from hierarchical_vit.models import build_model
 from hierarchical_vit.training import trainer
@@ -156,16 +157,16 @@ def test_expand_run_dirs_globs_dedupes_and_checks(tmp_path):
     (tmp_path / name).mkdir()
     (tmp_path / name / 'config.json').write_text(json.dumps({}))
   (tmp_path / 'notes').mkdir()
-  dirs = sc.expand_run_dirs([str(tmp_path / '*-seed0'), str(tmp_path / 'a-seed0')])
+  dirs = cli.expand_run_dirs([str(tmp_path / '*-seed0'), str(tmp_path / 'a-seed0')])
   assert dirs == [str(tmp_path / 'a-seed0'), str(tmp_path / 'b-seed0')]
   with pytest.raises(FileNotFoundError, match='notes'):
-    sc.expand_run_dirs([str(tmp_path / '*')])
+    cli.expand_run_dirs([str(tmp_path / '*')])
   with pytest.raises(FileNotFoundError, match='missing'):
-    sc.expand_run_dirs([os.path.join(tmp_path, 'missing')])
+    cli.expand_run_dirs([os.path.join(tmp_path, 'missing')])
   (tmp_path / 'other' / 'a-seed0').mkdir(parents=True)
   (tmp_path / 'other' / 'a-seed0' / 'config.json').write_text(json.dumps({}))
   with pytest.raises(ValueError, match=r"several runs named \['a-seed0'\]"):
-    sc.expand_run_dirs([str(tmp_path / '*-seed0'), str(tmp_path / 'other' / '*')])
+    cli.expand_run_dirs([str(tmp_path / '*-seed0'), str(tmp_path / 'other' / '*')])
 
 
 def _fake_run(path, task: str = 'classification', name: str = 'fashion_mnist',
