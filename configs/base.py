@@ -146,7 +146,13 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9                 # AdamW moment decay rates.
   t.b2 = 0.999
   t.grad_clip_norm = 5.0     # Global-norm clipping; 0 = off.
-  t.grad_accum_steps = 1     # Micro-batches per optimizer step.
+  # Micro-batches per optimizer step; their gradients are averaged, then clipped.
+  # Classification then steps as on the whole batch. Segmentation's micro-batch
+  # losses are each a mean over their own labelled pixels (as accumulation is
+  # commonly done), so a pixel weighs more in a micro-batch with fewer labelled
+  # ones. The logged train/loss, train/accuracy and train/grad_norm are the last
+  # micro-batch's, before clipping.
+  t.grad_accum_steps = 1
   t.label_smoothing = 0.1    # Of the one-hot (or mixed) targets; 0 = off.
   t.ema_decay = 0.0          # EMA of weights (e.g. 0.9998); 0 = off.
   t.ema_warmup = False       # Decay min(ema_decay, (1 + n) / (10 + n)) at update n (TF's).
