@@ -113,7 +113,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   d.hflip = True             # Random horizontal flip (turn off for digits).
   # '' | 'trivial_augment_wide' (torchvision's TrivialAugmentWide) |
   # 'trivial_augment' (TrivialAugment in RandAugment's ranges) |
-  # 'randaugment' (torchvision's ops and ranges, magnitude on the paper's 0-10 scale) |
+  # 'randaugment' (torchvision's ops, timm's ranges: translate 0.45 of the side, not
+  #   150/331; magnitude on timm's 0-10 scale, where torchvision's RandAugment(magnitude=m)
+  #   over 31 bins is m / 3: its default 9 is 3 here) |
   # 'randaugment_timm' (timm's rand-m*-inc1, Swin's and DeiT's: fill = data mean, bicubic).
   # transforms.OpSpace lists each space's ops and ranges.
   d.augment = ''

@@ -219,8 +219,9 @@ class OpSpace:
 _TORCHVISION_OPS = ('Identity', 'AutoContrast', 'Equalize', 'Rotate', 'Solarize', 'Posterize',
                     'Color', 'Contrast', 'Brightness', 'Sharpness', 'ShearX', 'ShearY',
                     'TranslateX', 'TranslateY')
-# RandAugment's ranges (timm's, on the 0-10 scale) in torchvision's ops;
-# TrivialAugment in it is the paper's "TA (RA)".
+# RandAugment's ranges (timm's, on the 0-10 scale) in torchvision's ops, under
+# torchvision's rules (e.g. posterize rounds, enhancers are 1 +- 0.9 level);
+# TrivialAugment in it is close to the paper's "TA (RA)", not its code's rules.
 RA_SPACE = OpSpace(_TORCHVISION_OPS, rotate=30.0, shear=0.3, translate=0.45,
                    translate_pixels=False, enhance=0.9, posterize=4,
                    resample=Image.NEAREST, fill_mean=False)
