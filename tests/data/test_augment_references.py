@@ -74,9 +74,11 @@ def test_timm_space_fills_with_the_data_mean():
   assert out[0, 0, 0] == 0  # torchvision's spaces fill with 0.
 
 
-def _tv_outputs(image, name, bin_):
-  """torchvision's TrivialAugmentWide op at magnitude bin `bin_`, both signs."""
-  magnitudes, signed = tv_aa.TrivialAugmentWide()._augmentation_space(31)[name]
+def _tv_outputs(image, name, bin_, space=None):
+  """torchvision's op at magnitude bin `bin_` of 31, both signs; `space` is
+  torchvision's op space (default: TrivialAugmentWide's)."""
+  space = space or tv_aa.TrivialAugmentWide()._augmentation_space(31)
+  magnitudes, signed = space[name]
   magnitude = float(magnitudes[bin_]) if magnitudes.ndim else 0.0
   pil = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
   outs = []
@@ -101,6 +103,21 @@ def test_wide_space_ops_are_torchvisions(name, bin_, channels):
     signs = [transforms.apply_op(image, name, bin_ / 30, _Draw(u), transforms.WIDE_SPACE)
              for u in (0.1, 0.9)]
     assert not np.array_equal(*signs)  # Both of torchvision's signs, not one twice.
+
+
+@pytest.mark.parametrize('name', sorted(set(transforms.RA_SPACE.ops) - {'TranslateX',
+                                                                        'TranslateY'}))
+@pytest.mark.parametrize('bin_', [4, 22])
+def test_ra_space_ops_are_torchvisions_randaugment(name, bin_):
+  """RA_SPACE (randaugment, trivial_augment) at level k / 30, i.e. magnitude
+  10 k / 30 on its 0-10 scale, is torchvision's RandAugment at bin k of 31;
+  translations are timm's 0.45 of the side, not torchvision's 150 / 331."""
+  image = _image(40, 30, 3)
+  space = tv_aa.RandAugment()._augmentation_space(31, (40, 30))
+  expected = _tv_outputs(image, name, bin_, space)
+  for u in (0.1, 0.9):
+    ours = transforms.apply_op(image, name, bin_ / 30, _Draw(u), transforms.RA_SPACE)
+    assert any(np.array_equal(ours, e) for e in expected), (name, u)
 
 
 @pytest.mark.parametrize('shape', [(300, 451), (451, 300), (257, 259), (224, 224), (100, 80)])
