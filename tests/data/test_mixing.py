@@ -164,3 +164,27 @@ def test_both_alphas_use_both_methods_and_mix_prob_skips_batches():
                                            mix_prob=0.25)[0], images))
       for seed in range(40))
   assert 22 <= unchanged <= 38, unchanged
+
+
+def test_each_method_draws_its_weight_from_its_own_beta():
+  """Over 4000 batches with both methods on (mixup_alpha 0.2, cutmix_alpha 8):
+  mixup's weights have Beta(0.2, 0.2)'s variance 1 / (4 (2 alpha + 1)) =
+  0.179 (Beta(8, 8)'s is 0.0147); cutmix's pasted areas, clipped at the
+  borders, vary by 0.014 here, 0.060 with cutmix_alpha 0.2 (measured), so a
+  swap of the alphas, or one alpha for both, fails."""
+  ones = jnp.ones((2, 16, 16, 1)).at[1].set(0.0)  # Example 0 is 1s, its mirror 0s.
+  labels = jnp.eye(2)
+
+  def draw(key):
+    mixed, mixed_labels = mixing.mix_batch(key, ones, labels, mixup_alpha=0.2, cutmix_alpha=8.0)
+    return mixed[0], mixed_labels[0, 0]
+
+  mixed, weights = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.key(0), 4000))
+  mixed, weights = np.asarray(mixed), np.asarray(weights)
+  cutmix = np.all(np.isin(mixed, (0.0, 1.0)), axis=(1, 2, 3))
+  assert 0.45 < cutmix.mean() < 0.55
+  mixup_weights = weights[~cutmix]
+  assert mixup_weights.var(ddof=1) == pytest.approx(1 / (4 * 1.4), rel=0.1)
+  assert mixup_weights.mean() == pytest.approx(0.5, abs=0.03)
+  pasted = 1.0 - weights[cutmix]  # The mirror's share: the clipped box's area.
+  assert pasted.var(ddof=1) < 0.03
