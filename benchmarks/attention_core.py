@@ -148,7 +148,7 @@ def benchmark_case(case: dict[str, Any], cores: list[str], dtype: str, reps: int
       rows[name][f'{mode}_ms'] = 1e3 * statistics.median(times[name, mode])
       rows[name][f'{mode}_speedup'] = throughput.paired_ratio(times[name, mode],
                                                               times['einsum', mode])['median']
-  return [rows[name] for name in _reported(cores)]
+  return list(rows.values())  # In _reported's order.
 
 
 def _reported(cores: list[str]) -> list[str]:

@@ -308,8 +308,7 @@ def format_summary(result: dict[str, Any], rows: int) -> str:
 def main(argv):
   del argv
   if _TIMM.value:
-    # Else JAX's client takes 75% of a GPU's memory before timm's model exists.
-    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+    throughput.leave_gpu_memory_to_torch()
   result = profile(_CONFIG.value, _MODE.value, _GELU.value, _BATCH.value, _STEPS.value,
                    _DTYPE.value, _ATTENTION.value, _TRACE_OUT.value)
   print(format_summary(result, _ROWS.value))

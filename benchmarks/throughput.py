@@ -395,11 +395,16 @@ def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
   return platform.processor() or platform.machine()
 
 
+def leave_gpu_memory_to_torch() -> None:
+  """Before JAX's first use, where timm runs beside ours: JAX's client would
+  otherwise take 75% of a GPU's memory before timm's model exists."""
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+
 def main(argv):
   del argv
   if _TIMM.value:
-    # Else JAX's client takes 75% of a GPU's memory before timm's model exists.
-    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+    leave_gpu_memory_to_torch()
   backend = jax.default_backend()
   names = _CONFIGS.value or (['small', 'swin_t_32'] if backend == 'cpu' else list(CONFIGS))
   with_timm = _TIMM.value and _timm_available()

@@ -6,17 +6,26 @@ import contextlib
 import json
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 
 @contextlib.contextmanager
-def _replacing(path: str, tmp: str) -> Iterator[None]:
-  """Renames `tmp` over `path` once the block has written it, and flushes the
-  rename to disk; removes `tmp` if the block fails."""
+def _atomic(path: str, mode: str, **open_kwargs: Any) -> Iterator[IO]:
+  """A file of this process beside `path` (creating its directory), opened in
+  `mode`, renamed over `path` once the block has written it; removed if the
+  block fails.
+
+  The data and then the rename are flushed to disk (fsync): without it, a
+  machine that crashes soon after can leave the renamed file empty.
+  """
   directory = os.path.dirname(path) or '.'
   os.makedirs(directory, exist_ok=True)
+  tmp = f'{path}.{os.getpid()}.tmp'
   try:
-    yield
+    with open(tmp, mode, **open_kwargs) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -30,29 +39,15 @@ def _replacing(path: str, tmp: str) -> Iterator[None]:
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes text to path (creating its directory) via a temporary file of this
-  process beside it and an atomic rename; a failed write removes the temporary.
-
-  The data and then the rename are flushed to disk (fsync): without it, a
-  machine that crashes soon after can leave the renamed file empty.
-  """
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with _replacing(path, tmp):
-    with open(tmp, 'w', encoding='utf-8', newline='') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+  """Writes text to path atomically (_atomic)."""
+  with _atomic(path, 'w', encoding='utf-8', newline='') as f:
+    f.write(text)
 
 
 def save_figure(figure: Any, path: str, **savefig_kwargs: Any) -> None:
-  """figure.savefig(path) as write_text writes: a temporary file beside it,
-  flushed to disk, and an atomic rename. The format is path's suffix."""
-  tmp = f'{path}.{os.getpid()}.tmp'
-  with _replacing(path, tmp):
-    with open(tmp, 'wb') as f:
-      figure.savefig(f, format=os.path.splitext(path)[1][1:], **savefig_kwargs)
-      f.flush()
-      os.fsync(f.fileno())
+  """figure.savefig(path) atomically (_atomic); the format is path's suffix."""
+  with _atomic(path, 'wb') as f:
+    figure.savefig(f, format=os.path.splitext(path)[1][1:], **savefig_kwargs)
 
 
 def write_json(path: str, value: Any, indent: int = 1) -> None:

@@ -192,19 +192,6 @@ class UNet(nnx.Module):
     return on_tokens(head, y).astype(jnp.float32)
 
 
-def _options(kind: str, options: ml_collections.ConfigDict | dict, name: str) -> dict:
-  """The selected resampler's options from config.model.<kind>_options, which
-  may hold options for other registered names too (an ablation switches
-  between them); a name no registry holds is a typo, refused."""
-  options = dict(options or {})
-  registered = resampling.registry(kind)
-  unknown = sorted(set(options) - set(registered))
-  _check(not unknown, f'model.{kind}_options has options for {unknown}, not registered '
-         f'{kind}rs; valid choices: {sorted(registered)}')
-  selected = options.get(name, {})
-  return selected.to_dict() if isinstance(selected, ml_collections.ConfigDict) else dict(selected)
-
-
 def input_shape(cfg: ml_collections.ConfigDict, batch: int = 1) -> tuple[int, int, int, int]:
   """(batch, H, W, in_chans): the images a model of config.model `cfg` takes."""
   return (batch, *_pair(cfg.img_size), cfg.in_chans)
@@ -246,9 +233,9 @@ def encoder_kwargs(cfg: ml_collections.ConfigDict) -> dict:
   _check(hidden >= 1, f'model.mlp_ratio={cfg.mlp_ratio} gives stage 0 an MLP hidden width of '
          f'int({cfg.embed_dim} * {cfg.mlp_ratio}) = {hidden}; it must be >= 1')
   _check_attention(cfg, stage_resolutions(img_size, cfg.patch_size, n), global_attention)
-  downsample_options = _options('downsample', cfg.downsample_options, cfg.downsample)
   # Also for one stage, which never downsamples: the typo would resurface with more stages.
-  resampling.check_options('downsample', cfg.downsample, downsample_options)
+  downsample_options = resampling.selected_options('downsample', cfg.downsample,
+                                                   cfg.downsample_options)
   return dict(
       img_size=img_size, in_chans=cfg.in_chans, stem=cfg.stem, patch_size=cfg.patch_size,
       embed_dim=cfg.embed_dim, depths=depths, num_heads=heads, window_size=cfg.window_size,
@@ -305,9 +292,9 @@ def _build_unet(cfg: ml_collections.ConfigDict, rngs: nnx.Rngs, dtype: DTypeLike
          and all(is_int(d) and d >= 1 for d in decoder_depths),
          f'model.decoder_depths={tuple(cfg.decoder_depths)} must hold {levels} positive ints '
          '(deepest level first)')
-  upsample_options = _options('upsample', cfg.upsample_options, cfg.upsample)
-  resampling.check_options('upsample', cfg.upsample, upsample_options, reserved={
-      'factor': 'the decoder sets it (2 between levels, model.patch_size for the last)'})
+  upsample_options = resampling.selected_options(
+      'upsample', cfg.upsample, cfg.upsample_options,
+      reserved={'factor': 'the decoder sets it (2 between levels, model.patch_size for the last)'})
   return UNet(num_classes=cfg.num_classes, decoder_depths=decoder_depths,
               upsample=cfg.upsample, upsample_options=upsample_options,
               rngs=rngs, dtype=dtype, **kwargs)
@@ -322,7 +309,7 @@ def build_model(model_config: ml_collections.ConfigDict, *, rngs: nnx.Rngs,
   """Builds the model `model_config.name` names; bad fields raise ValueError naming them.
 
   check_backend=False builds a GPU attention core's model on any backend: its
-  parameters are the einsum core's (counting, converting, an abstract model).
+  parameters and FLOPs are the einsum core's (report.py, a sweep's cost).
   """
   if check_backend:
     _check_backend(model_config)

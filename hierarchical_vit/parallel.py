@@ -43,6 +43,8 @@ from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from hierarchical_vit.layers.common import is_int
+
 STRATEGIES = ('data_parallel', 'fsdp')
 # The sharding rules below name these axes: config.mesh.axes must equal them.
 AXES = ('data', 'fsdp')
@@ -214,7 +216,7 @@ def _dcn_shape(dcn_shape: tuple[int, ...], devices: list[Any]) -> tuple[int, ...
   if not dcn_shape:
     return (slices,) + (1,) * (len(AXES) - 1)
   field = f'mesh.dcn_shape={dcn_shape}'
-  if len(dcn_shape) != len(AXES) or not all(_is_int(s) and s > 0 for s in dcn_shape):
+  if len(dcn_shape) != len(AXES) or not all(is_int(s) and s > 0 for s in dcn_shape):
     raise ValueError(f'{field} is not valid: it needs one positive int per axis of {AXES}, '
                      'or () for one TPU slice per data index.')
   if slices > 1:
@@ -232,7 +234,7 @@ def _mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
   field = f'mesh.shape={shape}'
   if len(shape) != len(AXES):
     raise ValueError(f'{field} needs one size per axis of {AXES}.')
-  if not all(_is_int(s) and (s > 0 or s == -1) for s in shape):
+  if not all(is_int(s) and (s > 0 or s == -1) for s in shape):
     raise ValueError(f'{field} is not valid: each size must be a positive int or -1 '
                      '(the devices left over).')
   if shape.count(-1) > 1:
@@ -247,10 +249,6 @@ def _mesh_shape(shape: tuple[int, ...], num_devices: int) -> tuple[int, ...]:
     raise ValueError(f'{field} does not use all {num_devices} devices: the sizes must '
                      f'multiply to {num_devices}, or one of them be -1.')
   return tuple(int(s) for s in shape)
-
-
-def _is_int(x: Any) -> bool:
-  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _strategy(mesh_config: ml_collections.ConfigDict) -> str:

@@ -16,7 +16,8 @@ import pytest
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
-from tests.conftest import import_optional, prepare_slice
+from scipy import stats as scipy_stats
+from tests.conftest import prepare_slice
 
 from configs import base
 from configs.ablations import antialias, downsample, precision, upsample
@@ -413,7 +414,6 @@ def test_t_quantile_matches_tables():
 
 
 def test_t_quantile_matches_scipy_for_welch_df():
-  scipy_stats = import_optional('scipy.stats')
   for df in (1.3, 2.7, 3.4845, 7.9, 40.0):
     assert stats.t_quantile(0.975, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-6)
 
@@ -439,7 +439,6 @@ def test_paired_difference_by_hand_and_against_scipy():
   assert (diff.mean, diff.df) == (pytest.approx(4 / 3), 2)
   assert diff.std_error == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
   assert diff.ci_low == pytest.approx(4 / 3 - 4.302653 / 3, abs=1e-5)
-  scipy_stats = import_optional('scipy.stats')
   a, b = [0.90, 0.93, 0.94, 0.97], [0.85, 0.91, 0.90, 0.96]
   low, high = scipy_stats.ttest_rel(a, b).confidence_interval(0.9)
   diff = stats.paired_difference(a, b, confidence=0.9)
@@ -450,7 +449,6 @@ def test_paired_difference_by_hand_and_against_scipy():
 
 
 def test_p_values_in_the_far_tail_and_without_spread():
-  scipy_stats = import_optional('scipy.stats')
   # Welch with two seeds a side can have df ~ 1, whose tail falls only as 1 / t.
   for t, df in ((3.0, 1.0), (1e4, 1.2), (40.0, 2.5), (-2.0, 7.0)):
     assert stats.two_sided_p(t, 1.0, df) == pytest.approx(2 * scipy_stats.t.sf(abs(t), df),
@@ -483,7 +481,6 @@ def test_comparisons_pair_only_the_seeds_both_variants_ran():
 def test_welch_difference_with_unequal_sizes_matches_scipy():
   """n = 4 against n = 2, unequal variances: scipy's Welch t-test gives the
   statistic (diff / s.e.), the df (through its p-value) and the interval."""
-  scipy_stats = import_optional('scipy.stats')
   a, b = [0.90, 0.92, 0.94, 0.97], [0.85, 0.91]
   diff = stats.welch_difference(a, b, confidence=0.9)
   test = scipy_stats.ttest_ind(a, b, equal_var=False)

@@ -4,6 +4,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.typing import DTypeLike
 
@@ -106,9 +107,9 @@ class Mlp(nnx.Module):
 
 
 def is_int(value: object) -> bool:
-  """An int config value, bools excluded: True == 1 and 2.0 == 2 would pass as
-  sizes, where they are typos."""
-  return isinstance(value, int) and not isinstance(value, bool)
+  """An int config value (numpy's too), bools excluded: True == 1 and 2.0 == 2
+  would pass as sizes, where they are typos."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def resolve_dtype(name: str | None) -> type[jnp.floating] | None:

@@ -8,6 +8,7 @@ width it produces as `.out_features`.
 """
 
 import inspect
+from collections.abc import Mapping
 
 from flax import nnx
 
@@ -21,19 +22,29 @@ _REGISTRIES = {'downsample': DOWNSAMPLERS, 'upsample': UPSAMPLERS}
 _SET_BY_MODEL = frozenset({'self', 'in_features', 'out_features', 'rngs', 'dtype'})
 
 
-def registry(kind: str) -> dict[str, type[nnx.Module]]:
-  """DOWNSAMPLERS or UPSAMPLERS, by the config.model field ('downsample' or 'upsample')."""
-  return _REGISTRIES[kind]
-
-
 def lookup(kind: str, name: str) -> type[nnx.Module]:
   """The class registered as `name` for `kind` ('downsample' or 'upsample', the
   config.model field); ValueError naming the field and the valid choices."""
-  registered = registry(kind)
+  registered = _REGISTRIES[kind]
   if name not in registered:
     raise ValueError(f'model.{kind}={name!r} is not a registered {kind}r; '
                      f'valid choices: {sorted(registered)}')
   return registered[name]
+
+
+def selected_options(kind: str, name: str, options: Mapping[str, Mapping] | None,
+                     reserved: dict[str, str] | None = None) -> dict:
+  """The options of resampler `name` from config.model.<kind>_options, checked
+  (check_options). The mapping may hold options of other registered names too,
+  for an ablation to switch between; a name no registry holds is a typo."""
+  options = dict(options or {})
+  unknown = sorted(set(options) - set(_REGISTRIES[kind]))
+  if unknown:
+    raise ValueError(f'model.{kind}_options has options for {unknown}, not registered '
+                     f'{kind}rs; valid choices: {sorted(_REGISTRIES[kind])}')
+  selected = dict(options.get(name, {}))
+  check_options(kind, name, selected, reserved)
+  return selected
 
 
 def check_options(kind: str, name: str, options: dict,
