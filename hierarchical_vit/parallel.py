@@ -153,6 +153,14 @@ def on_all_processes(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.asarray(flag)).all())
 
 
+def on_any_process(flag: bool) -> bool:
+  """Whether `flag` holds on some process (each passes its own), so that all
+  take the same branch before a collective."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+
+
 def create_mesh(mesh_config: ml_collections.ConfigDict,
                 devices: list[jax.Device] | None = None) -> Mesh:
   """Builds the mesh from config.mesh over `devices` (default: all of them);

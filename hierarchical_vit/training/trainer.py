@@ -30,7 +30,6 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx, traverse_util
-from jax.experimental import multihost_utils
 
 from hierarchical_vit import data
 from hierarchical_vit import files
@@ -497,11 +496,10 @@ class _PreemptionFlag:
 
   def is_set(self, step: int) -> bool:
     """Whether to stop after `step` (the same answer in every process)."""
-    # All processes must agree, or some would wait forever in a collective.
-    if jax.process_count() > 1:
-      return step % self.poll_every_steps == 0 and bool(
-          multihost_utils.process_allgather(np.array(self._event.is_set())).any())
-    return self._event.is_set()
+    # Across processes only every few steps: each poll waits for the step in flight.
+    if jax.process_count() > 1 and step % self.poll_every_steps:
+      return False
+    return parallel.on_any_process(self._event.is_set())
 
   def restore(self) -> None:
     signal.signal(signal.SIGTERM, self._previous)

@@ -307,7 +307,7 @@ def test_preemption_is_polled_across_processes_every_few_steps(monkeypatch):
   poll_every_steps steps, and every process gets the same answer."""
   gathers = []
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
-  monkeypatch.setattr(trainer.multihost_utils, 'process_allgather',
+  monkeypatch.setattr(parallel.multihost_utils, 'process_allgather',
                       lambda x: gathers.append(x) or np.stack([x, np.array(False)]))
   flag = trainer._PreemptionFlag()
   try:
