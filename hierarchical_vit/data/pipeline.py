@@ -439,7 +439,12 @@ class _Records:
   --signal and scancel, a VM's shutdown), and the trainer still needs batches
   until the step at which its processes agree to save (up to
   _PreemptionFlag.poll_every_steps later). grain stops its workers itself: a
-  stop event, then SIGKILL.
+  stop event, then SIGKILL. A worker still starting (importing the main
+  module, a few seconds after the first batch is asked of a loader) has not
+  run this yet, and SIGTERM kills it: the run then fails and resumes from its
+  last checkpoint. grain spawns its workers from its own threads and takes no
+  initializer, and a spawned process inherits only an ignored disposition (not
+  a blocked mask), so nothing can ignore the signal for it any earlier.
   """
 
   def __setstate__(self, state: dict) -> None:

@@ -374,7 +374,9 @@ if __name__ == '__main__':
   config = base.get_data_config()
   config.update(name='cifar10', data_dir={data_dir!r}, num_workers=2)
   train = data.create_train_iterator(config, global_batch_size=4, seed=0)
-  next(train)  # The workers run.
+  # Worker w makes batches w, w + 2, ...: after two, both have unpickled their
+  # source and ignore SIGTERM (a worker still starting up would die of it).
+  next(train), next(train)
   received = []
   signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
   os.killpg(0, signal.SIGTERM)  # As a scheduler signals the whole process group.
