@@ -148,12 +148,11 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9                 # AdamW moment decay rates.
   t.b2 = 0.999
   t.grad_clip_norm = 5.0     # Global-norm clipping; 0 = off.
-  # Micro-batches per optimizer step; their gradients are averaged, then clipped.
-  # Classification then steps as on the whole batch. Segmentation's micro-batch
-  # losses are each a mean over their own labelled pixels (as accumulation is
-  # commonly done), so a pixel weighs more in a micro-batch with fewer labelled
-  # ones. The logged train/loss, train/accuracy and train/grad_norm are the last
-  # micro-batch's, before clipping.
+  # Micro-batches per optimizer step (activation memory of batch_size / this):
+  # losses and gradients are summed over them and divided once by the batch's
+  # count (images, or labelled pixels), so the step is the whole batch's except
+  # for the dropout masks. Logged train/* metrics are the whole batch's
+  # (train/grad_norm before clipping).
   t.grad_accum_steps = 1
   t.label_smoothing = 0.1    # Of the one-hot (or mixed) targets; 0 = off.
   t.ema_decay = 0.0          # EMA of weights (e.g. 0.9998); 0 = off.

@@ -83,7 +83,7 @@ def test_eval_sums_confusion_ignores_border_and_padding():
   assert results['eval/loss'] == pytest.approx(expected_loss / 5, rel=1e-5)  # Per labelled pixel.
 
 
-def test_segmentation_loss_is_mean_over_labelled_pixels():
+def test_segmentation_loss_sums_over_labelled_pixels_and_counts_them():
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(2, 3, 3, 4)).astype(np.float32)
   labels = rng.integers(0, 4, (2, 3, 3))
@@ -92,8 +92,11 @@ def test_segmentation_loss_is_mean_over_labelled_pixels():
   valid = labels != IGNORE
   expected = -np.take_along_axis(
       log_probs, np.where(valid, labels, 0)[..., None], -1)[..., 0][valid].mean()
-  loss = SEG.loss(jnp.asarray(logits), jnp.asarray(labels), 0.0)
-  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  loss, count = SEG.loss_sums(jnp.asarray(logits), jnp.asarray(labels), 0.0)
+  assert count == valid.sum() == 15
+  np.testing.assert_allclose(loss / count, expected, rtol=1e-5)
+  correct = SEG.correct(jnp.asarray(logits), jnp.asarray(labels))
+  assert correct == ((logits.argmax(-1) == labels) & valid).sum()
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +240,34 @@ def test_unet_train_steps_decrease_loss(canvas_dir):
     losses.append(float(metrics['train/loss']))
   assert all(b < a for a, b in zip(losses, losses[1:])), losses
   assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_accumulated_step_weighs_every_labelled_pixel_alike(canvas_dir):
+  """With 2 micro-batches, one of them mostly unlabelled, the step is the
+  whole batch's: the loss is a mean over all its labelled pixels, not a mean
+  of the micro-batches' means. SGD(1), so the params move by the gradient."""
+  batch = next(data.create_train_iterator(_tiny_config(canvas_dir).data, global_batch_size=8,
+                                          seed=0, task='segmentation'))
+  labels = np.array(batch['label'])
+  labels[0::2, :, 8:] = IGNORE  # Micro-batch 0 (rows 0, 2, ...) keeps 1/8 of its pixels.
+  labels[0::2, 8:] = IGNORE
+  batch = {'image': jnp.asarray(batch['image']), 'label': jnp.asarray(labels)}
+  runs = {}
+  for accum in (1, 2):
+    config = _tiny_config(canvas_dir, grad_accum_steps=accum)
+    graphdef, _, params, rest = trainer.init_model(config)
+    schedule = optax.constant_schedule(1.0)
+    tx = optax.sgd(schedule)
+    step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
+    state, metrics = step(trainer.create_train_state(config, params, tx), batch, rest)
+    runs[accum] = jax.device_get((params, state['params'], metrics))
+  (before, whole, whole_metrics), (_, accumulated, accumulated_metrics) = runs[1], runs[2]
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), before, whole)
+  assert max(jax.tree.leaves(moved)) > 1e-3
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               whole, accumulated)
+  for name in ('train/loss', 'train/accuracy', 'train/grad_norm'):
+    np.testing.assert_allclose(accumulated_metrics[name], whole_metrics[name], rtol=1e-5)
 
 
 @pytest.fixture(scope='module')

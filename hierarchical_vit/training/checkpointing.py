@@ -75,6 +75,7 @@ def restore(manager: ocp.CheckpointManager, step: int,
 
   The data iterator, if given, is moved to its saved position in place.
   """
+  _check_state_fits(manager, step, state)
   items = {'state': ocp.args.StandardRestore(_abstract(state))}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -103,25 +104,50 @@ def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """The metadata tree (shapes, no values) of checkpoint `step`'s train state."""
+  metadata = ocp.PyTreeCheckpointer().metadata(
+      os.path.join(os.fspath(manager.directory), str(step), 'state'))
+  return metadata.item_metadata.tree
+
+
+def _differences(saved: Any, wanted: Any) -> list[str]:
+  """'path: saved shape, wanted shape' for each leaf where two trees differ."""
+  saved, wanted = _leaf_shapes(saved), _leaf_shapes(wanted)
+  differ = [f'{k}: saved {saved[k] if k in saved else "nowhere"}, this model {shape}'
+            for k, shape in sorted(wanted.items()) if saved.get(k) != shape]
+  return differ + [f'{k}: saved {shape}, not in this model'
+                   for k, shape in sorted(saved.items()) if k not in wanted]
+
+
+def _check_state_fits(manager: ocp.CheckpointManager, step: int, state: dict[str, Any]) -> None:
+  """ValueError naming the arrays of the train state that checkpoint `step`
+  holds otherwise (orbax would fail on the tree structure and name none)."""
+  saved = _saved_tree(manager, step)
+  differ = _differences(saved, state)
+  if differ:
+    # Before 2026-11-27 gradient accumulation was optax.MultiSteps, whose
+    # accumulators were part of the optimizer state.
+    hint = (' It was trained with gradient accumulation before 2026-11-27 (its optimizer '
+            'state holds optax.MultiSteps accumulators): eval.py reads its weights, but '
+            'training cannot resume it.'
+            if any(k.startswith('opt_state/acc_grads') for k in _leaf_shapes(saved)) else '')
+    raise ValueError(f'checkpoint {step} in {manager.directory} holds another train state than '
+                     f'this run builds ({len(differ)} arrays; {"; ".join(differ[:4])}).{hint}')
+
+
 def _check_weights_fit(manager: ocp.CheckpointManager, step: int,
                        weights: dict[str, Any]) -> None:
   """ValueError naming what is missing or shaped otherwise: orbax would hand
   back placeholders for a missing entry, and name no config for a shape."""
   where = f'checkpoint {step} in {manager.directory}'
-  metadata = ocp.PyTreeCheckpointer().metadata(
-      os.path.join(os.fspath(manager.directory), str(step), 'state'))
-  saved_tree = metadata.item_metadata.tree
+  saved_tree = _saved_tree(manager, step)
   missing = sorted(set(weights) - set(saved_tree))
   if missing:
     hint = (' Runs keep EMA weights only when trained with train.ema_decay > 0: evaluate '
             'this one with --config.train.ema_decay=0.' if 'ema_params' in missing else '')
     raise ValueError(f'{where} holds no {missing} (it holds {sorted(saved_tree)}).{hint}')
-  saved = _leaf_shapes({k: saved_tree[k] for k in weights})
-  wanted = _leaf_shapes(weights)
-  differ = [f'{k}: saved {saved[k] if k in saved else "nowhere"}, this model {shape}'
-            for k, shape in sorted(wanted.items()) if saved.get(k) != shape]
-  differ += [f'{k}: saved {shape}, not in this model'
-             for k, shape in sorted(saved.items()) if k not in wanted]
+  differ = _differences({k: saved_tree[k] for k in weights}, weights)
   if differ:
     raise ValueError(f'{where} does not fit the model of this config ({len(differ)} arrays; '
                      f'{"; ".join(differ[:4])}). Evaluate a run with its own config: '

@@ -11,7 +11,7 @@ def create_learning_rate_schedule(train_config: ml_collections.ConfigDict,
                                   total_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to learning_rate, then cosine to min_learning_rate.
 
-  Steps are optimizer steps (one per `grad_accum_steps` micro-batches).
+  Steps are optimizer steps, one per global batch.
   """
   warmup_steps = int(train_config.warmup_epochs * steps_per_epoch)
   if warmup_steps >= total_steps:
@@ -44,12 +44,10 @@ def weight_decay_mask(params: optax.Params) -> optax.Params:
 
 def create_optimizer(train_config: ml_collections.ConfigDict,
                      schedule: optax.Schedule) -> optax.GradientTransformation:
-  """Global-norm clipping + AdamW (+ gradient accumulation via MultiSteps)."""
+  """Global-norm clipping + AdamW. (Gradient accumulation is the train step's.)"""
   tx = optax.adamw(schedule, b1=train_config.b1, b2=train_config.b2,
                    weight_decay=train_config.weight_decay,
                    mask=weight_decay_mask)
   if train_config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), tx)
-  if train_config.grad_accum_steps > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=train_config.grad_accum_steps)
   return tx

@@ -39,10 +39,12 @@ class Task:
   eval_metrics: tuple[str, ...]
   # config -> TargetsFn; raises ValueError on options the task cannot use.
   make_targets: Callable[[ml_collections.ConfigDict], TargetsFn]
-  # (logits, targets, label_smoothing) -> mean training loss.
-  loss: Callable[[jax.Array, jax.Array, float], jax.Array]
-  # (logits, targets) -> fraction correct (images or labelled pixels).
-  accuracy: Callable[[jax.Array, jax.Array], jax.Array]
+  # (logits, targets, label_smoothing) -> the summed training loss and the
+  # count it averages over (images, or labelled pixels): sums, so that the
+  # micro-batches of an accumulated step add up to the whole batch's mean.
+  loss_sums: Callable[[jax.Array, jax.Array, float], tuple[jax.Array, jax.Array]]
+  # (logits, targets) -> how many of that count are predicted correctly.
+  correct: Callable[[jax.Array, jax.Array], jax.Array]
   # (logits, batch with 'mask' (B,), num_classes, confusion) -> sums to add
   # over batches ('confusion' (K, K), rows = true class, if asked).
   eval_sums: Callable[[jax.Array, Batch, int, bool], dict[str, jax.Array]]
@@ -70,15 +72,17 @@ def _classification_targets(config: ml_collections.ConfigDict) -> TargetsFn:
   return targets
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array,
-                       label_smoothing: float) -> jax.Array:
-  """Mean softmax cross-entropy. logits, labels (one-hot/mixed): (B, K)."""
+def cross_entropy_sums(logits: jax.Array, labels: jax.Array,
+                       label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+  """Summed softmax cross-entropy and the image count B.
+  logits, labels (one-hot/mixed): (B, K)."""
   labels = optax.smooth_labels(labels, label_smoothing)
-  return optax.softmax_cross_entropy(logits, labels).mean()
+  return (optax.softmax_cross_entropy(logits, labels).sum(),
+          jnp.asarray(logits.shape[0], jnp.float32))
 
 
-def _classification_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+def _classification_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
 
 
 def _classification_sums(logits: jax.Array, batch: Batch, num_classes: int,
@@ -137,18 +141,18 @@ def _pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def segmentation_loss(logits: jax.Array, labels: jax.Array,
-                      label_smoothing: float) -> jax.Array:
-  """Mean cross-entropy over labelled pixels. logits (B, H, W, K), labels (B, H, W)."""
+def segmentation_sums(logits: jax.Array, labels: jax.Array,
+                      label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+  """Cross-entropy summed over labelled pixels, and their count.
+  logits (B, H, W, K), labels (B, H, W)."""
   valid = labels != data.IGNORE_INDEX
-  total = jnp.sum(_pixel_cross_entropy(logits, labels, label_smoothing))
-  return total / jnp.maximum(jnp.sum(valid), 1)
+  return (jnp.sum(_pixel_cross_entropy(logits, labels, label_smoothing)),
+          jnp.sum(valid, dtype=jnp.float32))
 
 
-def _pixel_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def _pixels_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   valid = labels != data.IGNORE_INDEX
-  correct = (jnp.argmax(logits, -1) == labels) & valid
-  return jnp.sum(correct) / jnp.maximum(jnp.sum(valid), 1)
+  return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
 
 
 def _segmentation_sums(logits: jax.Array, batch: Batch, num_classes: int,
@@ -208,14 +212,14 @@ TASKS: dict[str, Task] = {
         best_metric='eval/accuracy',
         eval_metrics=('eval/accuracy', 'eval/top5_accuracy', 'eval/loss'),
         make_targets=_classification_targets,
-        loss=cross_entropy_loss, accuracy=_classification_accuracy,
+        loss_sums=cross_entropy_sums, correct=_classification_correct,
         eval_sums=_classification_sums, summarize=_classification_summary),
     'segmentation': Task(
         model_name='unet',
         best_metric='eval/miou',
         eval_metrics=('eval/miou', 'eval/pixel_accuracy', 'eval/loss'),
         make_targets=_segmentation_targets,
-        loss=segmentation_loss, accuracy=_pixel_accuracy,
+        loss_sums=segmentation_sums, correct=_pixels_correct,
         eval_sums=_segmentation_sums, summarize=_segmentation_summary),
 }
 

@@ -5,9 +5,9 @@ hot path is a plain `jax.jit` of a pure function on pytrees of arrays (no
 nnx.jit graph traversal per step), with the train state donated so XLA updates
 it in place. The train state is a dict of arrays:
 
-  step:       int32, micro-batches seen (= optimizer steps * grad_accum_steps);
+  step:       int32, optimizer steps taken (= global batches read);
   params:     the model's nnx.Param values as a nested dict;
-  opt_state:  optax state of AdamW (and MultiSteps accumulators);
+  opt_state:  optax state of AdamW;
   ema_params: exponential moving average of params (only if ema_decay > 0);
   rng:        uint32 key data of the base key; step keys are folded in from it,
               so resuming at step s reproduces dropout and mixing exactly.
@@ -243,50 +243,79 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule,
                     config: ml_collections.ConfigDict
                     ) -> Callable[[State, Batch, nnx.State], tuple[State, dict]]:
-  """Builds the pure train step on one (micro-)batch.
+  """Builds the pure train step: one optimizer step on one global batch.
 
   Returned fn: (state, batch {'image': (B,H,W,C), 'label': (B,) or
-  (B,H,W) for segmentation}, rest) -> (new state, metrics of this batch).
+  (B,H,W) for segmentation}, rest) -> (new state, metrics of the batch).
   `rest` is the model's non-Param state (its RNG streams, reseeded here from
-  the step key every step). Targets, loss and accuracy are config.task's.
+  the step key). Targets, loss and accuracy are config.task's.
+
+  With train.grad_accum_steps = k > 1 the forward and backward run over k
+  micro-batches of B / k in turn (`lax.scan`: one micro-batch's activations
+  in memory at a time), their summed losses and gradients are added up and
+  divided once by the batch's count (images, or labelled pixels): the step is
+  the whole batch's, mixup pairs included, except for the dropout masks.
   """
   tc = config.train
   task = tasks.get_task(config.task)
   make_targets = task.make_targets(config)
+  k = tc.grad_accum_steps
+
+  def micro_sums(params, rest: nnx.State, images: jax.Array, targets: jax.Array,
+                 key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the summed loss of one micro-batch, and its sums."""
+    # Reseeded outside of value_and_grad: NNX variables may only be mutated
+    # at their trace level.
+    model = nnx.merge(graphdef, params, rest)
+    nnx.reseed(model, dropout=key)
+    step_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+
+    def loss_fn(params):
+      logits = nnx.merge(graphdef, params, step_rest)(images)
+      loss, count = task.loss_sums(logits, targets, tc.label_smoothing)
+      return loss, (count, task.correct(logits, targets))
+
+    (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    sums = {'loss': loss, 'count': count, 'correct': correct}
+    return grads, jax.tree.map(lambda x: x.astype(jnp.float32), sums)
+
+  def batch_sums(params, rest: nnx.State, images: jax.Array, targets: jax.Array,
+                 key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    if k == 1:
+      return micro_sums(params, rest, images, targets, key)
+    # Micro-batch j is rows j, j + k, ...: each device keeps its own rows.
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    def add(total, micro):
+      return jax.tree.map(jnp.add, total, micro_sums(params, rest, *micro)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, params),
+             dict.fromkeys(('loss', 'count', 'correct'), jnp.zeros((), jnp.float32)))
+    total, _ = jax.lax.scan(add, zeros, (split(images), split(targets),
+                                         jax.random.split(key, k)))
+    return total
 
   def train_step(state: State, batch: Batch, rest: nnx.State):
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
                              state['step'])
     dropout_rng, mix_rng = jax.random.split(rng)
     images, targets = make_targets(batch, mix_rng)
-
-    # Reseed the model's dropout stream with this step's key (outside of
-    # value_and_grad: NNX variables may only be mutated at their trace level).
-    model = nnx.merge(graphdef, state['params'], rest)
-    nnx.reseed(model, dropout=dropout_rng)
-    step_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
-
-    def loss_fn(params):
-      logits = nnx.merge(graphdef, params, step_rest)(images)
-      return task.loss(logits, targets, tc.label_smoothing), logits
-
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state['params'])
+    grads, sums = batch_sums(state['params'], rest, images, targets, dropout_rng)
+    count = jnp.maximum(sums['count'], 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = {**state, 'step': state['step'] + 1, 'params': params,
                  'opt_state': opt_state}
     if 'ema_params' in state:
-      # With accumulation, params only change on the last micro-batch.
-      updated = (state['step'] + 1) % tc.grad_accum_steps == 0
-      decay = jnp.where(updated, ema_decay(tc, state['step'] // tc.grad_accum_steps), 1.0)
+      decay = ema_decay(tc, state['step'])
       new_state['ema_params'] = optax.incremental_update(
           params, state['ema_params'], step_size=1.0 - decay)
     metrics = {
-        'train/loss': loss,
-        'train/accuracy': task.accuracy(logits, targets),
-        'train/learning_rate': schedule(state['step'] // tc.grad_accum_steps),
-        'train/grad_norm': optax.tree.norm(grads),
+        'train/loss': sums['loss'] / count,
+        'train/accuracy': sums['correct'] / count,
+        'train/learning_rate': schedule(state['step']),
+        'train/grad_norm': optax.tree.norm(grads),  # The batch's, before clipping.
         # Of the updated params: the finiteness check before a save needs it.
         'train/param_norm': optax.tree.norm(params),
     }
@@ -528,7 +557,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     files.write_text(os.path.join(workdir, 'config.json'), config.to_json(indent=2))
 
 
-def _resume(manager, step: int, state: State, train_iter, micro_batch_size: int) -> State:
+def _resume(manager, step: int, state: State, train_iter, batch_size: int) -> State:
   """Restores checkpoint `step`. The data iterator returns to its saved
   position; under another process count (whose shards differ) it continues
   at the same point of the epoch instead (data.seek_train_iterator)."""
@@ -536,11 +565,10 @@ def _resume(manager, step: int, state: State, train_iter, micro_batch_size: int)
   if saved == jax.process_count():
     return checkpointing.restore(manager, step, state, train_iter)
   state = checkpointing.restore(manager, step, state)
-  batches = int(state['step'])  # One batch per micro-step.
   logging.warning('Checkpoint %d was written by %d processes, this run has %d: the data '
                   'order restarts from the same point of the epoch in the new shards.',
                   step, saved, jax.process_count())
-  data.seek_train_iterator(train_iter, batches, micro_batch_size // jax.process_count(),
+  data.seek_train_iterator(train_iter, int(state['step']), batch_size // jax.process_count(),
                            jax.process_index(), jax.process_count())
   return state
 
@@ -560,7 +588,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   check_config(config, info, jax.process_count(), jax.device_count())
   data.check_preprocessing(config.data, config.task)
   steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
-  micro_batch_size = tc.batch_size // tc.grad_accum_steps
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.create_checkpoint_manager(
@@ -584,13 +611,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   rest = parallel.put_global(rest, parallel.replicated(mesh))
 
   train_iter = data.create_train_iterator(
-      config.data, global_batch_size=micro_batch_size, seed=config.seed,
+      config.data, global_batch_size=tc.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       task=config.task)
   if last_saved is not None:
     logging.info('Resuming from checkpoint at step %d.', last_saved)
-    state = _resume(manager, last_saved, state, train_iter, micro_batch_size)
-  start_step = int(state['step']) // tc.grad_accum_steps
+    state = _resume(manager, last_saved, state, train_iter, tc.batch_size)
+  start_step = int(state['step'])
 
   train_step = jax.jit(
       make_train_step(graphdef, tx, schedule, config), donate_argnums=0,
@@ -620,17 +647,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        for _ in range(tc.grad_accum_steps):
-          batch = parallel.shard_batch(next(train_iter), batch_sharding)
-          state, train_metrics = train_step(state, batch, rest)
+        batch = parallel.shard_batch(next(train_iter), batch_sharding)
+        state, train_metrics = train_step(state, batch, rest)
       preempted = preemption.is_set(step)
       is_last = step == total_steps
       is_eval = step % eval_every == 0 or is_last
       is_save = (is_eval or preempted or is_last
                  or step % tc.checkpoint_every_steps == 0)
 
-      # Fetching metrics blocks on the step, so only at log/save steps; the
-      # logged values are those of the step's last micro-batch.
+      # Fetching metrics blocks on the step, so only at log/save steps.
       if step % tc.log_every_steps == 0 or is_save:
         train_scalars = {k: float(v) for k, v in
                          jax.device_get(train_metrics).items()}

@@ -6,6 +6,7 @@ import re
 import grain
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hierarchical_vit.training import checkpointing
@@ -91,3 +92,25 @@ def test_restore_weights_names_what_the_checkpoint_lacks_or_shapes_otherwise(tmp
       '(2,); params/w: saved (3,), this model (4,)')):
     checkpointing.restore_weights(reader, 1, {'params': {'w': jnp.zeros((4,)),
                                                          'v': jnp.zeros((2,))}})
+
+
+def test_restore_names_the_arrays_of_another_train_state(tmp_path):
+  """A train state of another layout (here a run saved with optax.MultiSteps,
+  the gradient accumulation before 2026-11-27) is refused by name, not by
+  orbax's tree-structure error; its weights still restore for eval."""
+  manager = checkpointing.create_checkpoint_manager(str(tmp_path), 1)
+  params = {'w': jnp.ones((3,))}
+  tx = optax.adamw(1e-3)
+  old = {'step': jnp.asarray(4), 'params': params,
+         'opt_state': optax.MultiSteps(tx, every_k_schedule=2).init(params)}
+  checkpointing.save(manager, 2, old, _iterator(2))
+  manager.wait_until_finished()
+  state = {'step': jnp.asarray(0), 'params': params, 'opt_state': tx.init(params)}
+  with pytest.raises(ValueError, match=r'checkpoint 2 in .* holds another train state than '
+                                       r'this run builds \(\d+ arrays; opt_state/0/count: saved '
+                                       r'nowhere.*optax.MultiSteps accumulators'):
+    checkpointing.restore(manager, 2, state, _iterator(0))
+  assert int(checkpointing.restore(manager, 2, old)['step']) == 4  # Its own layout restores.
+  reader = checkpointing.create_checkpoint_manager(str(tmp_path), 1, read_only=True)
+  weights = checkpointing.restore_weights(reader, 2, {'params': params})
+  np.testing.assert_array_equal(weights['params']['w'], [1.0, 1.0, 1.0])

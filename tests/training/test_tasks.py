@@ -181,9 +181,10 @@ def _numpy_smoothed_loss(logits, targets, eps):
 @pytest.mark.parametrize('eps', [0.0, 0.1])
 @pytest.mark.parametrize('targets', [ONE_HOT, MIXED], ids=['one_hot', 'mixed'])
 def test_loss_is_cross_entropy_of_smoothed_targets(targets, eps):
-  loss = CLS.loss(jnp.asarray(TRAIN_LOGITS), jnp.asarray(targets), eps)
+  loss, count = CLS.loss_sums(jnp.asarray(TRAIN_LOGITS), jnp.asarray(targets), eps)
+  assert count == len(TRAIN_LOGITS)
   np.testing.assert_allclose(
-      loss, _numpy_smoothed_loss(TRAIN_LOGITS, targets, eps), rtol=1e-5)
+      loss / count, _numpy_smoothed_loss(TRAIN_LOGITS, targets, eps), rtol=1e-5)
 
 
 def test_smoothing_spreads_eps_over_all_classes_including_the_true_one():
@@ -193,7 +194,7 @@ def test_smoothing_spreads_eps_over_all_classes_including_the_true_one():
   # targets are 0.8 + 0.05 = 0.85 on class 0 and 0.05 elsewhere:
   #   loss = 0.85 * log 2 + 3 * 0.05 * log 6.
   logits = jnp.array([[np.log(3.0), 0.0, 0.0, 0.0]], jnp.float32)
-  loss = CLS.loss(logits, jnp.array([[1.0, 0.0, 0.0, 0.0]]), 0.2)
+  loss, _ = CLS.loss_sums(logits, jnp.array([[1.0, 0.0, 0.0, 0.0]]), 0.2)
   np.testing.assert_allclose(
       loss, 0.85 * np.log(2.0) + 0.15 * np.log(6.0), rtol=1e-6)
 

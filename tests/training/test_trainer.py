@@ -560,29 +560,26 @@ def test_eval_runs_data_parallel_on_the_devices_it_has(trained):
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(restored.params))
 
 
-def _run_steps(config, images, labels, steps: int) -> list[dict]:
-  """States after each optimizer step of make_train_step on fixed data, the
-  batch split into config.train.grad_accum_steps micro-batches."""
+def _run_steps(config, images, labels, steps: int) -> tuple[list[dict], list[dict]]:
+  """States (the initial one first) and metrics of each optimizer step of
+  make_train_step on one fixed batch."""
   graphdef, _, params, rest = trainer.init_model(config)
   schedule = optimizer_lib.create_learning_rate_schedule(config.train, 10, 100)
   tx = optimizer_lib.create_optimizer(config.train, schedule)
   state = trainer.create_train_state(config, params, tx)
   train_step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
-  micro = len(labels) // config.train.grad_accum_steps
-  states = [state]
+  states, logged = [state], []
   for _ in range(steps):
-    for i in range(config.train.grad_accum_steps):
-      batch = {'image': images[i * micro:(i + 1) * micro],
-               'label': labels[i * micro:(i + 1) * micro]}
-      state, _ = train_step(state, batch, rest)
+    state, metrics = train_step(state, {'image': images, 'label': labels}, rest)
     states.append(jax.device_get(state))
-  return states
+    logged.append(jax.device_get(metrics))
+  return states, logged
 
 
 def test_logged_train_metrics_against_numpy():
-  """The step's train/loss (label-smoothed cross-entropy), train/accuracy and
-  train/learning_rate (of the optimizer step, with accumulation), recomputed in
-  numpy from the model's logits before the update."""
+  """The step's train/loss (label-smoothed cross-entropy) and train/accuracy
+  over the whole batch and train/learning_rate of the optimizer step, with 2
+  micro-batches, recomputed in numpy from the model's logits before the update."""
   rng = np.random.default_rng(1)
   images = jnp.asarray(rng.normal(size=(16, 32, 32, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 16), jnp.int32)
@@ -590,14 +587,8 @@ def test_logged_train_metrics_against_numpy():
   config.model.drop_path_rate = 0.0  # Deterministic: the logits below are the step's.
   graphdef, _, params, rest = trainer.init_model(config)
   logits = np.asarray(nnx.merge(graphdef, params, rest)(images), np.float64)
+  states, logged = _run_steps(config, images, labels, steps=3)
   schedule = optimizer_lib.create_learning_rate_schedule(config.train, 10, 100)
-  tx = optimizer_lib.create_optimizer(config.train, schedule)
-  state = trainer.create_train_state(config, params, tx)
-  train_step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
-  logged = []
-  for _ in range(3):
-    state, metrics = train_step(state, {'image': images, 'label': labels}, rest)
-    logged.append(jax.device_get(metrics))
   targets = np.eye(10)[np.asarray(labels)] * 0.9 + 0.1 / 10
   log_softmax = logits - logits.max(-1, keepdims=True)
   log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
@@ -605,16 +596,15 @@ def test_logged_train_metrics_against_numpy():
                              rtol=1e-5)
   assert logged[0]['train/accuracy'] == pytest.approx(
       np.mean(logits.argmax(-1) == np.asarray(labels)))
-  # Micro-steps 0 and 1 are optimizer step 0, micro-step 2 is step 1 (warmup: rising).
-  lrs = [float(m['train/learning_rate']) for m in logged]
-  assert lrs == pytest.approx([float(schedule(0)), float(schedule(0)), float(schedule(1))])
-  assert lrs[2] > lrs[0]
+  lrs = [float(m['train/learning_rate']) for m in logged]  # Warmup: rising.
+  assert lrs == pytest.approx([float(schedule(0)), float(schedule(1)), float(schedule(2))])
+  assert lrs[2] > lrs[1] > lrs[0]
+  assert int(states[-1]['step']) == 3
 
 
 def test_accumulation_equals_the_big_batch_and_ema_follows_the_params():
-  """2 micro-batches of 16 take the step one batch of 32 takes (the loss is a
-  mean, so the accumulated gradient is the big batch's), and the EMA is
-  ema <- d * ema + (1 - d) * params once per optimizer step."""
+  """2 micro-batches of 16 take the step one batch of 32 takes and log its
+  metrics, and the EMA is ema <- d * ema + (1 - d) * params once per step."""
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(32, 32, 32, 1)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
@@ -624,7 +614,10 @@ def test_accumulation_equals_the_big_batch_and_ema_follows_the_params():
     config = tiny_config('', grad_accum_steps=accum, ema_decay=decay, warmup_epochs=0.0)
     config.model.drop_path_rate = 0.0  # Dropout masks would differ per micro-batch.
     runs[accum] = _run_steps(config, images, labels, steps=3)
-  big, accumulated = runs[1], runs[2]
+  (big, big_logged), (accumulated, accumulated_logged) = runs[1], runs[2]
+  for a, b in zip(big_logged, accumulated_logged):
+    for name in ('train/loss', 'train/accuracy', 'train/grad_norm', 'train/param_norm'):
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
   for a, b in zip(big[1:], accumulated[1:]):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=2e-6),
                  a['params'], b['params'])
@@ -635,9 +628,62 @@ def test_accumulation_equals_the_big_batch_and_ema_follows_the_params():
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, state['params'])
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6),
                  ema, state['ema_params'])
-  assert int(accumulated[-1]['step']) == 6 and int(big[-1]['step']) == 3
+  assert int(accumulated[-1]['step']) == int(big[-1]['step']) == 3
   moved = jax.tree.map(lambda x, y: np.abs(x - y).max(), big[0]['params'], big[-1]['params'])
   assert max(jax.tree.leaves(moved)) > 1e-3  # The steps did train.
+
+
+_ACCUMULATE_ON_EIGHT_DEVICES = """
+import json
+import jax, numpy as np
+from tests.training.conftest import tiny_config
+from hierarchical_vit import parallel
+from hierarchical_vit.training import optimizer as optimizer_lib
+from hierarchical_vit.training import trainer
+
+config = tiny_config('', grad_accum_steps=2, warmup_epochs=0.0)
+graphdef, _, params, rest = trainer.init_model(config)
+schedule = optimizer_lib.create_learning_rate_schedule(config.train, 10, 100)
+tx = optimizer_lib.create_optimizer(config.train, schedule)
+rng = np.random.default_rng(0)
+batch = {'image': rng.normal(size=(32, 32, 32, 1)).astype(np.float32),
+         'label': rng.integers(0, 10, 32).astype(np.int32)}
+step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
+one, one_metrics = step(trainer.create_train_state(config, params, tx), batch, rest)
+mesh = parallel.create_mesh(config.mesh)
+args = (trainer.shard_train_state(config, params, tx, mesh),
+        parallel.shard_batch(batch, parallel.batch_sharding(mesh)),
+        parallel.put_global(rest, parallel.replicated(mesh)))
+hlo = step.lower(*args).compile().as_text()
+eight, eight_metrics = step(*args)
+leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+print(json.dumps({
+    'devices': int(mesh.devices.size),
+    'differ': max(float(np.abs(a - b).max())
+                  for a, b in zip(leaves(one['params']), leaves(eight['params']))),
+    'moved': max(float(np.abs(a - b).max())
+                 for a, b in zip(leaves(one['params']), leaves(params))),
+    'losses': [float(one_metrics['train/loss']), float(eight_metrics['train/loss'])],
+    'collectives': sorted(op for op in ('all-gather', 'all-to-all', 'collective-permute',
+                                        'all-reduce') if op in hlo)}))
+"""
+
+
+def test_accumulation_over_eight_devices_is_the_one_device_step(tmp_path):
+  """grad_accum_steps=2 with the batch split over 8 devices: the step of one
+  device, and the micro-batches come from each device's own rows (the only
+  collective is the gradient all-reduce: no data moves between devices)."""
+  script = tmp_path / 'accumulate.py'
+  script.write_text(_ACCUMULATE_ON_EIGHT_DEVICES)
+  proc = run_script([str(script)], env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+                                        'JAX_PLATFORMS': 'cpu'})
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out[-3000:]
+  result = json.loads(out.splitlines()[-1])
+  assert result['devices'] == 8
+  assert result['moved'] > 1e-4 and result['differ'] < 1e-5
+  assert result['losses'][0] == pytest.approx(result['losses'][1], rel=1e-5)
+  assert result['collectives'] == ['all-reduce']
 
 
 def test_ema_warmup_follows_tensorflows_num_updates_rule():
@@ -650,7 +696,7 @@ def test_ema_warmup_follows_tensorflows_num_updates_rule():
   config = tiny_config('', grad_accum_steps=2, ema_decay=0.99, ema_warmup=True,
                        warmup_epochs=0.0)
   config.model.drop_path_rate = 0.0
-  states = _run_steps(config, images, labels, steps=3)
+  states, _ = _run_steps(config, images, labels, steps=3)
   ema = states[0]['params']
   for n, state in enumerate(states[1:]):
     d = min(0.99, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25: far from 0.99.
@@ -723,22 +769,20 @@ def test_a_bad_preprocessing_field_fails_before_the_workdir_is_written(data_dir,
   assert not os.path.exists(workdir)
 
 
-def test_a_resume_under_another_process_count_seeks_past_every_micro_batch(data_dir,
-                                                                          monkeypatch):
-  """Saved by 2 processes at optimizer step 3 of grad_accum_steps 2 (state
-  'step' counts the 6 micro-steps), resumed by 1: the iterator continues where
-  one that read 6 micro-batches stands, as the same point of the epoch."""
+def test_a_resume_under_another_process_count_seeks_past_every_batch(data_dir, monkeypatch):
+  """Saved by 2 processes at step 3, resumed by 1: the iterator continues
+  where one that read 3 global batches stands, as the same point of the epoch
+  (with accumulation too: a step reads one global batch)."""
   config = tiny_config(data_dir, grad_accum_steps=2)
-  micro = config.train.batch_size // 2
-  make = lambda: data.create_train_iterator(config.data, global_batch_size=micro,
-                                            seed=config.seed)
+  make = lambda: data.create_train_iterator(
+      config.data, global_batch_size=config.train.batch_size, seed=config.seed)
   reader = make()
-  for _ in range(6):
+  for _ in range(3):
     next(reader)
   monkeypatch.setattr(checkpointing, 'saved_process_count', lambda manager, step: 2)
-  monkeypatch.setattr(checkpointing, 'restore', lambda manager, step, state: {'step': 6})
+  monkeypatch.setattr(checkpointing, 'restore', lambda manager, step, state: {'step': 3})
   resumed = make()
-  assert trainer._resume(None, 3, {}, resumed, micro) == {'step': 6}
+  assert trainer._resume(None, 3, {}, resumed, config.train.batch_size) == {'step': 3}
   np.testing.assert_array_equal(next(resumed)['image'], next(reader)['image'])
 
 
