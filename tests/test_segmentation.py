@@ -249,7 +249,8 @@ def test_accumulated_step_weighs_every_labelled_pixel_alike(canvas_dir):
   batch = next(data.create_train_iterator(_tiny_config(canvas_dir).data, global_batch_size=8,
                                           seed=0, task='segmentation'))
   labels = np.array(batch['label'])
-  labels[0::2, :, 8:] = IGNORE  # Micro-batch 0 (rows 0, 2, ...) keeps 1/8 of its pixels.
+  # Micro-batch 0 (rows 0, 2, ...) keeps only the 8 x 8 corner of its 64 x 64.
+  labels[0::2, :, 8:] = IGNORE
   labels[0::2, 8:] = IGNORE
   batch = {'image': jnp.asarray(batch['image']), 'label': jnp.asarray(labels)}
   runs = {}

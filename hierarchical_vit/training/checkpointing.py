@@ -111,12 +111,12 @@ def _saved_tree(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return metadata.item_metadata.tree
 
 
-def _differences(saved: Any, wanted: Any) -> list[str]:
-  """'path: saved shape, wanted shape' for each leaf where two trees differ."""
+def _differences(saved: Any, wanted: Any, ours: str) -> list[str]:
+  """'path: saved shape, <ours> shape' for each leaf where two trees differ."""
   saved, wanted = _leaf_shapes(saved), _leaf_shapes(wanted)
-  differ = [f'{k}: saved {saved[k] if k in saved else "nowhere"}, this model {shape}'
+  differ = [f'{k}: saved {saved[k] if k in saved else "nowhere"}, {ours} {shape}'
             for k, shape in sorted(wanted.items()) if saved.get(k) != shape]
-  return differ + [f'{k}: saved {shape}, not in this model'
+  return differ + [f'{k}: saved {shape}, not in {ours}'
                    for k, shape in sorted(saved.items()) if k not in wanted]
 
 
@@ -124,7 +124,7 @@ def _check_state_fits(manager: ocp.CheckpointManager, step: int, state: dict[str
   """ValueError naming the arrays of the train state that checkpoint `step`
   holds otherwise (orbax would fail on the tree structure and name none)."""
   saved = _saved_tree(manager, step)
-  differ = _differences(saved, state)
+  differ = _differences(saved, state, 'this run')
   if differ:
     # Before 2026-11-27 gradient accumulation was optax.MultiSteps, whose
     # accumulators were part of the optimizer state.
@@ -147,7 +147,7 @@ def _check_weights_fit(manager: ocp.CheckpointManager, step: int,
     hint = (' Runs keep EMA weights only when trained with train.ema_decay > 0: evaluate '
             'this one with --config.train.ema_decay=0.' if 'ema_params' in missing else '')
     raise ValueError(f'{where} holds no {missing} (it holds {sorted(saved_tree)}).{hint}')
-  differ = _differences({k: saved_tree[k] for k in weights}, weights)
+  differ = _differences({k: saved_tree[k] for k in weights}, weights, 'this model')
   if differ:
     raise ValueError(f'{where} does not fit the model of this config ({len(differ)} arrays; '
                      f'{"; ".join(differ[:4])}). Evaluate a run with its own config: '

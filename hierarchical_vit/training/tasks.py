@@ -43,6 +43,7 @@ class Task:
   # count it averages over (images, or labelled pixels): sums, so that the
   # micro-batches of an accumulated step add up to the whole batch's mean.
   loss_sums: Callable[[jax.Array, jax.Array, float], tuple[jax.Array, jax.Array]]
+  # Counts are int32 (exact at any batch size).
   # (logits, targets) -> how many of that count are predicted correctly.
   correct: Callable[[jax.Array, jax.Array], jax.Array]
   # (logits, batch with 'mask' (B,), num_classes, confusion) -> sums to add
@@ -78,11 +79,11 @@ def cross_entropy_sums(logits: jax.Array, labels: jax.Array,
   logits, labels (one-hot/mixed): (B, K)."""
   labels = optax.smooth_labels(labels, label_smoothing)
   return (optax.softmax_cross_entropy(logits, labels).sum(),
-          jnp.asarray(logits.shape[0], jnp.float32))
+          jnp.asarray(logits.shape[0], jnp.int32))
 
 
 def _classification_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+  return jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1), dtype=jnp.int32)
 
 
 def _classification_sums(logits: jax.Array, batch: Batch, num_classes: int,
@@ -147,12 +148,12 @@ def segmentation_sums(logits: jax.Array, labels: jax.Array,
   logits (B, H, W, K), labels (B, H, W)."""
   valid = labels != data.IGNORE_INDEX
   return (jnp.sum(_pixel_cross_entropy(logits, labels, label_smoothing)),
-          jnp.sum(valid, dtype=jnp.float32))
+          jnp.sum(valid, dtype=jnp.int32))
 
 
 def _pixels_correct(logits: jax.Array, labels: jax.Array) -> jax.Array:
   valid = labels != data.IGNORE_INDEX
-  return jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+  return jnp.sum((jnp.argmax(logits, -1) == labels) & valid, dtype=jnp.int32)
 
 
 def _segmentation_sums(logits: jax.Array, batch: Batch, num_classes: int,

@@ -276,8 +276,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return loss, (count, task.correct(logits, targets))
 
     (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    sums = {'loss': loss, 'count': count, 'correct': correct}
-    return grads, jax.tree.map(lambda x: x.astype(jnp.float32), sums)
+    return grads, {'loss': loss.astype(jnp.float32), 'count': count, 'correct': correct}
 
   def batch_sums(params, rest: nnx.State, images: jax.Array, targets: jax.Array,
                  key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
@@ -290,7 +289,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return jax.tree.map(jnp.add, total, micro_sums(params, rest, *micro)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, params),
-             dict.fromkeys(('loss', 'count', 'correct'), jnp.zeros((), jnp.float32)))
+             {'loss': jnp.zeros((), jnp.float32), 'count': jnp.zeros((), jnp.int32),
+              'correct': jnp.zeros((), jnp.int32)})
     total, _ = jax.lax.scan(add, zeros, (split(images), split(targets),
                                          jax.random.split(key, k)))
     return total
@@ -301,7 +301,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     dropout_rng, mix_rng = jax.random.split(rng)
     images, targets = make_targets(batch, mix_rng)
     grads, sums = batch_sums(state['params'], rest, images, targets, dropout_rng)
-    count = jnp.maximum(sums['count'], 1.0)
+    count = jnp.maximum(sums['count'], 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)

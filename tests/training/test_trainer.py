@@ -650,40 +650,85 @@ batch = {'image': rng.normal(size=(32, 32, 32, 1)).astype(np.float32),
          'label': rng.integers(0, 10, 32).astype(np.int32)}
 step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
 one, one_metrics = step(trainer.create_train_state(config, params, tx), batch, rest)
-mesh = parallel.create_mesh(config.mesh)
-args = (trainer.shard_train_state(config, params, tx, mesh),
-        parallel.shard_batch(batch, parallel.batch_sharding(mesh)),
-        parallel.put_global(rest, parallel.replicated(mesh)))
-hlo = step.lower(*args).compile().as_text()
-eight, eight_metrics = step(*args)
 leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
-print(json.dumps({
-    'devices': int(mesh.devices.size),
-    'differ': max(float(np.abs(a - b).max())
-                  for a, b in zip(leaves(one['params']), leaves(eight['params']))),
-    'moved': max(float(np.abs(a - b).max())
-                 for a, b in zip(leaves(one['params']), leaves(params))),
-    'losses': [float(one_metrics['train/loss']), float(eight_metrics['train/loss'])],
-    'collectives': sorted(op for op in ('all-gather', 'all-to-all', 'collective-permute',
-                                        'all-reduce') if op in hlo)}))
+results = {}
+for strategy, shape in (('data_parallel', ()), ('fsdp', (2, 4))):
+  config.mesh.update(strategy=strategy, shape=shape, fsdp_min_size=16)
+  mesh = parallel.create_mesh(config.mesh)
+  args = (trainer.shard_train_state(config, params, tx, mesh),
+          parallel.shard_batch(batch, parallel.batch_sharding(mesh)),
+          parallel.put_global(rest, parallel.replicated(mesh)))
+  hlo = step.lower(*args).compile().as_text()
+  eight, eight_metrics = step(*args)
+  results[strategy] = {
+      'devices': int(mesh.devices.size),
+      'sharded_params': sum(not x.sharding.is_fully_replicated
+                            for x in jax.tree.leaves(args[0]['params'])),
+      'differ': max(float(np.abs(a - b).max())
+                    for a, b in zip(leaves(one['params']), leaves(eight['params']))),
+      'moved': max(float(np.abs(a - b).max())
+                   for a, b in zip(leaves(one['params']), leaves(params))),
+      'metrics': [[float(m[k]) for k in ('train/loss', 'train/grad_norm')]
+                  for m in (one_metrics, eight_metrics)],
+      'collectives': sorted(op for op in ('all-gather', 'all-to-all', 'collective-permute',
+                                          'all-reduce') if op in hlo)}
+print(json.dumps(results))
 """
 
 
 def test_accumulation_over_eight_devices_is_the_one_device_step(tmp_path):
-  """grad_accum_steps=2 with the batch split over 8 devices: the step of one
-  device, and the micro-batches come from each device's own rows (the only
-  collective is the gradient all-reduce: no data moves between devices)."""
+  """grad_accum_steps=2 with the batch split over 8 devices, data parallel and
+  FSDP (2 x 4): the step of one device; the micro-batches come from each
+  device's own rows (data parallel's only collective is the gradient
+  all-reduce: no data moves between devices)."""
   script = tmp_path / 'accumulate.py'
   script.write_text(_ACCUMULATE_ON_EIGHT_DEVICES)
   proc = run_script([str(script)], env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
                                         'JAX_PLATFORMS': 'cpu'})
   out, _ = proc.communicate(timeout=240)
   assert proc.returncode == 0, out[-3000:]
-  result = json.loads(out.splitlines()[-1])
-  assert result['devices'] == 8
-  assert result['moved'] > 1e-4 and result['differ'] < 1e-5
-  assert result['losses'][0] == pytest.approx(result['losses'][1], rel=1e-5)
-  assert result['collectives'] == ['all-reduce']
+  results = json.loads(out.splitlines()[-1])
+  for result in results.values():
+    assert result['devices'] == 8
+    assert result['moved'] > 1e-4 and result['differ'] < 1e-5
+    np.testing.assert_allclose(*result['metrics'], rtol=1e-5)  # Loss and grad norm.
+  assert results['data_parallel']['collectives'] == ['all-reduce']
+  assert results['fsdp']['sharded_params'] > 0
+
+
+def test_accumulation_mixes_pairs_over_the_whole_batch():
+  """With mixup / cutmix, 4 micro-batches still step as the whole batch: the
+  images are mixed across the batch before it is split."""
+  rng = np.random.default_rng(2)
+  images = jnp.asarray(rng.normal(size=(32, 32, 32, 1)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 32), jnp.int32)
+  logged = {}
+  for accum in (1, 4):
+    config = tiny_config('', grad_accum_steps=accum, warmup_epochs=0.0)
+    config.model.drop_path_rate = 0.0
+    config.data.update(mixup_alpha=0.8, cutmix_alpha=1.0)
+    logged[accum] = _run_steps(config, images, labels, steps=2)[1]
+  for a, b in zip(logged[1], logged[4]):
+    for name in ('train/loss', 'train/grad_norm'):
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
+
+
+def test_a_run_with_accumulation_trains_as_without(data_dir, tmp_path):
+  """train_and_evaluate with 2 micro-batches reads whole global batches and
+  logs, steps and evaluates as the run without (no dropout: the masks differ)."""
+  results = {}
+  for accum in (1, 2):
+    config = tiny_config(data_dir, num_steps=3, grad_accum_steps=accum)
+    config.model.drop_path_rate = 0.0
+    workdir = str(tmp_path / f'accum{accum}')
+    final = trainer.train_and_evaluate(config, workdir)
+    results[accum] = (_train_losses(workdir), final)
+  (losses, final), (accumulated_losses, accumulated_final) = results[1], results[2]
+  assert sorted(losses) == sorted(accumulated_losses) == [1, 2, 3]
+  np.testing.assert_allclose([accumulated_losses[s] for s in (1, 2, 3)],
+                             [losses[s] for s in (1, 2, 3)], rtol=1e-4)
+  assert accumulated_final['step'] == final['step'] == 3
+  np.testing.assert_allclose(accumulated_final['eval/loss'], final['eval/loss'], rtol=1e-4)
 
 
 def _step_temp_mib(batch_size: int, accum: int) -> float:
