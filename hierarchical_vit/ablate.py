@@ -553,6 +553,24 @@ class Sweep:
     _raise_failures(failures)
 
 
+def check_runs(runs: Sequence[Run]) -> None:
+  """Refuses a sweep whose variant cannot run (an override out of range, a
+  model that cannot be built, missing data) before any run trains: its child
+  would fail only when its turn came, after the runs before it.
+
+  Device counts are left to each child: jax's backend is not started here,
+  where it would hold the memory of a GPU that the children need.
+  """
+  for run in {r.variant: r for r in runs}.values():
+    config = run.config
+    info = data.get_dataset_info(config.data, task=config.task)  # Missing data: how to prepare.
+    try:
+      trainer.check_config(config, info)
+      data.check_preprocessing(config.data, config.task)
+    except ValueError as error:
+      raise ValueError(f'sweep variant {run.variant!r} ({run.overrides}): {error}') from None
+
+
 def _raise_failures(failures: Sequence[tuple[str, Exception]]) -> None:
   """Re-raises a single failure as it was; several as one error naming each."""
   if len(failures) == 1:
@@ -575,9 +593,7 @@ def main(argv):
     for run in runs:
       print(shlex.join(train_command(run, config_spec, sweep.run_dir(run), base_overrides)))
     return
-  for config in {r.config.data.to_json(): r.config for r in runs}.values():
-    # Missing data fails here, with how to prepare it, not inside a child.
-    data.get_dataset_info(config.data, task=config.task)
+  check_runs(runs)
   cache_dir = os.path.join(os.path.abspath(_WORKDIR.value), 'compilation_cache')
   train_fn = SubprocessTrainer(config_spec, base_overrides, cache_dir, _RUNS_AT_ONCE.value)
   with train_fn.forwarding_sigterm():

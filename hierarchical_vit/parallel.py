@@ -69,7 +69,8 @@ def distributed_args(coordinator_address: str = '', num_processes: int = 0,
   num_processes = num_processes or _env_int('JAX_NUM_PROCESSES', 0)
   if process_id < 0:
     process_id = _env_int('JAX_PROCESS_ID', -1)
-  # What JAX's detection leaves unset, explicit values fill in.
+  # Explicit values override what JAX's detection would find (it detects only
+  # what is passed as None).
   explicit = {k: v for k, v in (('num_processes', num_processes), ('process_id', process_id))
               if v >= (1 if k == 'num_processes' else 0)}
   if not coordinator_address:

@@ -826,3 +826,19 @@ def test_a_loss_metric_is_shown_as_it_is_not_in_percent():
   # t = 6 at df 1 (b has no spread); one comparison, so Holm leaves p as it is.
   p = stats.two_sided_p(0.06, 0.01, 1.0)
   assert f'| 1.0 | {p:.2g} | [' in text and 'Holm-adjusted over the 1 comparisons' in text
+
+
+def test_a_variant_that_cannot_run_stops_the_sweep_before_any_run(data_dir):
+  """An override out of range, or a model its fields cannot build, is refused
+  by variant before the first child trains, not when its turn comes."""
+  config = downsample.get_config('fashion_mnist')
+  config.data.data_dir = data_dir
+  good = ablate.expand_sweep(config)
+  ablate.check_runs(good)
+  for overrides, message in (
+      ({'train.label_smoothing': 1.0}, r'train.label_smoothing=1.0 must be in \[0, 1\)'),
+      ({'model.num_heads': (1, 2)}, r'model.num_heads')):
+    config.sweep.variants = (*downsample.get_config('fashion_mnist').sweep.variants,
+                             {'name': 'bad', 'overrides': overrides})
+    with pytest.raises(ValueError, match=r"sweep variant 'bad' \(\{.*\}\): " + message):
+      ablate.check_runs(ablate.expand_sweep(config))

@@ -90,6 +90,9 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
     value = functools.reduce(lambda node, key: node[key], field.split('.'), config)
     if not valid(value):
       raise ValueError(f'{field}={value!r} must be {rule}')
+  if training:
+    # The task refuses options it cannot train with (segmentation: mixup).
+    tasks.get_task(config.task).make_targets(config)
   if training and tc.init_from is None:
     raise ValueError('train.init_from is not set, and this config fine-tunes pretrained '
                      'weights: pass --config.train.init_from=PATH (ours .npz, or a timm / '
@@ -123,7 +126,12 @@ _Range = tuple[str, Callable[[Any], bool]]
 _EVAL_RANGES: dict[str, _Range] = {
     'train.eval_batch_size': ('>= 1', lambda v: v >= 1),
     'data.num_workers': ('>= 0', lambda v: v >= 0),
-    'data.std': ("> 0 in every channel (() = the data set's)", lambda v: all(s > 0 for s in v)),
+    # On the [0, 1] scale of the pixels they normalize: 0-255 values (mmcv's
+    # 123.675, 58.395) would leave every image a near-constant.
+    'data.mean': ("in [0, 1] in every channel, on the [0, 1] pixel scale (() = the data "
+                  "set's)", lambda v: all(0 <= m <= 1 for m in v)),
+    'data.std': ("in (0, 1] in every channel, on the [0, 1] pixel scale (() = the data "
+                 "set's)", lambda v: all(0 < s <= 1 for s in v)),
 }
 _TRAIN_RANGES: dict[str, _Range] = {
     'train.batch_size': ('>= 1', lambda v: v >= 1),
@@ -376,8 +384,11 @@ def init_model(config: ml_collections.ConfigDict, init_from: str = ''
   model = build_model(config.model, rngs=nnx.Rngs(params=config.seed,
                                                   dropout=config.seed + 1))
   if init_from:
-    interop.load_weights(model, init_from, finetune=True,
-                         bias_table_resize=config.train.init_bias_table_resize)
+    try:
+      interop.load_weights(model, init_from, finetune=True,
+                           bias_table_resize=config.train.init_bias_table_resize)
+    except ValueError as error:
+      raise ValueError(f'train.init_from={init_from!r}: {error}') from error
   model.eval()
   eval_graphdef = nnx.graphdef(model)
   model.train()
@@ -597,10 +608,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     check_resumable(config, workdir)
   elif tc.init_from and not os.path.exists(tc.init_from):
     raise FileNotFoundError(f'train.init_from={tc.init_from!r}: no such file')
-  save_config(config, workdir)
   # Pretrained weights only start a run: a resumed one restores its own.
+  # Loaded before config.json is written: weights that do not load leave none.
   graphdef, eval_graphdef, params, rest = init_model(
       config, tc.init_from if last_saved is None else '')
+  save_config(config, workdir)
 
   schedule = optimizer_lib.create_learning_rate_schedule(
       tc, steps_per_epoch, total_steps)

@@ -17,6 +17,7 @@ import pytest
 from flax import nnx
 
 from configs import cifar
+from configs import segmentation
 from tests.conftest import import_optional
 from tests.training.conftest import read_metrics, run_script, tiny_config, write_config_file
 from hierarchical_vit import data
@@ -407,7 +408,11 @@ def test_shipped_configs_match_their_data(name, arg):
     ('train.warmup_epochs', float('inf'), r'train.warmup_epochs=inf must be finite and >= 0'),
     ('data.mixup_alpha', -0.8, r'data.mixup_alpha=-0.8 must be >= 0 \(0 = off\)'),
     ('data.cutmix_alpha', -1.0, r'data.cutmix_alpha=-1.0 must be >= 0 \(0 = off\)'),
-    ('data.std', (0.2, 0.0, 0.2), r"data.std=\(0.2, 0.0, 0.2\) must be > 0 in every channel"),
+    ('data.std', (0.2, 0.0, 0.2), r"data.std=\(0.2, 0.0, 0.2\) must be in \(0, 1\] in every "
+                                  r"channel, on the \[0, 1\] pixel scale"),
+    ('data.std', (58.395, 57.12, 57.375), r'data.std=\(58.395, 57.12, 57.375\) must be in'),
+    ('data.mean', (123.675, 116.28, 103.53), r'data.mean=\(123.675, 116.28, 103.53\) must be '
+                                             r'in \[0, 1\] in every channel'),
     ('model.name', 'unet', r"model.name='unet' cannot train task='classification'; "
                            r"valid: model.name='classifier'"),
     ('task', 'segmentation', r"model.name='classifier' cannot train task='segmentation'; "
@@ -419,6 +424,15 @@ def test_config_that_does_not_fit_the_data_is_refused(field, value, message):
   functools.reduce(lambda node, name: node[name], sections, config)[key] = value
   with pytest.raises(ValueError, match=message):
     trainer.check_config(config, _info(cifar.get_config()), process_count=2)
+
+
+def test_segmentation_refuses_mixing_before_a_run_starts():
+  config = segmentation.get_config()
+  config.data.cutmix_alpha = 1.0
+  with pytest.raises(ValueError, match=r"data.cutmix_alpha=1.0 is not supported for task "
+                                       r"'segmentation'; valid: 0.0"):
+    trainer.check_config(config, _info(config))
+  trainer.check_config(config, _info(config), training=False)  # eval.py mixes nothing.
 
 
 def test_batches_that_do_not_split_over_the_devices_are_refused():
@@ -816,6 +830,17 @@ def test_a_missing_init_from_fails_before_the_workdir_is_written(data_dir, tmp_p
   workdir = str(tmp_path / 'run')
   with pytest.raises(FileNotFoundError, match=r"train.init_from='nope.npz': no such file"):
     trainer.train_and_evaluate(tiny_config(data_dir, init_from='nope.npz'), workdir)
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+def test_weights_that_do_not_load_are_named_by_field_and_leave_no_config(data_dir, tmp_path):
+  """A workdir (not a weights file) as train.init_from: refused by field,
+  before config.json is written, so that a corrected command starts afresh."""
+  workdir, weights = str(tmp_path / 'run'), tmp_path / 'another_run'
+  weights.mkdir()
+  with pytest.raises(ValueError, match=rf"train.init_from='{weights}': {weights}: unknown "
+                                       r"weights format ''; expected .npz"):
+    trainer.train_and_evaluate(tiny_config(data_dir, init_from=str(weights)), workdir)
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
 
 
