@@ -107,7 +107,8 @@ def check_preprocessing(data_config: ml_collections.ConfigDict,
   """Builds `task`'s train and eval transforms, whose constructors check
   data.resize_mode, augment, randaugment_*, crop_padding, mean and std: a
   bad value fails before a run writes its workdir and builds its model, not
-  when its first batch is read."""
+  when its first batch is read. (Classification of variable-size data, whose
+  crops decide the size, ignores resize_mode and crop_padding.)"""
   info = sources.get_builder(data_config.name, data_config.data_dir).info
   task_data = _task(task)
   task_data.train_ops(data_config, info)
