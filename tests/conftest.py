@@ -5,6 +5,7 @@ import contextlib
 import glob
 import importlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -62,10 +63,24 @@ def prepare_slice(tmp_path_factory, dataset: str, limit: int) -> str:
 
 
 def free_port() -> int:
-  """A TCP port free on 127.0.0.1 now: for a jax.distributed coordinator."""
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+  """A TCP port free on 127.0.0.1 now: for a jax.distributed coordinator.
+
+  Drawn below the kernel's ephemeral range: the coordinator binds it only
+  seconds later (after its imports), and in between the kernel could hand an
+  ephemeral port to another socket (the other pytest worker's gloo, gRPC).
+  """
+  low = 32768
+  if os.path.exists('/proc/sys/net/ipv4/ip_local_port_range'):
+    with open('/proc/sys/net/ipv4/ip_local_port_range') as f:
+      low = int(f.read().split()[0])
+  for port in random.Random().sample(range(10000, low), 100):
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+      except OSError:
+        continue
+      return port
+  raise RuntimeError(f'no free port in [10000, {low})')
 
 
 @contextlib.contextmanager
@@ -85,7 +100,7 @@ def spawn(cmd: list[str], devices: int, log_path: str) -> Iterator[subprocess.Po
     proc.wait()
 
 
-def wait_all(procs: list[subprocess.Popen], logs: list[str], timeout_s: float = 240) -> None:
+def wait_all(procs: list[subprocess.Popen], logs: list[str], timeout_s: float = 600) -> None:
   """Waits for every process; fails with the log of the first to fail (the
   others may then wait in a collective) or of one still running after
   timeout_s (all together; a 2-core CI box compiles slowly)."""

@@ -53,6 +53,18 @@ def run_script(args: list[str], env: dict[str, str] | None = None,
                           text=True, **kwargs)
 
 
+def finish(proc, timeout_s: float) -> str:
+  """The output of a run_script process once it exits. One still running
+  after timeout_s is killed, not left to load the box and write into shared
+  run directories while the next tests run."""
+  import subprocess
+  try:
+    return proc.communicate(timeout=timeout_s)[0]
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail(f'still running after {timeout_s} s:\n{proc.communicate()[0][-3000:]}')
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """metrics.jsonl's records as written, repeats included (ablate.read_metrics
   merges them): what the tests of the writer check."""
