@@ -31,9 +31,21 @@ def blur(x: jax.Array, filter_size: int, stride: int = 1) -> jax.Array:
   Runs as size strided multiply-adds per axis: XLA:CPU executes depthwise
   (grouped) convolutions several times slower.
   """
-  taps = binomial_filter(filter_size)
+  return blur_padded(reflect_pad(x, filter_size), filter_size, stride)
+
+
+def reflect_pad(x: jax.Array, filter_size: int, extra: tuple[int, int] = (0, 0)) -> jax.Array:
+  """x: (B, H, W, C) reflect-padded as `blur` pads it, plus `extra` more rows
+  and columns after (reflected in the same pass)."""
   before, after = (filter_size - 1) // 2, filter_size // 2
-  x = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)), mode='reflect')
+  return jnp.pad(x, ((0, 0), (before, after + extra[0]), (before, after + extra[1]), (0, 0)),
+                 mode='reflect')
+
+
+def blur_padded(x: jax.Array, filter_size: int, stride: int = 1) -> jax.Array:
+  """The binomial blur of an already padded x: (B, H, W, C), valid positions
+  only, every `stride` pixels."""
+  taps = binomial_filter(filter_size)
   for axis in (1, 2):
     n_out = -(-(x.shape[axis] - filter_size + 1) // stride)
     span = stride * (n_out - 1) + 1

@@ -16,7 +16,7 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit.layers.common import (conv_operands, dense, is_int, layer_norm,
                                             on_tokens, pad_to_multiple)
-from hierarchical_vit.resampling.antialias import blur
+from hierarchical_vit.resampling.antialias import blur, blur_padded, reflect_pad
 from hierarchical_vit.resampling.rearrange import space_to_depth
 
 
@@ -153,16 +153,16 @@ def max_blur_pool(x: jax.Array, filter_size: int = 3) -> jax.Array:
   -> (B, ceil(H/2), ceil(W/2), C).
 
   Where Zhang's has an output it is exactly Zhang's. An odd side (H - 1 even
-  rows, which Zhang's blurs to floor(H/2)) gets one more row of the maxima,
-  reflected, so that the output is ceil(H/2) like every downsampler's; a side
-  of 1 is its own maximum.
+  rows, which Zhang's blurs to floor(H/2)) gets one more row of the maxima's
+  reflection, so that the output is ceil(H/2) like every downsampler's; a side
+  of 1 is its own maximum. (One reflect pad: reflecting the extra row again
+  would change Zhang's last output for filter sizes from 6 on.)
   """
   _, h, w, _ = x.shape
   x = jnp.pad(x, ((0, 0), (0, int(h == 1)), (0, int(w == 1)), (0, 0)), mode='edge')
   x = nn.max_pool(x, (2, 2), (1, 1), padding='VALID')
   odd = lambda n: int(n % 2 == 1 and n > 1)
-  x = jnp.pad(x, ((0, 0), (0, odd(h)), (0, odd(w)), (0, 0)), mode='reflect')
-  return blur(x, filter_size, stride=2)
+  return blur_padded(reflect_pad(x, filter_size, (odd(h), odd(w))), filter_size, stride=2)
 
 
 class MaxBlurPool(_Blurred, _Pool):
