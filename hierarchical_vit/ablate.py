@@ -555,18 +555,18 @@ class Sweep:
 
 def check_runs(runs: Sequence[Run]) -> None:
   """Refuses a sweep whose variant cannot run (an override out of range, a
-  model that cannot be built, missing data) before any run trains: its child
-  would fail only when its turn came, after the runs before it.
+  model that cannot be built, a batch larger than the data) before any run
+  trains, by trainer.check_run: its child would fail only when its turn came,
+  after the runs before it. Missing data raises MissingDataError, which says
+  how to prepare it.
 
-  Device counts are left to each child: jax's backend is not started here,
-  where it would hold the memory of a GPU that the children need.
+  Device counts and the attention core's backend are left to each child: jax's
+  backend is not started here, where it would hold the memory of a GPU that
+  the children need.
   """
   for run in {r.variant: r for r in runs}.values():
-    config = run.config
-    info = data.get_dataset_info(config.data, task=config.task)  # Missing data: how to prepare.
     try:
-      trainer.check_config(config, info)
-      data.check_preprocessing(config.data, config.task)
+      trainer.check_run(run.config, check_backend=False)
     except ValueError as error:
       raise ValueError(f'sweep variant {run.variant!r} ({run.overrides}): {error}') from None
 

@@ -59,7 +59,8 @@ def distributed_args(coordinator_address: str = '', num_processes: int = 0,
   coordinator_address:
     'host:port'  process 0's address; num_processes and process_id come from
                  the arguments or $JAX_NUM_PROCESSES / $JAX_PROCESS_ID;
-    'auto'       JAX detects everything (Cloud TPU, SLURM srun, Open MPI, k8s);
+    'auto'       JAX detects what is not given (Cloud TPU, SLURM srun, Open
+                 MPI, k8s): given values override its detection;
     ''           $JAX_COORDINATOR_ADDRESS if set; else 'auto' on a Cloud TPU VM
                  (libtpu installed) or inside a multi-task srun step; else
                  single process.

@@ -832,12 +832,14 @@ def test_a_variant_that_cannot_run_stops_the_sweep_before_any_run(data_dir):
   """An override out of range, or a model its fields cannot build, is refused
   by variant before the first child trains, not when its turn comes."""
   config = downsample.get_config('fashion_mnist')
-  config.data.data_dir = data_dir
+  config.data.data_dir = data_dir  # 64 training examples.
+  config.train.batch_size = 32
   good = ablate.expand_sweep(config)
   ablate.check_runs(good)
   for overrides, message in (
       ({'train.label_smoothing': 1.0}, r'train.label_smoothing=1.0 must be in \[0, 1\)'),
-      ({'model.num_heads': (1, 2)}, r'model.num_heads')):
+      ({'model.num_heads': (1, 2)}, r'model.num_heads'),
+      ({'train.batch_size': 128}, r'train.batch_size=128 exceeds the 64 training examples')):
     config.sweep.variants = (*downsample.get_config('fashion_mnist').sweep.variants,
                              {'name': 'bad', 'overrides': overrides})
     with pytest.raises(ValueError, match=r"sweep variant 'bad' \(\{.*\}\): " + message):

@@ -126,8 +126,6 @@ def _check_state_fits(manager: ocp.CheckpointManager, step: int, state: dict[str
   saved = _saved_tree(manager, step)
   differ = _differences(saved, state, 'this run')
   if differ:
-    # Before 2026-11-27 gradient accumulation was optax.MultiSteps, whose
-    # accumulators were part of the optimizer state.
     hint = (' It was trained with gradient accumulation before 2026-11-27 (its optimizer '
             'state holds optax.MultiSteps accumulators): eval.py reads its weights, but '
             'training cannot resume it.'

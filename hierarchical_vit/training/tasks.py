@@ -1,7 +1,7 @@
 """What the train/eval loop does differently per `config.task`: TASKS[name].
 
-A task turns a batch into training targets, scores logits against them (loss,
-accuracy), sums eval statistics over batches and turns the totals into the
+A task turns a batch into training targets, scores logits against them (the
+summed loss and the count of correct predictions), sums eval statistics over batches and turns the totals into the
 final eval metrics. The trainer calls only these functions:
 
   classification: logits (B, K), batch['label'] (B,); targets one-hot (B, K)
@@ -40,11 +40,10 @@ class Task:
   # config -> TargetsFn; raises ValueError on options the task cannot use.
   make_targets: Callable[[ml_collections.ConfigDict], TargetsFn]
   # (logits, targets, label_smoothing) -> the summed training loss and the
-  # count it averages over (images, or labelled pixels): sums, so that the
-  # micro-batches of an accumulated step add up to the whole batch's mean.
+  # int32 count it averages over (images, or labelled pixels): sums, so that
+  # the micro-batches of an accumulated step add up to the whole batch's mean.
   loss_sums: Callable[[jax.Array, jax.Array, float], tuple[jax.Array, jax.Array]]
-  # Counts are int32 (exact at any batch size).
-  # (logits, targets) -> how many of that count are predicted correctly.
+  # (logits, targets) -> how many of that count are predicted correctly (int32).
   correct: Callable[[jax.Array, jax.Array], jax.Array]
   # (logits, batch with 'mask' (B,), num_classes, confusion) -> sums to add
   # over batches ('confusion' (K, K), rows = true class, if asked).
@@ -73,7 +72,7 @@ def _classification_targets(config: ml_collections.ConfigDict) -> TargetsFn:
   return targets
 
 
-def cross_entropy_sums(logits: jax.Array, labels: jax.Array,
+def classification_loss_sums(logits: jax.Array, labels: jax.Array,
                        label_smoothing: float) -> tuple[jax.Array, jax.Array]:
   """Summed softmax cross-entropy and the image count B.
   logits, labels (one-hot/mixed): (B, K)."""
@@ -142,7 +141,7 @@ def _pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def segmentation_sums(logits: jax.Array, labels: jax.Array,
+def segmentation_loss_sums(logits: jax.Array, labels: jax.Array,
                       label_smoothing: float) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy summed over labelled pixels, and their count.
   logits (B, H, W, K), labels (B, H, W)."""
@@ -213,14 +212,14 @@ TASKS: dict[str, Task] = {
         best_metric='eval/accuracy',
         eval_metrics=('eval/accuracy', 'eval/top5_accuracy', 'eval/loss'),
         make_targets=_classification_targets,
-        loss_sums=cross_entropy_sums, correct=_classification_correct,
+        loss_sums=classification_loss_sums, correct=_classification_correct,
         eval_sums=_classification_sums, summarize=_classification_summary),
     'segmentation': Task(
         model_name='unet',
         best_metric='eval/miou',
         eval_metrics=('eval/miou', 'eval/pixel_accuracy', 'eval/loss'),
         make_targets=_segmentation_targets,
-        loss_sums=segmentation_sums, correct=_pixels_correct,
+        loss_sums=segmentation_loss_sums, correct=_pixels_correct,
         eval_sums=_segmentation_sums, summarize=_segmentation_summary),
 }
 

@@ -59,10 +59,12 @@ def compute_steps(train_config: ml_collections.ConfigDict,
 
 
 def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
-                 process_count: int = 1, device_count: int = 1, training: bool = True) -> None:
+                 process_count: int = 1, device_count: int = 1, training: bool = True,
+                 check_backend: bool = True) -> None:
   """Raises ValueError, naming the field, where config cannot run on the data set
   and devices or a field is out of its range; with training=False (eval.py), the
-  training-only fields are not checked.
+  training-only fields are not checked. check_backend=False leaves out whether
+  this process's backend runs model.attention (asking starts the backend).
 
   A model with fewer outputs than the data has classes would train on
   all-zero one-hot targets without an error, so the shapes must match exactly.
@@ -91,7 +93,9 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
     if not valid(value):
       raise ValueError(f'{field}={value!r} must be {rule}')
   if training:
-    # The task refuses options it cannot train with (segmentation: mixup).
+    # Building the targets is how a task refuses the options it cannot train
+    # with (segmentation: mixup); the train step would build them only after
+    # the workdir is written.
     tasks.get_task(config.task).make_targets(config)
   if training and tc.init_from is None:
     raise ValueError('train.init_from is not set, and this config fine-tunes pretrained '
@@ -115,7 +119,20 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
       raise ValueError(f'{field}={value} must be divisible by {by} ({divisor})')
   # The model checks its own fields (depths, heads, windows) as it is built:
   # built abstractly here, a bad one fails before a workdir is written.
-  abstract_model(m)
+  abstract_model(m, check_backend)
+
+
+def check_run(config: ml_collections.ConfigDict, process_count: int = 1,
+              device_count: int = 1, check_backend: bool = True
+              ) -> tuple[data.DatasetInfo, int, int]:
+  """All that a training run checks before it writes its workdir: its data
+  is prepared (MissingDataError says how), the config fits the data and
+  devices (check_config), the preprocessing builds, and the run has steps.
+  Returns (data info, steps per epoch, total steps)."""
+  info = data.get_dataset_info(config.data, task=config.task)
+  check_config(config, info, process_count, device_count, check_backend=check_backend)
+  data.check_preprocessing(config.data, config.task)
+  return (info, *compute_steps(config.train, info.num_train_examples))
 
 
 # field: (the rule, as the error states it; whether a value keeps it). Outside
@@ -284,7 +301,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return loss, (count, task.correct(logits, targets))
 
     (loss, (count, correct)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return grads, {'loss': loss.astype(jnp.float32), 'count': count, 'correct': correct}
+    return grads, {'loss': loss, 'count': count, 'correct': correct}
 
   def batch_sums(params, rest: nnx.State, images: jax.Array, targets: jax.Array,
                  key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
@@ -595,10 +612,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = parallel.create_mesh(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   task = tasks.get_task(config.task)
-  info = data.get_dataset_info(config.data, task=config.task)
-  check_config(config, info, jax.process_count(), jax.device_count())
-  data.check_preprocessing(config.data, config.task)
-  steps_per_epoch, total_steps = compute_steps(tc, info.num_train_examples)
+  info, steps_per_epoch, total_steps = check_run(config, jax.process_count(),
+                                                 jax.device_count())
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.create_checkpoint_manager(

@@ -119,7 +119,7 @@ def test_a_prepared_data_set_is_reused_without_its_source(fashion_mnist_dir, tmp
 
 @pytest.mark.parametrize('name', ['fashion_mnist', 'mnist', 'cifar10',
                                   'imagenet2012'])
-def test_missing_data_error_is_fast_and_says_how_to_fix(tmp_path, name, monkeypatch):
+def test_missing_data_is_refused_before_tfds_and_says_how_to_fix(tmp_path, name, monkeypatch):
   def ask_tfds(*args, **kwargs):
     raise AssertionError('tfds was asked: it would look for the data elsewhere (GCS)')
   monkeypatch.setattr(sources.tfds, 'builder', ask_tfds)  # Fast: refused before tfds.

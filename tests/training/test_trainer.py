@@ -5,6 +5,7 @@ import glob
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -842,8 +843,8 @@ def test_weights_that_do_not_load_are_named_by_field_and_leave_no_config(data_di
   before config.json is written, so that a corrected command starts afresh."""
   workdir, weights = str(tmp_path / 'run'), tmp_path / 'another_run'
   weights.mkdir()
-  with pytest.raises(ValueError, match=rf"train.init_from='{weights}': {weights}: unknown "
-                                       r"weights format ''; expected .npz"):
+  with pytest.raises(ValueError, match=re.escape(f"train.init_from='{weights}': {weights}: "
+                                                 "unknown weights format ''; expected .npz")):
     trainer.train_and_evaluate(tiny_config(data_dir, init_from=str(weights)), workdir)
   assert not os.path.exists(os.path.join(workdir, 'config.json'))
 
