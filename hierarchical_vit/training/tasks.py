@@ -1,8 +1,9 @@
 """What the train/eval loop does differently per `config.task`: TASKS[name].
 
 A task turns a batch into training targets, scores logits against them (the
-summed loss and the count of correct predictions), sums eval statistics over batches and turns the totals into the
-final eval metrics. The trainer calls only these functions:
+summed loss and the count of correct predictions), sums eval statistics over
+batches and turns the totals into the final eval metrics. The trainer calls
+only these functions:
 
   classification: logits (B, K), batch['label'] (B,); targets one-hot (B, K)
                   (mixed by mixup / cutmix if enabled).
@@ -73,7 +74,7 @@ def _classification_targets(config: ml_collections.ConfigDict) -> TargetsFn:
 
 
 def classification_loss_sums(logits: jax.Array, labels: jax.Array,
-                       label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+                             label_smoothing: float) -> tuple[jax.Array, jax.Array]:
   """Summed softmax cross-entropy and the image count B.
   logits, labels (one-hot/mixed): (B, K)."""
   labels = optax.smooth_labels(labels, label_smoothing)
@@ -142,7 +143,7 @@ def _pixel_cross_entropy(logits: jax.Array, labels: jax.Array,
 
 
 def segmentation_loss_sums(logits: jax.Array, labels: jax.Array,
-                      label_smoothing: float) -> tuple[jax.Array, jax.Array]:
+                           label_smoothing: float) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy summed over labelled pixels, and their count.
   logits (B, H, W, K), labels (B, H, W)."""
   valid = labels != data.IGNORE_INDEX

@@ -123,16 +123,15 @@ def check_config(config: ml_collections.ConfigDict, info: data.DatasetInfo,
 
 
 def check_run(config: ml_collections.ConfigDict, process_count: int = 1,
-              device_count: int = 1, check_backend: bool = True
-              ) -> tuple[data.DatasetInfo, int, int]:
+              device_count: int = 1, check_backend: bool = True) -> tuple[int, int]:
   """All that a training run checks before it writes its workdir: its data
   is prepared (MissingDataError says how), the config fits the data and
   devices (check_config), the preprocessing builds, and the run has steps.
-  Returns (data info, steps per epoch, total steps)."""
+  Returns (steps per epoch, total steps)."""
   info = data.get_dataset_info(config.data, task=config.task)
   check_config(config, info, process_count, device_count, check_backend=check_backend)
   data.check_preprocessing(config.data, config.task)
-  return (info, *compute_steps(config.train, info.num_train_examples))
+  return compute_steps(config.train, info.num_train_examples)
 
 
 # field: (the rule, as the error states it; whether a value keeps it). Outside
@@ -612,8 +611,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mesh = parallel.create_mesh(config.mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   task = tasks.get_task(config.task)
-  info, steps_per_epoch, total_steps = check_run(config, jax.process_count(),
-                                                 jax.device_count())
+  steps_per_epoch, total_steps = check_run(config, jax.process_count(), jax.device_count())
 
   os.makedirs(workdir, exist_ok=True)
   manager = checkpointing.create_checkpoint_manager(
