@@ -840,7 +840,6 @@ def test_a_variant_that_cannot_run_stops_the_sweep_before_any_run(data_dir):
       ({'train.label_smoothing': 1.0}, r'train.label_smoothing=1.0 must be in \[0, 1\)'),
       ({'model.num_heads': (1, 2)}, r'model.num_heads'),
       ({'train.batch_size': 128}, r'train.batch_size=128 exceeds the 64 training examples')):
-    config.sweep.variants = (*downsample.get_config('fashion_mnist').sweep.variants,
-                             {'name': 'bad', 'overrides': overrides})
+    config.sweep.update(variants=({'name': 'bad', 'overrides': overrides},), comparisons=())
     with pytest.raises(ValueError, match=r"sweep variant 'bad' \(\{.*\}\): " + message):
       ablate.check_runs(ablate.expand_sweep(config))
