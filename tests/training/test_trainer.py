@@ -578,14 +578,20 @@ def test_eval_runs_data_parallel_on_the_devices_it_has(trained):
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(restored.params))
 
 
-def _run_steps(config, images, labels, steps: int) -> tuple[list[dict], list[dict]]:
-  """States (the initial one first) and metrics of each optimizer step of
-  make_train_step on one fixed batch."""
+def _jitted_step(config):
+  """(jitted make_train_step, initial params, rest, optimizer) of config, with
+  the schedule of 10 steps per epoch and 100 in all."""
   graphdef, _, params, rest = trainer.init_model(config)
   schedule = optimizer_lib.create_learning_rate_schedule(config.train, 10, 100)
   tx = optimizer_lib.create_optimizer(config.train, schedule)
+  return jax.jit(trainer.make_train_step(graphdef, tx, schedule, config)), params, rest, tx
+
+
+def _run_steps(config, images, labels, steps: int) -> tuple[list[dict], list[dict]]:
+  """States (the initial one first) and metrics of each optimizer step of
+  make_train_step on one fixed batch."""
+  train_step, params, rest, tx = _jitted_step(config)
   state = trainer.create_train_state(config, params, tx)
-  train_step = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config))
   states, logged = [state], []
   for _ in range(steps):
     state, metrics = train_step(state, {'image': images, 'label': labels}, rest)
@@ -720,14 +726,11 @@ def test_accumulation_over_eight_devices_is_the_one_device_step(tmp_path):
 def _step_temp_mib(batch_size: int, accum: int) -> float:
   """XLA's temporary memory (activations, gradients) of the compiled train step."""
   config = tiny_config('', grad_accum_steps=accum)
-  graphdef, _, params, rest = trainer.init_model(config)
-  schedule = optimizer_lib.create_learning_rate_schedule(config.train, 10, 100)
-  tx = optimizer_lib.create_optimizer(config.train, schedule)
+  train_step, params, rest, tx = _jitted_step(config)
   state = jax.eval_shape(lambda p: trainer.create_train_state(config, p, tx), params)
   batch = {'image': jax.ShapeDtypeStruct((batch_size, 32, 32, 1), jnp.float32),
            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  compiled = jax.jit(trainer.make_train_step(graphdef, tx, schedule, config)).lower(
-      state, batch, rest).compile()
+  compiled = train_step.lower(state, batch, rest).compile()
   return compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
