@@ -290,7 +290,7 @@ x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
 i = jax.process_index()
 batch = parallel.shard_batch({'x': x[4 * i:4 * i + 4]}, parallel.batch_sharding(mesh))
 y = jax.jit(lambda p, b: b['x'] @ p['w'], out_shardings=parallel.replicated(mesh))(params, batch)
-print(json.dumps({'process_zero_value': parallel.process_zero_value(10 + i),
+open(sys.argv[3], 'w').write(json.dumps({'process_zero_value': parallel.process_zero_value(10 + i),
                   'shape': dict(mesh.shape),
                   'processes': [[d.process_index for d in row] for row in mesh.devices],
                   'w_spec': str(params['w'].sharding.spec), 'y': np.asarray(y).tolist()}))
@@ -306,15 +306,15 @@ def test_hybrid_mesh_across_two_processes(tmp_path):
   logs = [str(tmp_path / f'log{i}.txt') for i in range(2)]
   with contextlib.ExitStack() as stack:
     procs = [stack.enter_context(spawn(
-        [sys.executable, '-c', _HYBRID_MESH, coordinator, str(i)], 4, logs[i]))
+        [sys.executable, '-c', _HYBRID_MESH, coordinator, str(i), str(tmp_path / f'out{i}.json')],
+        4, logs[i]))
              for i in range(2)]
     wait_all(procs, logs)
   x = np.arange(8 * 16, dtype=np.float32).reshape(8, 16) / 100
   w = np.arange(16 * 8, dtype=np.float32).reshape(16, 8) / 100
-  for log in logs:
-    # Gloo's C++ lines can follow the script's own.
-    out = json.loads(next(line for line in reversed(open(log).read().splitlines())
-                          if line.startswith('{')))
+  for i in range(2):
+    # A file, not the log: Gloo's C++ lines interleave with printed output.
+    out = json.loads((tmp_path / f'out{i}.json').read_text())
     assert out['process_zero_value'] == 10  # Process 1 passed 11.
     assert out['shape'] == {'data': 2, 'fsdp': 4}
     assert out['processes'] == [[0] * 4, [1] * 4]
