@@ -5,13 +5,32 @@ Only process 0 writes; on the others every method is a no-op.
 
 import json
 import os
+import sys
 import time
+from types import ModuleType
 
 import jax
-import tensorboardX
 from absl import logging
 
 from hierarchical_vit import files
+
+
+def _import_tensorboardx() -> ModuleType:
+  """tensorboardX, without the torch import its writer module makes when torch
+  is installed (the interop extra): ~2 s at every train.py / eval.py start,
+  only to accept torch tensors, which nothing here logs."""
+  if 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    return tensorboardX
+  sys.modules['torch'] = None  # `import torch` raises ImportError meanwhile.
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 
 class MetricWriter:

@@ -1,12 +1,39 @@
-"""metrics.jsonl survives a run killed mid-write."""
+"""metrics.jsonl survives a run killed mid-write; TensorBoard starts without torch."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import tensorboardX
 
 from hierarchical_vit import ablate
 from hierarchical_vit.training import metrics
+from tests.conftest import REPO, import_optional
+
+_WRITE_WITHOUT_TORCH = """
+import sys
+from hierarchical_vit.training import metrics
+print('torch' in sys.modules)
+writer = metrics.MetricWriter(sys.argv[1])
+writer.write_scalars(1, {'train/loss': 0.5})
+writer.close()
+import torch  # Still importable: the stand-in that kept it out is gone.
+print(torch.__name__)
+"""
+
+
+def test_the_writer_starts_without_importing_torch(tmp_path):
+  """tensorboardX's writer imports torch when it is installed (~2 s at every
+  train.py start); metrics keeps it out, and TensorBoard is still written."""
+  import_optional('torch')  # Without torch there is nothing to keep out.
+  out = subprocess.run([sys.executable, '-c', _WRITE_WITHOUT_TORCH, str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, check=True).stdout.split()
+  assert out == ['False', 'torch']
+  (events,) = os.listdir(tmp_path / 'tensorboard')
+  assert events.startswith('events.out.tfevents.')
+  assert (tmp_path / 'tensorboard' / events).stat().st_size > 0
 
 
 def test_a_resumed_run_cuts_the_unfinished_line_and_appends_whole_records(tmp_path):
