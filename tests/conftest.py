@@ -41,6 +41,25 @@ from hierarchical_vit.data import prepare  # pylint: disable=wrong-import-positi
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Fixtures that take 10-45 s to build (the full Fashion-MNIST prepared, a
+# trained run). --dist loadgroup hands out tests one by one, so without a group
+# each pytest worker that drew one of their tests would build its own copy.
+_COSTLY_FIXTURES = ('fashion_mnist_dir', 'trained')
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist's own hook reads the groups.
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Puts the tests of each costly fixture in one xdist group: one worker
+  builds it once. A module-scoped fixture's group is its module's."""
+  for item in items:
+    for name in _COSTLY_FIXTURES:
+      if name in item.fixturenames and not item.get_closest_marker('xdist_group'):
+        scope = item._fixtureinfo.name2fixturedefs[name][-1].scope  # pylint: disable=protected-access
+        group = name if scope == 'session' else f'{item.module.__name__}.{name}'
+        item.add_marker(pytest.mark.xdist_group(group))
+        break
+
+
 def import_optional(name: str) -> ModuleType:
   """Imports an optional dependency (the interop extra, scipy), skipping the
   calling test module where it is missing; on CI (.ci/run sets CI), which

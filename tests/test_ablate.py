@@ -648,7 +648,8 @@ def test_child_env_adds_a_compilation_cache_of_every_program_unless_set():
 
 def test_real_run_through_train_py(tmp_path, data_dir, monkeypatch):
   """Wiring: config file -> train.py child process -> result -> aggregates."""
-  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')  # The test suite's own (conftest.py).
+  suite_cache = os.environ['JAX_COMPILATION_CACHE_DIR']  # The test suite's own (conftest.py):
+  monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')  # the sweep must give its child one.
   config_path = tmp_path / 'tiny_sweep.py'
   config_path.write_text(TINY_SWEEP.format(repo=REPO, data_dir=data_dir))
   namespace = {}
@@ -697,7 +698,8 @@ def test_real_run_through_train_py(tmp_path, data_dir, monkeypatch):
   cli = subprocess.run([sys.executable, '-m', 'hierarchical_vit.shift_consistency',
                         f"--run_dirs={tmp_path / 'work/runs/*'}", '--num_images=100',
                         '--max_shift=2', f'--output={output}'],
-                       cwd=REPO, capture_output=True, text=True, check=False)
+                       cwd=REPO, capture_output=True, text=True, check=False,
+                       env=dict(os.environ, JAX_COMPILATION_CACHE_DIR=suite_cache))
   assert cli.returncode == 0, cli.stderr[-2000:]
   written = json.loads(output.read_text())
   assert written['runs'] == {'avg_pool-seed0': measured} and written['num_images'] == 64

@@ -118,13 +118,14 @@ def test_cli_times_each_variant_and_keeps_those_before_one_that_fails(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'benchmarks.throughput', '--configs=small', '--gelu=tanh',
        '--batch=2', '--steps=1', '--rounds=1', '--notimm', '--attention=einsum',
-       '--attention=cudnn', '--remat=block', f'--output={output}'],
+       '--attention=cudnn', '--remat=block', '--peak_size=256', f'--output={output}'],
       env=dict(os.environ, HIERARCHICAL_VIT_TCMALLOC='0'), capture_output=True, text=True,
       cwd=os.path.dirname(os.path.dirname(__file__)), check=False)
   assert result.returncode != 0 and 'cudnn' in result.stderr
   results = json.loads(output.read_text())['results']
   assert [(r['attention'], r['remat']) for r in results] == [('einsum', 'block')]
   assert all(r['ours_train_img_s'] > 0 and 'timm_train_img_s' not in r for r in results)
+  assert results[0]['peak_matmul'] == 'float32 256^2'
   # MFU counts the architecture's matmul FLOPs (the same for either GELU).
   config = throughput.model_config(throughput.CONFIGS['small'], gelu_approximate=False)
   model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))

@@ -217,7 +217,7 @@ def test_pallas_core_trains_a_shifted_remat_stage_as_the_einsum_core():
       for block in stage.blocks:
         block.attn.core = functools.partial(pallas_attention, interpret=True)
     x = jax.random.normal(jax.random.key(1), (2, 6, 6, 16))
-    return nnx.value_and_grad(lambda stage: jnp.sum(jnp.sin(stage(x))))(stage)
+    return nnx.jit(nnx.value_and_grad(lambda stage: jnp.sum(jnp.sin(stage(x)))))(stage)
 
   (loss, grads), (ref_loss, ref_grads) = loss_and_grads('pallas'), loss_and_grads('einsum')
   assert ref_grads['blocks'][1]['attn']['relative_position_bias_table'][...].any()
@@ -434,7 +434,8 @@ def test_padded_windows_never_attend_across_the_wrap(shift, pairs):
   token (2, 0) attends to (2, 7))."""
   block = SwinBlock(4, 1, (7, 7), shift, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (1, 8, 8, 4))
-  jac = jax.jacrev(lambda x: block._attention(x).sum(-1))(x)  # (1, 8, 8, 1, 8, 8, 4)
+  jac = nnx.jit(lambda block, x: jax.jacrev(lambda x: block._attention(x).sum(-1))(x))(
+      block, x)  # (1, 8, 8, 1, 8, 8, 4)
   depends = np.abs(np.asarray(jac)).sum(axis=(0, 3, 6)) > 0  # (8, 8) x (8, 8)
   pos = np.arange(8)
   far_rows = np.abs(pos[:, None, None, None] - pos[None, None, :, None]) >= 7
@@ -559,7 +560,7 @@ def test_conv_stem_matches_numpy_layer_by_layer(in_chans, embed_dim, patch):
     if k < len(stem.convs) - 1:
       ref = _numpy_tanh_gelu(ref)
   assert ref.shape == (2, -(-9 // patch), -(-7 // patch), embed_dim)
-  np.testing.assert_allclose(stem(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(stem, x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('patch', [2, 4])
@@ -578,7 +579,7 @@ def test_patch_embed_pads_odd_sizes_at_the_bottom_right_as_numpy(patch):
   kernel = np.asarray(stem.proj.kernel[...], np.float64)  # (p, p, 3, 8)
   ref = np.einsum('bhwyxc,yxco->bhwo', patches, kernel) + np.asarray(stem.proj.bias[...])
   ref = _numpy_layer_norm(ref, stem.norm)
-  np.testing.assert_allclose(stem(jnp.asarray(x)), ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(stem, x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('approximate', [True, False])
