@@ -34,6 +34,22 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
+# XLA:CPU's LLVM backend at its cheapest, for the workers and every child:
+# the suite compiles hundreds of small programs and runs most of them a few
+# times, so compiling is most of its CPU time (on 28 of its slowest tests run
+# one by one: 220 s, 131 s with these flags; 2026-11-27). XLA's HLO passes
+# and its library kernels (the dots) are the ones users run; only LLVM's
+# machine-code optimization of the fused loops is skipped, which can round
+# differently (fused multiply-adds), within the tests' tolerances.
+SUITE_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_XLA_FLAGS}".strip()
+
+
+def xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a child process: the suite's (above) and `flags`."""
+  return ' '.join((os.environ['XLA_FLAGS'], *flags))
+
+
 import pytest  # pylint: disable=wrong-import-position
 
 from hierarchical_vit.data import prepare  # pylint: disable=wrong-import-position
@@ -107,7 +123,7 @@ def spawn(cmd: list[str], devices: int, log_path: str) -> Iterator[subprocess.Po
   """Runs cmd in the repo with `devices` CPU devices, in its own process group,
   output to log_path; kills it (and anything it started) on exit."""
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+         'XLA_FLAGS': xla_flags(f'--xla_force_host_platform_device_count={devices}')}
   with open(log_path, 'w') as log:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)

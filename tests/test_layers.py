@@ -20,6 +20,7 @@ from hierarchical_vit.layers.attention import (ATTENTION_CORES, cudnn_attention,
                                                lowp_einsum_attention, pallas_attention)
 from hierarchical_vit.layers.common import Mlp, dense, layer_norm, norm_dense
 from hierarchical_vit.layers.swin import SwinStage
+from tests.conftest import xla_flags
 
 
 def test_relative_position_index_brute_force():
@@ -266,7 +267,7 @@ def test_pallas_core_splits_a_shifted_stage_over_a_mesh_by_batch():
   device runs the kernels on its own windows (no operand is gathered) and the
   bias gradient is summed over devices; loss and gradients equal one device's
   einsum core."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=4'))
   result = subprocess.run([sys.executable, '-c', _SHARDED_STAGE], capture_output=True, text=True,
                           env=env, timeout=300)
   assert result.returncode == 0 and result.stdout.strip() == 'OK', result.stderr[-3000:]

@@ -13,8 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from hierarchical_vit import parallel
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.conftest import REPO, xla_flags
 
 
 # Builds one mesh per (strategy, shape) in argv[1] on 8 CPU devices; prints the
@@ -61,7 +60,7 @@ def eight_device_meshes() -> dict:
   A subprocess, since the device count is fixed when jax starts.
   """
   env = {**os.environ, 'PYTHONPATH': REPO, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+         'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=8')}
   cases = list(_EIGHT_DEVICE_CASES)
   proc = subprocess.run([sys.executable, '-c', _CREATE_MESHES, json.dumps(cases)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=120)

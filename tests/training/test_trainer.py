@@ -19,7 +19,7 @@ from flax import nnx
 
 from configs import cifar
 from configs import segmentation
-from tests.conftest import import_optional
+from tests.conftest import import_optional, xla_flags
 from tests.training.conftest import (finish, read_metrics, run_script, tiny_config,
                                      write_config_file)
 from hierarchical_vit import data
@@ -332,7 +332,7 @@ def test_one_vs_eight_devices_agree(data_dir, trained, tmp_path):
   config_file = write_config_file(tmp_path, data_dir)
   proc = run_script(
       ['train.py', f'--config={config_file}', f'--workdir={workdir8}'],
-      env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+      env={'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=8')})
   out = finish(proc, 180)
   assert proc.returncode == 0, out
   assert 'devices=8' in out or "'data': 8" in out, out[-3000:]
@@ -709,7 +709,7 @@ def test_accumulation_over_eight_devices_is_the_one_device_step(tmp_path):
   all-reduce: no data moves between devices)."""
   script = tmp_path / 'accumulate.py'
   script.write_text(_ACCUMULATE_ON_EIGHT_DEVICES)
-  proc = run_script([str(script)], env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8',
+  proc = run_script([str(script)], env={'XLA_FLAGS': xla_flags('--xla_force_host_platform_device_count=8'),
                                         'JAX_PLATFORMS': 'cpu'})
   out = finish(proc, 600)
   assert proc.returncode == 0, out[-3000:]
