@@ -70,8 +70,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
   for item in items:
     for name in _COSTLY_FIXTURES:
       if name in item.fixturenames and not item.get_closest_marker('xdist_group'):
-        scope = item._fixtureinfo.name2fixturedefs[name][-1].scope  # pylint: disable=protected-access
-        group = name if scope == 'session' else f'{item.module.__name__}.{name}'
+        fixture = item._fixtureinfo.name2fixturedefs[name][-1]  # pylint: disable=protected-access
+        group = name if fixture.scope == 'session' else f'{item.module.__name__}.{name}'
         item.add_marker(pytest.mark.xdist_group(group))
         break
 
