@@ -17,7 +17,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 from scipy import stats as scipy_stats
-from tests.conftest import prepare_slice
+from tests.conftest import REPO, prepare_slice
 
 from configs import base
 from configs.ablations import antialias, downsample, precision, upsample
@@ -25,7 +25,6 @@ from hierarchical_vit import ablate, information, shift_consistency
 from hierarchical_vit.analysis import aggregate, stats
 from hierarchical_vit.training import tasks, trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 NUM_STEPS = 4
 

@@ -1,6 +1,5 @@
 """The linear-inverse information-loss measure of the downsamplers."""
 
-import os
 import subprocess
 import sys
 
@@ -11,10 +10,9 @@ import pytest
 from configs import quickstart
 from hierarchical_vit import information
 from hierarchical_vit.resampling import DOWNSAMPLERS
-from tests.test_shift_consistency import _fake_run
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 from tests.test_resampling import _numpy_blur, _numpy_soft_pool, _numpy_zhang_max_blur_pool
+from tests.test_shift_consistency import _fake_run
 
 
 def _rows(features: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

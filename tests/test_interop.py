@@ -5,7 +5,6 @@ every parameter perturbed (so that LayerNorm scales and biases are not their
 trivial 1 / 0 init), must give our converted model's logits.
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
-from tests.conftest import import_optional
+from tests.conftest import REPO, import_optional
 
 torch = import_optional('torch')
 timm = import_optional('timm')
@@ -27,7 +26,6 @@ from hierarchical_vit.models import abstract_model, build_model  # noqa: E402
 from hierarchical_vit.resampling import DOWNSAMPLERS  # noqa: E402
 from hierarchical_vit.training import trainer  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # timm's Swin-T with the fields of our 'cifar_small' preset.
 SMALL = dict(patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12))
 

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 def test_a_regular_install_holds_every_module_the_package_imports(tmp_path):

@@ -5,9 +5,8 @@ import sys
 
 import ml_collections
 import pytest
-from tests.conftest import prepare_slice
+from tests.conftest import REPO, prepare_slice
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)  # configs/ is not an installed package.
 
 from configs import base  # pylint: disable=g-import-not-at-top
