@@ -150,9 +150,9 @@ def get_train_config() -> ml_collections.ConfigDict:
   t.grad_clip_norm = 5.0     # Global-norm clipping; 0 = off.
   # Micro-batches per optimizer step (activation memory of batch_size / this):
   # losses and gradients are summed over them and divided once by the batch's
-  # count (images, or labelled pixels), so the step is the whole batch's except
-  # for the dropout masks. Logged train/* metrics are the whole batch's
-  # (train/grad_norm before clipping).
+  # count (images, or labelled pixels), so the step is the whole batch's,
+  # dropout and stochastic-depth masks included (drawn per example). Logged
+  # train/* metrics are the whole batch's (train/grad_norm before clipping).
   t.grad_accum_steps = 1
   t.label_smoothing = 0.1    # Of the one-hot (or mixed) targets; 0 = off.
   t.ema_decay = 0.0          # EMA of weights (e.g. 0.9998); 0 = off.

@@ -20,7 +20,7 @@ from hierarchical_vit import resampling
 from hierarchical_vit.layers import STEMS, SwinStage, dense, layer_norm, on_tokens
 from hierarchical_vit.layers import attention_kernel
 from hierarchical_vit.layers.attention import FUSED_CORES
-from hierarchical_vit.layers.common import is_int, norm_dense, resolve_dtype
+from hierarchical_vit.layers.common import Dropout, is_int, norm_dense, resolve_dtype
 from hierarchical_vit.layers.windows import stage_window
 
 Resolution = tuple[int, int]
@@ -158,7 +158,7 @@ class Classifier(nnx.Module):
     self.encoder = Encoder(drop_rate=drop_rate, rngs=rngs, dtype=dtype, **encoder_kwargs)
     width = self.encoder.dims[-1]
     self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
-    self.head_drop = nnx.Dropout(drop_rate, rngs=rngs)
+    self.head_drop = Dropout(drop_rate, rngs=rngs)
     self.head = dense(width, num_classes, rngs=rngs, dtype=dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hierarchical_vit.layers import ConvStem, DropPath, PatchEmbed, SwinBlock, WindowAttention
+from hierarchical_vit.layers import (ConvStem, DropPath, Dropout, PatchEmbed, SwinBlock,
+                                     WindowAttention, example_keys)
 from hierarchical_vit.layers import attention_kernel
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.attention import (ATTENTION_CORES, cudnn_attention, einsum_attention,
@@ -466,6 +467,60 @@ def test_drop_path_drops_whole_samples_in_train_mode_only():
   assert 10 < (per_sample[:, 0] == 0).sum() < 54
   dp.eval()
   np.testing.assert_array_equal(dp(x), x)
+
+
+def _reseeded(module: nnx.Module, rows) -> nnx.Module:
+  """The module with its dropout streams reseeded as the train step does."""
+  nnx.reseed(module, dropout=7, policy=lambda path, key, shape: example_keys(key, jnp.asarray(rows)))
+  return module
+
+
+def test_dropout_with_a_scalar_key_is_nnx_dropout():
+  x = jnp.arange(1.0, 97.0).reshape(4, 6, 4)
+  ours = Dropout(0.3, broadcast_dims=(1,), rngs=nnx.Rngs(dropout=3))
+  theirs = nnx.Dropout(0.3, broadcast_dims=(1,), rngs=nnx.Rngs(dropout=3))
+  for _ in range(2):  # The second call draws the stream's next key.
+    np.testing.assert_array_equal(ours(x), theirs(x))
+
+
+def test_dropout_masks_per_example_do_not_depend_on_the_batch():
+  """Each example's mask comes from its own key: the odd rows alone get the
+  masks they get inside the whole batch, call after call (the stream's count
+  moves per example), with nnx.Dropout's 1/(1 - rate) scaling."""
+  x = jnp.ones((8 * 3, 5, 16))  # 8 examples of 3 leading rows each (windows).
+  whole = _reseeded(Dropout(0.4, rngs=nnx.Rngs(dropout=0)), np.arange(8))
+  odd = _reseeded(Dropout(0.4, rngs=nnx.Rngs(dropout=0)), np.arange(1, 8, 2))
+  x_odd = x.reshape(8, 3, 5, 16)[1::2].reshape(12, 5, 16)
+  calls = []
+  for _ in range(2):
+    y, y_odd = np.asarray(whole(x)), np.asarray(odd(x_odd))
+    np.testing.assert_array_equal(y.reshape(8, -1)[1::2], y_odd.reshape(4, -1))
+    calls.append(y)
+  assert set(np.unique(calls[0])) == {0.0, np.float32(1) / np.float32(0.6)}
+  assert 0.5 < (calls[0] > 0).mean() < 0.7
+  assert (calls[0] != calls[1]).any()  # A fresh mask per call.
+  per_example = calls[0].reshape(8, -1)
+  assert all((per_example[0] != row).any() for row in per_example[1:])
+
+
+def test_drop_path_per_example_keeps_whole_samples():
+  x = jnp.ones((64, 3, 3, 4))
+  y = np.asarray(_reseeded(DropPath(0.5, rngs=nnx.Rngs(dropout=0)), np.arange(64))(x))
+  per_sample = y.reshape(64, -1)
+  assert (per_sample.min(1) == per_sample.max(1)).all()
+  assert 10 < (per_sample[:, 0] == 0).sum() < 54
+
+
+def test_dropout_refuses_rows_that_split_an_example():
+  dropout = _reseeded(Dropout(0.5, rngs=nnx.Rngs(dropout=0)), np.arange(4))
+  with pytest.raises(ValueError, match=r'4 example keys for an input of 6 rows'):
+    dropout(jnp.ones((6, 2)))
+
+
+def test_dropout_per_example_is_off_in_eval_mode():
+  dropout = _reseeded(Dropout(0.5, rngs=nnx.Rngs(dropout=0)), np.arange(4))
+  dropout.eval()
+  np.testing.assert_array_equal(dropout(jnp.ones((4, 2))), jnp.ones((4, 2)))
 
 
 @pytest.mark.parametrize('stem', [PatchEmbed, ConvStem])

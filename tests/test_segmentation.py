@@ -245,7 +245,8 @@ def test_unet_train_steps_decrease_loss(canvas_dir):
 def test_accumulated_step_weighs_every_labelled_pixel_alike(canvas_dir):
   """With 2 micro-batches, one of them mostly unlabelled, the step is the
   whole batch's: the loss is a mean over all its labelled pixels, not a mean
-  of the micro-batches' means. SGD(1), so the params move by the gradient."""
+  of the micro-batches' means, and the stochastic-depth masks of encoder and
+  decoder are the whole batch's. SGD(1), so the params move by the gradient."""
   batch = next(data.create_train_iterator(_tiny_config(canvas_dir).data, global_batch_size=8,
                                           seed=0, task='segmentation'))
   labels = np.array(batch['label'])
@@ -256,6 +257,7 @@ def test_accumulated_step_weighs_every_labelled_pixel_alike(canvas_dir):
   runs = {}
   for accum in (1, 2):
     config = _tiny_config(canvas_dir, grad_accum_steps=accum)
+    config.model.drop_path_rate = 0.5
     graphdef, _, params, rest = trainer.init_model(config)
     schedule = optax.constant_schedule(1.0)
     tx = optax.sgd(schedule)

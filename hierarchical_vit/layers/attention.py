@@ -24,7 +24,7 @@ from jax.typing import DTypeLike
 
 from hierarchical_vit.layers import attention_kernel
 from hierarchical_vit.layers import windows as win
-from hierarchical_vit.layers.common import TRUNC_NORMAL, dense, on_tokens
+from hierarchical_vit.layers.common import TRUNC_NORMAL, Dropout, dense, on_tokens
 
 # core(q, k, v, bias, scale, dropout) -> (B', N, heads, d), for q, k, v:
 # (B', N, heads, d) windows, bias: (G, heads, N, N) float32, G dividing B'
@@ -161,8 +161,8 @@ class WindowAttention(nnx.Module):
     table_size = (2 * window[0] - 1) * (2 * window[1] - 1)
     self.relative_position_bias_table = nnx.Param(
         TRUNC_NORMAL(rngs.params(), (table_size, num_heads), jnp.float32))
-    self.attn_drop = nnx.Dropout(attn_drop_rate, rngs=rngs)
-    self.proj_drop = nnx.Dropout(proj_drop_rate, rngs=rngs)
+    self.attn_drop = Dropout(attn_drop_rate, rngs=rngs)
+    self.proj_drop = Dropout(proj_drop_rate, rngs=rngs)
 
   def relative_position_bias(self) -> jax.Array:
     """(heads, N, N) bias, N = wh * ww."""

@@ -1,4 +1,4 @@
-"""Small shared layers: Dense/LayerNorm factories, MLP, stochastic depth."""
+"""Small shared layers: Dense/LayerNorm factories, MLP, dropout, stochastic depth."""
 
 from typing import Callable
 
@@ -75,6 +75,44 @@ def on_tokens(layer: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arra
   return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+def example_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+  """One key per example, (n,): row r of the global batch gets fold_in(key, r).
+
+  Reseeding a model's 'dropout' streams with these (trainer.make_train_step
+  does, one layer key at a time) makes every Dropout draw per-example masks.
+  """
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+
+
+class Dropout(nnx.Dropout):
+  """nnx.Dropout that also draws one mask per example.
+
+  While its stream holds one key per example, (n,) (see example_keys), an
+  example's mask depends on its own key alone: it stays the same when the
+  batch is cut into micro-batches or spread over devices, so gradient
+  accumulation takes the whole batch's step, dropout included. x's leading
+  axis must then hold the n examples' rows in order, (n * m, ...), as images
+  (B, H, W, C) and windows (B * nW, N, C) do. With a scalar key (a model
+  called directly) it is nnx.Dropout.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate in (0.0, 1.0) or self.rngs.key[...].ndim == 0:
+      return super().__call__(x)
+    keys, counts = self.rngs.key[...], self.rngs.count[...]
+    n, rows = keys.shape[0], x.shape[0]
+    if rows % n:
+      raise ValueError(f'Dropout got {n} example keys for an input of {rows} rows {x.shape}: '
+                       f'per-example masks need the rows of whole examples, n * m')
+    self.rngs.count[...] = counts + 1
+    shape = [1 if d in self.broadcast_dims else size for d, size in enumerate(x.shape)]
+    shape[0] = rows // n
+    keep = 1.0 - self.rate
+    draw = lambda key, count: jax.random.bernoulli(jax.random.fold_in(key, count), keep, shape)
+    mask = jax.vmap(draw)(keys, counts).reshape(rows, *shape[1:])
+    return jax.lax.select(jnp.broadcast_to(mask, x.shape), x / keep, jnp.zeros_like(x))
+
+
 class DropPath(nnx.Module):
   """Stochastic depth: drops the whole residual branch per sample.
 
@@ -83,7 +121,7 @@ class DropPath(nnx.Module):
   """
 
   def __init__(self, rate: float, *, rngs: nnx.Rngs):
-    self.dropout = nnx.Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
+    self.dropout = Dropout(rate, broadcast_dims=(1, 2, 3), rngs=rngs) if rate > 0 else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, C)."""
@@ -98,7 +136,7 @@ class Mlp(nnx.Module):
                dtype: DTypeLike | None = None):
     self.fc1 = dense(features, hidden_features, rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden_features, features, rngs=rngs, dtype=dtype)
-    self.drop = nnx.Dropout(drop_rate, rngs=rngs)
+    self.drop = Dropout(drop_rate, rngs=rngs)
     self.gelu_approximate = gelu_approximate
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -35,6 +35,7 @@ from hierarchical_vit import data
 from hierarchical_vit import files
 from hierarchical_vit import interop
 from hierarchical_vit import parallel
+from hierarchical_vit.layers import example_keys
 from hierarchical_vit.models import abstract_model, build_model, input_shape
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import config_history
@@ -278,7 +279,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   micro-batches of B / k in turn (`lax.scan`: one micro-batch's activations
   in memory at a time), their summed losses and gradients are added up and
   divided once by the batch's count (images, or labelled pixels): the step is
-  the whole batch's, mixup pairs included, except for the dropout masks.
+  the whole batch's, mixup pairs and dropout masks included (each example's
+  masks come from its row in the batch: layers.example_keys).
   """
   tc = config.train
   task = tasks.get_task(config.task)
@@ -286,12 +288,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   k = tc.grad_accum_steps
 
   def micro_sums(params, rest: nnx.State, images: jax.Array, targets: jax.Array,
-                 key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
-    """Gradients of the summed loss of one micro-batch, and its sums."""
+                 rows: jax.Array, key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    """Gradients of the summed loss of one micro-batch (rows: its examples'
+    rows in the batch), and its sums."""
     # Reseeded outside of value_and_grad: NNX variables may only be mutated
     # at their trace level.
     model = nnx.merge(graphdef, params, rest)
-    nnx.reseed(model, dropout=key)
+    nnx.reseed(model, dropout=key,
+               policy=lambda path, layer_key, shape: example_keys(layer_key, rows))
     step_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
     def loss_fn(params):
@@ -304,19 +308,19 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def batch_sums(params, rest: nnx.State, images: jax.Array, targets: jax.Array,
                  key: jax.Array) -> tuple[Any, dict[str, jax.Array]]:
+    rows = jnp.arange(images.shape[0])
     if k == 1:
-      return micro_sums(params, rest, images, targets, key)
+      return micro_sums(params, rest, images, targets, rows, key)
     # Micro-batch j is rows j, j + k, ...: each device keeps its own rows.
     split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
     def add(total, micro):
-      return jax.tree.map(jnp.add, total, micro_sums(params, rest, *micro)), None
+      return jax.tree.map(jnp.add, total, micro_sums(params, rest, *micro, key)), None
 
     zeros = (jax.tree.map(jnp.zeros_like, params),
              {'loss': jnp.zeros((), jnp.float32), 'count': jnp.zeros((), jnp.int32),
               'correct': jnp.zeros((), jnp.int32)})
-    total, _ = jax.lax.scan(add, zeros, (split(images), split(targets),
-                                         jax.random.split(key, k)))
+    total, _ = jax.lax.scan(add, zeros, (split(images), split(targets), split(rows)))
     return total
 
   def train_step(state: State, batch: Batch, rest: nnx.State):
