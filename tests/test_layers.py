@@ -517,10 +517,16 @@ def test_dropout_refuses_rows_that_split_an_example():
     dropout(jnp.ones((6, 2)))
 
 
-def test_dropout_per_example_is_off_in_eval_mode():
+def test_dropout_per_example_keeps_nnx_dropouts_call_arguments():
+  """deterministic=True, or eval mode, turns it off; a call's own key draws
+  nnx.Dropout's mask from it."""
+  x = jnp.ones((4, 8))
   dropout = _reseeded(Dropout(0.5, rngs=nnx.Rngs(dropout=0)), np.arange(4))
+  np.testing.assert_array_equal(dropout(x, deterministic=True), x)
+  key = jax.random.key(5)
+  np.testing.assert_array_equal(dropout(x, rngs=key), nnx.Dropout(0.5)(x, rngs=key))
   dropout.eval()
-  np.testing.assert_array_equal(dropout(jnp.ones((4, 2))), jnp.ones((4, 2)))
+  np.testing.assert_array_equal(dropout(x), x)
 
 
 @pytest.mark.parametrize('stem', [PatchEmbed, ConvStem])

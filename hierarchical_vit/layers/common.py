@@ -93,12 +93,15 @@ class Dropout(nnx.Dropout):
   accumulation takes the whole batch's step, dropout included. x's leading
   axis must then hold the n examples' rows in order, (n * m, ...), as images
   (B, H, W, C) and windows (B * nW, N, C) do. With a scalar key (a model
-  called directly) it is nnx.Dropout.
+  called directly), or a call's own `rngs`, it is nnx.Dropout.
   """
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate in (0.0, 1.0) or self.rngs.key[...].ndim == 0:
-      return super().__call__(x)
+  def __call__(self, x: jax.Array, *, deterministic: bool | None = None,
+               rngs: nnx.Rngs | nnx.RngStream | jax.Array | None = None) -> jax.Array:
+    off = self.deterministic if deterministic is None else deterministic
+    if (off or self.rate in (0.0, 1.0) or rngs is not None or self.rngs is None
+        or self.rngs.key[...].ndim != 1):
+      return super().__call__(x, deterministic=deterministic, rngs=rngs)
     keys, counts = self.rngs.key[...], self.rngs.count[...]
     n, rows = keys.shape[0], x.shape[0]
     if rows % n:
