@@ -471,7 +471,8 @@ def test_drop_path_drops_whole_samples_in_train_mode_only():
 
 def _reseeded(module: nnx.Module, rows) -> nnx.Module:
   """The module with its dropout streams reseeded as the train step does."""
-  nnx.reseed(module, dropout=7, policy=lambda path, key, shape: example_keys(key, jnp.asarray(rows)))
+  nnx.reseed(module, dropout=7,
+             policy=lambda path, key, shape: example_keys(key, jnp.asarray(rows)))
   return module
 
 
