@@ -12,6 +12,7 @@ from flax import nnx
 
 from configs import base
 from hierarchical_vit import presets, report, resampling
+from hierarchical_vit.layers import example_keys
 from hierarchical_vit.layers.attention import ATTENTION_CORES, WindowAttention
 from hierarchical_vit.models import Classifier, abstract_model, build_model, encoder_kwargs
 from hierarchical_vit.report import count_params, forward_flops, matmul_flops, model_report
@@ -103,6 +104,29 @@ def test_dropout_and_drop_path_follow_train_eval():
   assert not np.allclose(call(model, x), call(model, x))  # The RNG streams advance.
   model.eval()
   np.testing.assert_array_equal(call(model, x), call(model, x))
+
+
+@pytest.mark.parametrize('name', ['classifier', 'unet'])
+def test_train_mode_outputs_per_example_do_not_depend_on_the_batch(name):
+  """With the dropout streams reseeded per example (as the train step does),
+  every dropout site (head, MLP, attention on shifted windows, projection,
+  drop path, the decoder's) draws an example's mask from its own key: images
+  1 and 3 alone get the outputs they get among 4, and other rows' keys other
+  outputs."""
+  model = build_model(tiny_model_config(name=name, drop_rate=0.2, attn_drop_rate=0.2,
+                                        drop_path_rate=0.3), rngs=nnx.Rngs(params=0, dropout=1))
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
+
+  @nnx.jit
+  def call(model, x, rows):
+    nnx.reseed(model, dropout=3, policy=lambda path, key, shape: example_keys(key, rows))
+    return model(x)
+
+  whole = call(model, x, jnp.arange(4))
+  part = call(model, x[1::2], jnp.arange(1, 4, 2))
+  np.testing.assert_allclose(part, whole[1::2], rtol=1e-5, atol=1e-5)
+  as_rows_0_and_2 = call(model, x[1::2], jnp.arange(0, 4, 2))  # Other keys, other masks.
+  assert not np.allclose(part, as_rows_0_and_2, atol=1e-3)
 
 
 @pytest.mark.parametrize('drop_path_rate', [0.0, 0.5])
