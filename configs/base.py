@@ -107,7 +107,9 @@ def get_data_config() -> ml_collections.ConfigDict:
   # of data of varying size (imagenet2012) ignores it: Inception crop in
   # training, centre crop in eval; segmentation always uses it.
   d.resize_mode = 'pad'
-  d.num_workers = 0          # grain worker processes (0 = in the main process).
+  # grain worker processes (0 = in the main process). Speed only: the training
+  # batches, their order and augmentation are the same for any value.
+  d.num_workers = 0
   # Augmentation (training split only).
   d.crop_padding = 4         # Random crop after padding each side by this (0 = off; fixed-size data).
   d.hflip = True             # Random horizontal flip (turn off for digits).

@@ -138,10 +138,10 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
   """An endless, checkpointable iterator over this process's training batches.
 
   Each process reads a disjoint shard of the train split, reshuffled every
-  epoch. Example order and augmentation depend only on `seed` (and the
-  sharding); which examples share a batch also depends on data.num_workers,
-  as grain batches inside each worker. grain seeds the augmentation of the
-  i-th example read with seed + i, so seeds s and s + 1 draw the same random
+  epoch. Batches (which examples, in which order, with which augmentation)
+  depend only on `seed` and the sharding, not on data.num_workers (see
+  _SameBatchesForAnyWorkers). grain seeds the augmentation of the i-th
+  example read with seed + i, so seeds s and s + 1 draw the same random
   numbers one position apart (on differently shuffled examples): seeds of a
   sweep are replicates of the data order more than of the augmentation.
 
@@ -157,16 +157,54 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
   builder = sources.get_builder(data_config.name, data_config.data_dir)
   source = task_data.records(
       builder.as_data_source(split=data_config.train_split), data_config.name)
+  shard_options = grain.sharding.ShardOptions(
+      shard_index=process_index, shard_count=process_count, drop_remainder=True)
   sampler = grain.samplers.IndexSampler(
-      num_records=len(source),
-      shard_options=grain.sharding.ShardOptions(
-          shard_index=process_index, shard_count=process_count,
-          drop_remainder=True),
+      num_records=len(source), shard_options=shard_options,
       shuffle=True, num_epochs=None, seed=seed)
+  batch_size = global_batch_size // process_count
+  if data_config.num_workers > 1:
+    sampler = _SameBatchesForAnyWorkers(sampler, process_index, process_count,
+                                        data_config.num_workers, batch_size)
   operations = task_data.train_ops(data_config, builder.info) + [
-      grain.transforms.Batch(global_batch_size // process_count,
-                             drop_remainder=True)]
-  return iter(_loader(source, sampler, operations, data_config.num_workers))
+      grain.transforms.Batch(batch_size, drop_remainder=True)]
+  return iter(_loader(source, sampler, operations, data_config.num_workers, shard_options))
+
+
+class _SameBatchesForAnyWorkers:
+  """A train sampler whose batches are the single-process loader's for W workers.
+
+  grain gives worker w of W the positions w, w + W, w + 2W, ... of this
+  process's stream (process p of P reads the sampler's positions p + P m) and
+  batches inside each worker, handing the batches out by worker in turn: batch
+  j comes from worker j % W. Left alone, a batch would gather every W-th
+  example. This sampler permutes each block of W * b positions so that worker
+  w's k-th batch reads what positions (k W + w) b ... (k W + w + 1) b - 1 hold
+  without workers: the same examples, in the same order, with the same
+  augmentation draws (grain seeds them by position; each record keeps its
+  unpermuted position's seed).
+  """
+
+  def __init__(self, sampler, process_index: int, process_count: int, workers: int,
+               batch_size: int):
+    self._sampler = sampler
+    self._process_index, self._process_count = process_index, process_count
+    self._workers, self._batch_size = workers, batch_size
+
+  def __len__(self) -> int:
+    return len(self._sampler)
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    m = (index - self._process_index) // self._process_count  # This process's m-th.
+    worker, read = m % self._workers, m // self._workers
+    k, i = divmod(read, self._batch_size)  # The worker's k-th batch, its i-th example.
+    unpermuted = (k * self._workers + worker) * self._batch_size + i
+    metadata = self._sampler[self._process_index + self._process_count * unpermuted]
+    return dataclasses.replace(metadata, index=index)
+
+  def __repr__(self) -> str:
+    return (f'_SameBatchesForAnyWorkers({self._sampler!r}, workers={self._workers}, '
+            f'batch_size={self._batch_size})')
 
 
 def seek_train_iterator(iterator: grain.DataLoaderIterator, batches: int, batch_size: int,
@@ -276,14 +314,16 @@ def load_eval_examples(data_config: ml_collections.ConfigDict, split: str, count
           np.concatenate([labels for _, labels in chunks]))
 
 
-def _loader(source, sampler, operations, num_workers: int) -> grain.DataLoader:
+def _loader(source, sampler, operations, num_workers: int,
+            shard_options: grain.sharding.ShardOptions | None = None) -> grain.DataLoader:
+  """shard_options=None: the sampler's own (an IndexSampler's)."""
   if num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read absl flags; outside absl.app (tests,
     # notebooks) they would be unparsed and every worker would fail.
     flags.FLAGS.mark_as_parsed()
   return grain.DataLoader(data_source=source, sampler=sampler,
                           operations=operations, worker_count=num_workers,
-                          read_options=_READ_OPTIONS)
+                          shard_options=shard_options, read_options=_READ_OPTIONS)
 
 
 def _variable_size(info: tfds.core.DatasetInfo) -> bool:

@@ -10,6 +10,7 @@ complete, so a run killed mid-save leaves the previous checkpoint as latest.
 """
 
 import functools
+import json
 import os
 import re
 from typing import Any
@@ -93,6 +94,14 @@ def saved_process_count(manager: ocp.CheckpointManager, step: int) -> int:
     raise ValueError(f'checkpoint {step} in {manager.directory}: no single process count '
                      f'in its data files {sorted(names)}')
   return counts.pop()
+
+
+def saved_data_sampler(manager: ocp.CheckpointManager, step: int, process_index: int,
+                       process_count: int) -> str:
+  """The sampler (grain's repr of it) whose position this process saved at `step`."""
+  name = f'process_{process_index}-of-{process_count}.json'
+  with open(os.path.join(os.fspath(manager.directory), str(step), 'data', name)) as f:
+    return json.load(f)['sampler']
 
 
 def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:

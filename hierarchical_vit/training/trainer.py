@@ -590,15 +590,20 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def _resume(manager, step: int, state: State, train_iter, batch_size: int) -> State:
   """Restores checkpoint `step`. The data iterator returns to its saved
-  position; under another process count (whose shards differ) it continues
-  at the same point of the epoch instead (data.seek_train_iterator)."""
+  position; under another process count (whose shards differ), or where an
+  older release wrote another data order (its sampler), it continues at the
+  same point of the epoch instead (data.seek_train_iterator)."""
   saved = checkpointing.saved_process_count(manager, step)
-  if saved == jax.process_count():
+  if saved != jax.process_count():
+    why = f'was written by {saved} processes, this run has {jax.process_count()}'
+  elif (checkpointing.saved_data_sampler(manager, step, jax.process_index(), saved)
+        != json.loads(train_iter.get_state())['sampler']):
+    why = 'was written with another data sampler (an older release)'
+  else:
     return checkpointing.restore(manager, step, state, train_iter)
   state = checkpointing.restore(manager, step, state)
-  logging.warning('Checkpoint %d was written by %d processes, this run has %d: the data '
-                  'order restarts from the same point of the epoch in the new shards.',
-                  step, saved, jax.process_count())
+  logging.warning('Checkpoint %d %s: the data order restarts from the same point of the '
+                  'epoch.', step, why)
   data.seek_train_iterator(train_iter, int(state['step']), batch_size // jax.process_count(),
                            jax.process_index(), jax.process_count())
   return state

@@ -461,6 +461,22 @@ def test_seek_lands_where_reading_would(fashion_mnist_dir, workers, process_inde
   np.testing.assert_array_equal(next(sought)['label'], next(read)['label'])
 
 
+@pytest.mark.parametrize('process_index, process_count', [(0, 1), (1, 3)])
+def test_train_batches_do_not_depend_on_the_worker_count(fake_data_dir, process_index,
+                                                         process_count):
+  """With 2 or 3 grain workers each batch holds the examples, in the order and
+  with the augmentation (random crop and flip here) that it holds without
+  workers; each worker's batches gather other examples when the sampler is
+  not permuted (the 3-worker run checks that)."""
+  make = lambda workers, seed=0: data.create_train_iterator(
+      _config(fake_data_dir, 'cifar10', num_workers=workers), global_batch_size=4 * process_count,
+      seed=seed, process_index=process_index, process_count=process_count)
+  alone = _take(make(0), 7)
+  for workers in (2, 3):
+    _assert_same(alone, _take(make(workers), 7))
+  assert any((a['label'] != b['label']).any() for a, b in zip(alone, _take(make(0, seed=1), 7)))
+
+
 def test_empty_eval_batches_and_counts_are_refused_by_name(fake_data_dir):
   config = _config(fake_data_dir, 'cifar10')
   with pytest.raises(ValueError, match='eval batch_size=0 must be >= 1'):

@@ -549,6 +549,18 @@ def test_where_data_is_read_and_how_the_run_is_executed_may_change_on_resume(tra
     trainer.check_resumable(moved, workdir)
 
 
+def test_a_checkpoint_names_the_sampler_of_its_data_position(trained):
+  """What _resume compares before restoring the iterator: the sampler (grain's
+  repr) of the run that saved, read from this process's data file."""
+  config, workdir, _ = trained
+  manager = checkpointing.create_checkpoint_manager(workdir, 3, read_only=True)
+  fresh = data.create_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                     seed=config.seed)
+  saved = checkpointing.saved_data_sampler(manager, manager.latest_step(), 0, 1)
+  assert saved == json.loads(fresh.get_state())['sampler']
+  assert saved.startswith('IndexSampler(num_records=')  # No workers: grain's own.
+
+
 def test_resuming_with_another_worker_count_is_refused_by_name(trained):
   """grain restores its iterator state only into the same worker count."""
   config, workdir, _ = trained
@@ -857,6 +869,27 @@ def test_a_resume_under_another_process_count_seeks_past_every_batch(data_dir, m
   for _ in range(3):
     next(reader)
   monkeypatch.setattr(checkpointing, 'saved_process_count', lambda manager, step: 2)
+  monkeypatch.setattr(checkpointing, 'restore', lambda manager, step, state: {'step': 3})
+  resumed = make()
+  assert trainer._resume(None, 3, {}, resumed, config.train.batch_size) == {'step': 3}
+  np.testing.assert_array_equal(next(resumed)['image'], next(reader)['image'])
+
+
+def test_a_resume_from_an_older_data_sampler_seeks_past_every_batch(data_dir, monkeypatch):
+  """A checkpoint whose data position an older release's sampler wrote (with
+  2 grain workers: before batches stopped depending on the worker count) is
+  not restored into today's sampler, whose positions hold other examples:
+  the iterator continues where one that read 3 batches stands."""
+  config = tiny_config(data_dir)
+  config.data.num_workers = 2
+  make = lambda: data.create_train_iterator(
+      config.data, global_batch_size=config.train.batch_size, seed=config.seed)
+  reader = make()
+  for _ in range(3):
+    next(reader)
+  monkeypatch.setattr(checkpointing, 'saved_process_count', lambda manager, step: 1)
+  monkeypatch.setattr(checkpointing, 'saved_data_sampler',
+                      lambda manager, step, index, count: 'IndexSampler(num_records=60000)')
   monkeypatch.setattr(checkpointing, 'restore', lambda manager, step, state: {'step': 3})
   resumed = make()
   assert trainer._resume(None, 3, {}, resumed, config.train.batch_size) == {'step': 3}
