@@ -68,9 +68,10 @@ def test_same_seed_same_batches_other_seed_differs(fashion_mnist_dir):
   assert not np.array_equal(first[0]['image'], other[0]['image'])
 
 
-def test_get_state_set_state_resumes_exactly(fake_data_dir):
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_get_state_set_state_resumes_exactly(fake_data_dir, num_workers):
   config = _config(fake_data_dir, 'cifar10', augment='randaugment',
-                   random_erasing=0.5)
+                   random_erasing=0.5, num_workers=num_workers)
   iterator = data.create_train_iterator(config, global_batch_size=8, seed=0)
   # 5 x 8 = 40 of the 64-example epoch: the 6 batches compared below cross
   # into the reshuffled second epoch.
