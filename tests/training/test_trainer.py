@@ -858,21 +858,26 @@ def test_a_bad_preprocessing_field_fails_before_the_workdir_is_written(data_dir,
   assert not os.path.exists(workdir)
 
 
-def test_a_resume_under_another_process_count_seeks_past_every_batch(data_dir, monkeypatch):
-  """Saved by 2 processes at step 3, resumed by 1: the iterator continues
-  where one that read 3 global batches stands, as the same point of the epoch
-  (with accumulation too: a step reads one global batch)."""
-  config = tiny_config(data_dir, grad_accum_steps=2)
+def _assert_resume_seeks_past_3_batches(config, monkeypatch) -> None:
+  """_resume of a step-3 checkpoint (the caller patches what it reads of it)
+  leaves a fresh iterator where one that read 3 global batches stands."""
   make = lambda: data.create_train_iterator(
       config.data, global_batch_size=config.train.batch_size, seed=config.seed)
   reader = make()
   for _ in range(3):
     next(reader)
-  monkeypatch.setattr(checkpointing, 'saved_process_count', lambda manager, step: 2)
   monkeypatch.setattr(checkpointing, 'restore', lambda manager, step, state: {'step': 3})
   resumed = make()
   assert trainer._resume(None, 3, {}, resumed, config.train.batch_size) == {'step': 3}
   np.testing.assert_array_equal(next(resumed)['image'], next(reader)['image'])
+
+
+def test_a_resume_under_another_process_count_seeks_past_every_batch(data_dir, monkeypatch):
+  """Saved by 2 processes at step 3, resumed by 1: the iterator continues
+  where one that read 3 global batches stands, as the same point of the epoch
+  (with accumulation too: a step reads one global batch)."""
+  monkeypatch.setattr(checkpointing, 'saved_process_count', lambda manager, step: 2)
+  _assert_resume_seeks_past_3_batches(tiny_config(data_dir, grad_accum_steps=2), monkeypatch)
 
 
 def test_a_resume_from_an_older_data_sampler_seeks_past_every_batch(data_dir, monkeypatch):
@@ -882,18 +887,10 @@ def test_a_resume_from_an_older_data_sampler_seeks_past_every_batch(data_dir, mo
   the iterator continues where one that read 3 batches stands."""
   config = tiny_config(data_dir)
   config.data.num_workers = 2
-  make = lambda: data.create_train_iterator(
-      config.data, global_batch_size=config.train.batch_size, seed=config.seed)
-  reader = make()
-  for _ in range(3):
-    next(reader)
   monkeypatch.setattr(checkpointing, 'saved_process_count', lambda manager, step: 1)
   monkeypatch.setattr(checkpointing, 'saved_data_sampler',
                       lambda manager, step, index, count: 'IndexSampler(num_records=60000)')
-  monkeypatch.setattr(checkpointing, 'restore', lambda manager, step, state: {'step': 3})
-  resumed = make()
-  assert trainer._resume(None, 3, {}, resumed, config.train.batch_size) == {'step': 3}
-  np.testing.assert_array_equal(next(resumed)['image'], next(reader)['image'])
+  _assert_resume_seeks_past_3_batches(config, monkeypatch)
 
 
 def test_evaluating_an_empty_split_is_refused_by_name():
