@@ -466,9 +466,9 @@ def test_seek_lands_where_reading_would(fashion_mnist_dir, workers, process_inde
 def test_train_batches_do_not_depend_on_the_worker_count(fake_data_dir, process_index,
                                                          process_count):
   """With 2 or 3 grain workers each batch holds the examples, in the order and
-  with the augmentation (random crop and flip here) that it holds without
-  workers; each worker's batches gather other examples when the sampler is
-  not permuted (the 3-worker run checks that)."""
+  with the augmentation (random crop and flip here), that it holds without
+  workers (unpermuted, a worker's batch would gather every W-th example).
+  Another seed gives other batches: the comparison can tell them apart."""
   make = lambda workers, seed=0: data.create_train_iterator(
       _config(fake_data_dir, 'cifar10', num_workers=workers), global_batch_size=4 * process_count,
       seed=seed, process_index=process_index, process_count=process_count)
