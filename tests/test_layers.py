@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from hierarchical_vit.layers import (ConvStem, DropPath, Dropout, PatchEmbed, SwinBlock,
-                                     WindowAttention, example_keys)
+                                     WindowAttention, reseed_per_example)
 from hierarchical_vit.layers import attention_kernel
 from hierarchical_vit.layers import windows as win
 from hierarchical_vit.layers.attention import (ATTENTION_CORES, cudnn_attention, einsum_attention,
@@ -471,8 +471,7 @@ def test_drop_path_drops_whole_samples_in_train_mode_only():
 
 def _reseeded(module: nnx.Module, rows) -> nnx.Module:
   """The module with its dropout streams reseeded as the train step does."""
-  nnx.reseed(module, dropout=7,
-             policy=lambda path, key, shape: example_keys(key, jnp.asarray(rows)))
+  reseed_per_example(module, 7, jnp.asarray(rows))
   return module
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from configs import base
 from hierarchical_vit import presets, report, resampling
-from hierarchical_vit.layers import example_keys
+from hierarchical_vit.layers import reseed_per_example
 from hierarchical_vit.layers.attention import ATTENTION_CORES, WindowAttention
 from hierarchical_vit.models import Classifier, abstract_model, build_model, encoder_kwargs
 from hierarchical_vit.report import count_params, forward_flops, matmul_flops, model_report
@@ -119,7 +119,7 @@ def test_train_mode_outputs_per_example_do_not_depend_on_the_batch(name):
 
   @nnx.jit
   def call(model, x, rows):
-    nnx.reseed(model, dropout=3, policy=lambda path, key, shape: example_keys(key, rows))
+    reseed_per_example(model, 3, rows)
     return model(x)
 
   whole = call(model, x, jnp.arange(4))

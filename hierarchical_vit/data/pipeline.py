@@ -164,8 +164,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, *,
       shuffle=True, num_epochs=None, seed=seed)
   batch_size = global_batch_size // process_count
   if data_config.num_workers > 1:
-    sampler = _SameBatchesForAnyWorkers(sampler, process_index, process_count,
-                                        data_config.num_workers, batch_size)
+    sampler = _SameBatchesForAnyWorkers(sampler, shard_options, data_config.num_workers,
+                                        batch_size)
   operations = task_data.train_ops(data_config, builder.info) + [
       grain.transforms.Batch(batch_size, drop_remainder=True)]
   return iter(_loader(source, sampler, operations, data_config.num_workers, shard_options))
@@ -185,10 +185,11 @@ class _SameBatchesForAnyWorkers:
   unpermuted position's seed).
   """
 
-  def __init__(self, sampler, process_index: int, process_count: int, workers: int,
+  def __init__(self, sampler, shard_options: grain.sharding.ShardOptions, workers: int,
                batch_size: int):
     self._sampler = sampler
-    self._process_index, self._process_count = process_index, process_count
+    self._process_index = shard_options.shard_index
+    self._process_count = shard_options.shard_count
     self._workers, self._batch_size = workers, batch_size
 
   def __len__(self) -> int:

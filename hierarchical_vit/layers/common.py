@@ -75,19 +75,19 @@ def on_tokens(layer: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Arra
   return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def example_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
-  """One key per example, (n,): row r of the global batch gets fold_in(key, r).
-
-  Reseeding a model's 'dropout' streams with these (trainer.make_train_step
-  does, one layer key at a time) makes every Dropout draw per-example masks.
-  """
-  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, rows)
+def reseed_per_example(module: nnx.Module, key: jax.Array | int, rows: jax.Array) -> None:
+  """Reseeds module's 'dropout' streams from `key`, one key per example: the
+  example in row r of the global batch gets fold_in(layer key, r), (n,) keys
+  for rows: (n,). Every Dropout then draws per-example masks."""
+  per_example = lambda path, layer_key, shape: jax.vmap(
+      jax.random.fold_in, in_axes=(None, 0))(layer_key, rows)
+  nnx.reseed(module, dropout=key, policy=per_example)
 
 
 class Dropout(nnx.Dropout):
   """nnx.Dropout that also draws one mask per example.
 
-  While its stream holds one key per example, (n,) (see example_keys), an
+  While its stream holds one key per example, (n,) (reseed_per_example), an
   example's mask depends on its own key alone: it stays the same when the
   batch is cut into micro-batches or spread over devices, so gradient
   accumulation takes the whole batch's step, dropout included. x's leading

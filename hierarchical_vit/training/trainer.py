@@ -35,7 +35,7 @@ from hierarchical_vit import data
 from hierarchical_vit import files
 from hierarchical_vit import interop
 from hierarchical_vit import parallel
-from hierarchical_vit.layers import example_keys
+from hierarchical_vit.layers import reseed_per_example
 from hierarchical_vit.models import abstract_model, build_model, input_shape
 from hierarchical_vit.training import checkpointing
 from hierarchical_vit.training import config_history
@@ -280,7 +280,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   in memory at a time), their summed losses and gradients are added up and
   divided once by the batch's count (images, or labelled pixels): the step is
   the whole batch's, mixup pairs and dropout masks included (each example's
-  masks come from its row in the batch: layers.example_keys).
+  masks come from its row in the batch: layers.reseed_per_example).
   """
   tc = config.train
   task = tasks.get_task(config.task)
@@ -294,8 +294,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     # Reseeded outside of value_and_grad: NNX variables may only be mutated
     # at their trace level.
     model = nnx.merge(graphdef, params, rest)
-    nnx.reseed(model, dropout=key,
-               policy=lambda path, layer_key, shape: example_keys(layer_key, rows))
+    reseed_per_example(model, key, rows)
     step_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 
     def loss_fn(params):
